@@ -1,0 +1,412 @@
+"""Recipes: YAML -> a typed, validated `Recipe` with documented defaults.
+
+A recipe has five sections: `data`, `model`, `train`, `rule` (overrides of the BiT-HyperRule;
+null means "the rule decides") and `log`. Every key is declared once below with its converter
+and a one-line doc; `docs/recipes.md` is generated from these declarations (`reference_markdown`).
+Bad input raises `RecipeError` with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from bit_transfer.errors import RecipeError
+
+
+# ---------------------------------------------------------------- converters (value -> typed value)
+class Conv:
+    """A converter: checks one YAML value and returns it typed; `describe` goes into the docs."""
+
+    describe = "any"
+
+    def __call__(self, v):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Int(Conv):
+    def __init__(self, lo=None, hi=None):
+        self.lo, self.hi = lo, hi
+        self.describe = "int" + _range(lo, hi)
+
+    def __call__(self, v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise ValueError(f"expected an integer, got {v!r}")
+        _check_range(v, self.lo, self.hi)
+        return v
+
+
+class Float(Conv):
+    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.describe = "float" + _range(lo, hi, lo_open, hi_open)
+
+    def __call__(self, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"expected a number, got {v!r}")
+        v = float(v)
+        _check_range(v, self.lo, self.hi, self.lo_open, self.hi_open)
+        return v
+
+
+class Bool(Conv):
+    describe = "true/false"
+
+    def __call__(self, v):
+        if not isinstance(v, bool):
+            raise ValueError(f"expected true or false, got {v!r}")
+        return v
+
+
+class Str(Conv):
+    def __init__(self, choices=None, fold_case=False):
+        self.choices, self.fold_case = choices, fold_case
+        self.describe = " | ".join(choices) if choices else "string"
+
+    def __call__(self, v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not self.choices:
+            v = str(v)
+        if not isinstance(v, str):
+            raise ValueError(f"expected a string, got {v!r}")
+        if self.choices:
+            match = {c.lower(): c for c in self.choices} if self.fold_case else {c: c for c in self.choices}
+            key = v.lower() if self.fold_case else v
+            if key not in match:
+                raise ValueError(f"expected one of {', '.join(self.choices)}, got {v!r}")
+            v = match[key]
+        return v
+
+
+class Optional(Conv):
+    def __init__(self, inner: Conv):
+        self.inner = inner
+        self.describe = f"{inner.describe} or null"
+
+    def __call__(self, v):
+        return None if v is None else self.inner(v)
+
+
+class OneOf(Conv):
+    """The first converter that accepts the value wins (e.g. an int or the word 'auto')."""
+
+    def __init__(self, *convs: Conv):
+        self.convs = convs
+        self.describe = " or ".join(c.describe for c in convs)
+
+    def __call__(self, v):
+        errors = []
+        for c in self.convs:
+            try:
+                return c(v)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"expected {self.describe}, got {v!r}")
+
+
+class IntList(Conv):
+    def __init__(self, length=None, lo=None):
+        self.length, self.item = length, Int(lo)
+        self.describe = f"list of {length or 'N'} ints"
+
+    def __call__(self, v):
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"expected a list like [3, 4, 6, 3], got {v!r}")
+        if self.length and len(v) != self.length:
+            raise ValueError(f"expected {self.length} values, got {len(v)}")
+        return [self.item(x) for x in v]
+
+
+class ImageSize(Conv):
+    describe = "HxW (e.g. 32x32) or [H, W]"
+
+    def __call__(self, v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v, v]
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", v)
+            if not m:
+                raise ValueError(f"expected HxW such as 32x32, got {v!r}")
+            v = [int(m.group(1)), int(m.group(2))]
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ValueError(f"expected HxW such as 32x32, got {v!r}")
+        h, w = (Int(1)(x) for x in v)
+        return (h, w)
+
+
+def _range(lo, hi, lo_open=False, hi_open=False):
+    if lo is None and hi is None:
+        return ""
+    a = "(" if lo_open else "["
+    b = ")" if hi_open else "]"
+    return f" in {a}{'' if lo is None else lo}, {'' if hi is None else hi}{b}"
+
+
+def _check_range(v, lo, hi, lo_open=False, hi_open=False):
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"must be {'<' if hi_open else '<='} {hi}, got {v}")
+
+
+def key(default, conv: Conv, doc: str):
+    """Declare a recipe key: its default, converter and one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"conv": conv, "doc": doc})
+    return field(default=default, metadata={"conv": conv, "doc": doc})
+
+
+AUTO = Str(["auto"])
+DEVICES = ["auto", "CPU", "GPU", "Ascend"]
+
+
+# ---------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    source: str = key("hf", Str(["hf", "imagefolder", "cifar", "demo"]), "where the images come from")
+    name: str | None = key(None, Optional(Str()), "Hugging Face dataset id (source hf), e.g. cifar10")
+    path: str | None = key(None, Optional(Str()), "local directory (imagefolder, cifar; or a saved HF dataset)")
+    train_split: str = key("train", Str(), "training split name")
+    eval_split: str | None = key(None, Optional(Str()), "eval split; null: the dataset's test, then validation split")
+    image_column: str | None = key(None, Optional(Str()), "image column (hf); null: detected (img, image, ...)")
+    label_column: str | None = key(None, Optional(Str()), "label column (hf); null: detected (label, fine_label, ...)")
+    holdout: float | None = key(
+        None, Optional(Float(0, 1, lo_open=True, hi_open=True)), "carve this seeded fraction of train as the eval split"
+    )
+    examples_per_class: int | None = key(None, Optional(Int(1)), "few-shot: exactly K training images per class")
+    seed: int = key(0, Int(0), "seed of the few-shot subset and the holdout split")
+    allow_fewer: bool = key(False, Bool(), "few-shot: take all images of a class that has fewer than K")
+    skip_corrupt: bool = key(False, Bool(), "skip and count unreadable images instead of failing")
+    random_crop: bool = key(True, Bool(), "train augmentation: random crop (else resize straight to crop)")
+    random_flip: bool = key(True, Bool(), "train augmentation: random horizontal flip")
+    workers: int | None = key(None, Optional(Int(1)), "decoding workers; null: min(4, CPUs)")
+    size: int | None = key(None, Optional(Int(1)), "training-set size for the rule; null: counted from the data")
+    image_size: tuple[int, int] | None = key(
+        None, Optional(ImageSize()), "image resolution for the rule, HxW; null: measured from the data"
+    )
+    cache_dir: str | None = key(None, Optional(Str()), "measurement cache; null: $BIT_TRANSFER_HOME/data-cache")
+
+
+@dataclass
+class ModelConfig:
+    name: str = key("BiT-M-R50x1", Str(), "BiT-S-/BiT-M- R50x1, R50x3, R101x1, R101x3, R152x2, R152x4, or custom")
+    weights: str = key("auto", Str(), "auto (official download), a local path, hf:org/name, a URL, or none")
+    depths: list[int] | None = key(None, Optional(IntList(4, lo=1)), "units per stage (custom/tiny models)")
+    width: float | None = key(None, Optional(Float(0, lo_open=True)), "width factor (custom/tiny models)")
+    head: str = key("zero", Str(["zero", "keep"]), "zero: new zero-initialised head; keep: the checkpoint's head")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int | None = key(None, Optional(Int(1)), "logical batch; null: the rule's 512")
+    batch_split: int | str = key(1, OneOf(Int(1), AUTO), "micro-batches per logical batch, or auto (largest that fits)")
+    device: str = key("auto", Str(DEVICES, fold_case=True), "auto picks Ascend, then GPU, then CPU")
+    precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step")
+    mode: str = key("finetune", Str(["finetune", "linear"]), "finetune: all weights; linear: frozen backbone")
+    momentum: float | None = key(None, Optional(Float(0, 1, hi_open=True)), "SGD momentum; null: the paper's 0.9")
+    weight_decay: float | None = key(None, Optional(Float(0)), "weight decay; null: the paper's 0")
+    seed: int = key(0, Int(0), "seed of initialisation, data order, augmentation and MixUp")
+    eval_every: int | None = key(None, Optional(Int(1)), "evaluate every N steps (and at the end); null: at the end")
+    checkpoint_every: int | None = key(None, Optional(Int(1)), "checkpoint every N steps; null: at eval points")
+    keep_checkpoints: int = key(2, Int(1), "how many recent checkpoints to keep")
+    eval_batch_size: int | None = key(None, Optional(Int(1)), "eval batch; null: the micro-batch size")
+    jit: bool = key(True, Bool(), "compile the train step (graph mode); false: PyNative, for debugging")
+
+
+@dataclass
+class RuleConfig:
+    precrop: int | None = key(None, Optional(Int(1)), "resize before the random crop; null: 160 or 512")
+    crop: int | None = key(None, Optional(Int(1)), "training/eval resolution; null: 128 or 480")
+    steps: int | None = key(None, Optional(Int(1)), "optimizer steps; null: 500, 10 000 or 20 000")
+    schedule: list[int] | None = key(None, Optional(IntList(lo=1)), "lr boundaries (warmup end ... last = steps)")
+    mixup_alpha: float | None = key(None, Optional(Float(0)), "MixUp alpha; null: 0 below 20 000 images, else 0.1")
+    base_lr: float | None = key(None, Optional(Float(0, lo_open=True)), "peak learning rate; null: 0.003")
+    batch_scaling: str = key("none", Str(["none", "linear"]), "linear: lr x B/512, steps x 512/B for batch B")
+
+
+@dataclass
+class LogConfig:
+    dir: str = key("runs", Str(), "parent directory of run directories")
+    every: int = key(10, Int(1), "log train metrics every N steps")
+    tensorboard: bool = key(True, Bool(), "write TensorBoard event files (tensorboardX)")
+    quiet: bool = key(False, Bool(), "no progress bar (CI, log files)")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "rule": RuleConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass
+class Recipe:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: str | None = None  # the file it came from, if any
+
+    def to_dict(self) -> dict:
+        """Plain data (what `recipe.yaml` in a run directory holds); loads back with `from_dict`."""
+        out: dict[str, Any] = {"name": self.name}
+        for s in SECTIONS:
+            sec = dataclasses.asdict(getattr(self, s))
+            if sec.get("image_size") is not None:
+                sec["image_size"] = "x".join(map(str, sec["image_size"]))
+            out[s] = sec
+        return out
+
+    def with_overrides(self, sets: list[str]) -> "Recipe":
+        return from_dict(apply_sets(self.to_dict(), sets), path=self.path)
+
+
+# ---------------------------------------------------------------- loading
+TOP_KEYS = ["name", *SECTIONS]
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _where(path) -> str:
+    return f"{path}: " if path else ""
+
+
+def from_dict(raw: dict, path: str | None = None, name: str | None = None) -> Recipe:
+    """Validate a plain dict (parsed YAML) into a `Recipe`; raise `RecipeError` naming the bad key."""
+    where = _where(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}a recipe is a mapping of sections (data, model, train, rule, log), got {type(raw).__name__}")
+    all_keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise RecipeError(f"{where}unknown key '{k}'{_did_you_mean(str(k), TOP_KEYS + all_keys)}; sections are {', '.join(TOP_KEYS)}")
+    sections = {}
+    for s, cls in SECTIONS.items():
+        given = raw.get(s) or {}
+        if not isinstance(given, dict):
+            raise RecipeError(f"{where}'{s}' must be a mapping of keys, got {given!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for k, v in given.items():
+            if k not in fields:
+                hint = _did_you_mean(f"{s}.{k}", all_keys) or _did_you_mean(str(k), fields)
+                raise RecipeError(f"{where}unknown key '{s}.{k}'{hint}; see docs/recipes.md for the keys of '{s}'")
+            try:
+                values[k] = fields[k].metadata["conv"](v)
+            except ValueError as e:
+                raise RecipeError(f"{where}bad value for '{s}.{k}': {e} ({fields[k].metadata['doc']})") from None
+        sections[s] = cls(**values)
+    rname = raw.get("name", name or (Path(path).stem if path else "recipe"))
+    if not isinstance(rname, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", rname):
+        raise RecipeError(f"{where}bad value for 'name': use letters, digits, '.', '_', '+' or '-', got {rname!r}")
+    recipe = Recipe(name=rname, path=str(path) if path else None, **sections)
+    _cross_check(recipe, where)
+    return recipe
+
+
+def _cross_check(r: Recipe, where: str) -> None:
+    """Constraints between keys, each with its fix."""
+    d = r.data
+    if d.source == "hf" and not (d.name or d.path):
+        raise RecipeError(f"{where}data.source is hf but neither data.name nor data.path is set; add e.g. 'name: cifar10'")
+    if d.source in ("imagefolder", "cifar") and not d.path:
+        raise RecipeError(f"{where}data.source is {d.source} but data.path is not set; point it at the dataset directory")
+    m = r.model
+    if (m.depths is None) != (m.width is None) and m.name.lower() in ("custom", "bit-custom"):
+        raise RecipeError(f"{where}model.name custom needs both model.depths and model.width")
+    rule, t = r.rule, r.train
+    if rule.precrop and rule.crop and rule.crop > rule.precrop:
+        raise RecipeError(f"{where}rule.crop ({rule.crop}) is larger than rule.precrop ({rule.precrop}); lower rule.crop")
+    if rule.schedule is not None:
+        if len(rule.schedule) < 2 or rule.schedule != sorted(rule.schedule):
+            raise RecipeError(f"{where}rule.schedule must be at least 2 increasing steps, got {rule.schedule}")
+        if rule.steps is not None and rule.steps != rule.schedule[-1]:
+            raise RecipeError(f"{where}rule.steps ({rule.steps}) differs from the last rule.schedule boundary ({rule.schedule[-1]}); drop one")
+    if isinstance(t.batch_split, int) and t.batch_size is not None and t.batch_size % t.batch_split:
+        raise RecipeError(
+            f"{where}train.batch_size {t.batch_size} is not divisible by train.batch_split {t.batch_split}; pick a divisor"
+        )
+
+
+def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `--set key=value` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        hint = "" if p.suffix else " (recipes are .yaml files, e.g. recipes/cifar10.yaml)"
+        raise RecipeError(f"recipe file not found: {p}{hint}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise RecipeError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', None) or e}; fix the syntax") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise RecipeError(f"{p}: a recipe is a mapping of sections (data, model, train, rule, log)")
+    return from_dict(apply_sets(raw or {}, sets or []), path=str(p))
+
+
+def apply_sets(raw: dict, sets: list[str]) -> dict:
+    """Apply `section.key=value` overrides; values parse as YAML (`8` int, `null`, `[1,1,1,1]`)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for s in sets:
+        k, eq, v = s.partition("=")
+        k = k.strip()
+        if not eq or not k:
+            raise RecipeError(f"--set expects section.key=value, got {s!r} (e.g. --set train.batch_split=8)")
+        try:
+            value = yaml.safe_load(v) if v.strip() else None
+        except yaml.YAMLError:
+            value = v
+        if k == "name":
+            raw["name"] = value
+            continue
+        section, dot, leaf = k.partition(".")
+        if not dot or section not in SECTIONS:
+            all_keys = [f"{s2}.{f.name}" for s2, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+            raise RecipeError(f"--set: unknown key '{k}'{_did_you_mean(k, all_keys)}; use section.key=value")
+        sec = raw.get(section)
+        raw[section] = dict(sec) if isinstance(sec, dict) else {}
+        raw[section][leaf] = value
+    return raw
+
+
+def reference_markdown() -> str:
+    """The key reference (docs/recipes.md), generated from the declarations above."""
+    lines = [
+        "# Recipe keys",
+        "",
+        "Generated from `bit_transfer/recipe.py` (`python -m bit_transfer.recipe > docs/recipes.md`).",
+        "Every key is optional; `null` in `rule` means the BiT-HyperRule decides.",
+        "",
+    ]
+    for s, cls in SECTIONS.items():
+        lines += [f"## `{s}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+            lines.append(f"| `{s}.{f.name}` | {f.metadata['conv'].describe} | `{default}` | {f.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
