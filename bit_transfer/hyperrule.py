@@ -105,7 +105,7 @@ class Plan:
 
     def explain(self) -> list[str]:
         """One line per decision: value, origin and reason."""
-        return [f"{k:<13} {_fmt(getattr(self, k))!s:<28} [{d.origin}] {d.reason}" for k, d in self.decisions.items()]
+        return [f"{k:<13} {_fmt(getattr(self, k))!s:<20} [{d.origin}] {d.reason}" for k, d in self.decisions.items()]
 
     def to_dict(self) -> dict:
         return {
@@ -127,8 +127,10 @@ class Plan:
 
 
 def _fmt(v):
+    if isinstance(v, tuple) and len(v) == 2:  # image size
+        return "x".join(map(str, v))
     if isinstance(v, tuple):
-        return "[" + ", ".join(_n(x) for x in v) + "]" if all(isinstance(x, int) for x in v) else "x".join(map(str, v))
+        return "[" + ", ".join(_n(x) for x in v) + "]"
     if isinstance(v, int):
         return _n(v)
     return v

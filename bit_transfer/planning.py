@@ -1,0 +1,155 @@
+"""From a recipe to a plan: what the data says, what the rule decides, how a batch is split.
+
+No MindSpore import here: `bit-transfer plan` must start fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from bit_transfer import hyperrule
+from bit_transfer.errors import RecipeError
+from bit_transfer.recipe import Recipe
+
+
+@dataclass
+class TaskInfo:
+    """What the rule needs from the data, and where each number came from."""
+
+    dataset_size: int
+    image_size: tuple[int, int]
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    source_of: dict[str, str] = field(default_factory=dict)
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("-", "_").split("/")[-1]
+
+
+def task_info(recipe: Recipe) -> TaskInfo:
+    """Training-set size and image resolution: from the recipe when stated, else measured."""
+    d = recipe.data
+    source_of = {}
+    if d.size is not None:
+        source_of["dataset_size"] = "recipe: data.size"
+    if d.image_size is not None:
+        source_of["image_size"] = "recipe: data.image_size"
+    elif d.source == "hf" and d.name and _normalise(d.name) in hyperrule.KNOWN_IMAGE_SIZES:
+        d = dataclasses.replace(d, image_size=hyperrule.KNOWN_IMAGE_SIZES[_normalise(d.name)])
+        source_of["image_size"] = f"known size of {d.name}"
+    if d.size is not None and d.image_size is not None:
+        if d.examples_per_class is not None:
+            raise RecipeError(
+                "data.size is set together with data.examples_per_class; drop data.size so the rule "
+                "sees the few-shot subset's size"
+            )
+        return TaskInfo(d.size, tuple(d.image_size), source_of=source_of)
+    from bit_transfer import data  # measuring needs the data stack; imported only when needed
+
+    info = data.describe(d)
+    merged = dict(info.source_of)
+    merged.update(source_of)
+    return TaskInfo(
+        dataset_size=info.dataset_size,
+        image_size=tuple(info.image_size),
+        num_classes=info.num_classes,
+        class_names=list(info.class_names) if info.class_names is not None else None,
+        source_of=merged,
+    )
+
+
+def make_plan(recipe: Recipe, info: TaskInfo) -> hyperrule.Plan:
+    r, t = recipe.rule, recipe.train
+    try:
+        return hyperrule.plan(
+            dataset_size=info.dataset_size,
+            image_size=info.image_size,
+            precrop=r.precrop,
+            crop=r.crop,
+            steps=r.steps,
+            schedule=r.schedule,
+            mixup_alpha=r.mixup_alpha,
+            base_lr=r.base_lr,
+            batch_size=t.batch_size,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            batch_scaling=r.batch_scaling,
+        )
+    except ValueError as e:
+        raise RecipeError(f"the rule cannot be applied: {e}") from None
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """logical batch = world (ranks) x batch_split (accumulated micro-batches) x micro_batch."""
+
+    batch_size: int
+    batch_split: int | str  # "auto" until the training loop has probed the device
+    world: int = 1
+
+    @property
+    def micro_batch(self) -> int | None:
+        if self.batch_split == "auto":
+            return None
+        return self.batch_size // (self.world * self.batch_split)
+
+    def describe(self) -> str:
+        ranks = f"{self.world} ranks x " if self.world > 1 else ""
+        if self.batch_split == "auto":
+            return f"{self.batch_size} = {ranks}auto (largest micro-batch that fits, chosen at start)"
+        return f"{self.batch_size} = {ranks}{self.batch_split} micro-batches x {self.micro_batch} images"
+
+
+def batch_layout(batch_size: int, batch_split: int | str, world: int = 1) -> BatchLayout:
+    if batch_split != "auto":
+        per_rank, rem = divmod(batch_size, world)
+        if rem or per_rank % batch_split:
+            raise RecipeError(
+                f"batch {batch_size} does not split into {world} rank(s) x {batch_split} micro-batches; "
+                f"choose train.batch_split dividing {batch_size // max(world, 1)}"
+            )
+    return BatchLayout(batch_size, batch_split, world)
+
+
+def lr_segments(plan: hyperrule.Plan) -> list[tuple[int, int, str]]:
+    """The schedule as (first step, last step, lr) ranges: warmup, then each constant stretch."""
+    out = [(0, plan.warmup_steps - 1, f"warmup 0 -> {plan.base_lr:g}")] if plan.warmup_steps > 0 else []
+    start = plan.warmup_steps
+    while start < plan.steps:
+        lr = plan.lr(start)
+        end = start
+        while end + 1 < plan.steps and plan.lr(end + 1) == lr:
+            end += 1
+        out.append((start, end, f"{lr:g}"))
+        start = end + 1
+    return out
+
+
+def plan_report(recipe: Recipe, info: TaskInfo, plan: hyperrule.Plan, layout: BatchLayout) -> str:
+    """The human-readable `bit-transfer plan` output."""
+    lines = [f"recipe        {recipe.path or recipe.name} ({recipe.name})"]
+    for k in ("dataset_size", "image_size"):
+        if k in info.source_of:
+            lines.append(f"{k:<13} {info.source_of[k]}")
+    if info.num_classes:
+        lines.append(f"classes       {info.num_classes}")
+    lines += ["", "BiT-HyperRule decisions (value [origin] reason):"]
+    lines += ["  " + line for line in plan.explain()]
+    lines += ["", "learning rate by step:"]
+    lines += [f"  {a:>6} - {b:<6} {lr}" for a, b, lr in lr_segments(plan)]
+    lines += ["", f"batch         {layout.describe()}"]
+    return "\n".join(lines)
+
+
+def plan_json(info: TaskInfo, plan: hyperrule.Plan, layout: BatchLayout) -> dict:
+    out = plan.to_dict()
+    out.update(
+        batch_split=layout.batch_split,
+        micro_batch=layout.micro_batch,
+        world=layout.world,
+        num_classes=info.num_classes,
+        source_of=info.source_of,
+    )
+    return out
