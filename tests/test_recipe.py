@@ -1,0 +1,142 @@
+"""Recipes: typed validation, one-line errors with the fix, --set overrides, the plan CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bit_transfer import recipe
+from bit_transfer.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    r = recipe.load(path)
+    assert r.name == path.stem
+    assert r.path == str(path)
+    # each shipped recipe says what it reproduces in a comment at the top
+    assert path.read_text().startswith("#")
+
+
+def test_defaults_and_types(tmp_path):
+    r = recipe.load(write(tmp_path, "data: {source: hf, name: cifar10, image_size: 32x32}\ntrain: {batch_split: auto, device: cpu}\n"))
+    assert r.data.image_size == (32, 32)
+    assert r.train.batch_split == "auto"
+    assert r.train.device == "CPU"  # case folded
+    assert r.rule.steps is None and r.rule.base_lr is None
+    assert r.model.name == "BiT-M-R50x1" and r.model.weights == "auto" and r.model.head == "zero"
+
+
+def test_set_overrides_are_typed_like_yaml(tmp_path):
+    p = write(tmp_path, "data: {source: hf, name: cifar10}\n")
+    r = recipe.load(p, ["train.batch_split=8", "rule.mixup_alpha=0.2", "model.depths=[1,1,1,1]", "model.width=0.25", "rule.steps=null", "name=exp1"])
+    assert r.train.batch_split == 8
+    assert r.rule.mixup_alpha == 0.2
+    assert r.model.depths == [1, 1, 1, 1]
+    assert r.name == "exp1"
+
+
+def test_round_trip_through_dict(tmp_path):
+    r = recipe.load(write(tmp_path, "data: {source: cifar, path: /x, image_size: 32x40}\nrule: {schedule: [10, 20, 30]}\n"))
+    again = recipe.from_dict(r.to_dict())
+    assert again.to_dict() == r.to_dict()
+    assert again.data.image_size == (32, 40)
+
+
+@pytest.mark.parametrize(
+    "text, sets, expected",
+    [
+        ("train: {batchsize: 8}", [], "unknown key 'train.batchsize' (did you mean 'train.batch_size'?)"),
+        ("trian: {batch_size: 8}", [], "unknown key 'trian'"),
+        ("data: {name: c, source: hf}\ntrain: {batch_split: many}", [], "bad value for 'train.batch_split'"),
+        ("data: {name: c, source: hf}\ntrain: {batch_size: -4}", [], "bad value for 'train.batch_size': must be >= 1"),
+        ("data: {name: c, source: hf}\nrule: {mixup_alpha: yes}", [], "bad value for 'rule.mixup_alpha': expected a number"),
+        ("data: {name: c, source: hf}\ndata: {holdout: 1.5}", [], "bad value for 'data.holdout'"),
+        ("data: {source: s3}", [], "bad value for 'data.source': expected one of hf, imagefolder, cifar, demo"),
+        ("data: {source: imagefolder}", [], "data.path is not set"),
+        ("data: {source: hf}", [], "neither data.name nor data.path"),
+        ("data: {name: c, image_size: big}", [], "bad value for 'data.image_size'"),
+        ("data: {name: c}\nrule: {precrop: 100, crop: 128}", [], "rule.crop (128) is larger than rule.precrop (100)"),
+        ("data: {name: c}\ntrain: {batch_size: 100, batch_split: 3}", [], "not divisible by train.batch_split 3"),
+        ("data: {name: c}\nrule: {schedule: [30, 20]}", [], "rule.schedule must be at least 2 increasing"),
+        ("data: {name: c}\ntrain: {device: TPU}", [], "bad value for 'train.device'"),
+        ("data: {name: c}", ["train.batch_splt=2"], "did you mean 'train.batch_split'"),
+        ("data: {name: c}", ["batch_split"], "--set expects section.key=value"),
+        ("data: [1, 2]", [], "'data' must be a mapping"),
+        ("- a\n- b", [], "a recipe is a mapping"),
+        ("data: {name: c\n", [], "not valid YAML at line"),
+    ],
+)
+def test_bad_recipes_give_one_line_with_the_fix(tmp_path, text, sets, expected):
+    p = write(tmp_path, text)
+    with pytest.raises(RecipeError) as e:
+        recipe.load(p, sets)
+    msg = str(e.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_missing_file():
+    with pytest.raises(RecipeError, match="recipe file not found: nope.yaml"):
+        recipe.load("nope.yaml")
+
+
+def test_docs_reference_is_up_to_date():
+    assert (ROOT / "docs" / "recipes.md").read_text() == recipe.reference_markdown() + "\n"
+
+
+def run_cli(*args, cwd=ROOT):
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "bit_transfer", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_plan_cifar10_json():
+    out = run_cli("plan", "recipes/cifar10.yaml", "--json", "--set", "data.size=50000", "--set", "data.image_size=32x32")
+    assert out.returncode == 0, out.stderr
+    j = json.loads(out.stdout)
+    assert (j["precrop"], j["crop"], j["steps"], j["mixup_alpha"]) == (160, 128, 10000, 0.1)
+    assert j["schedule"] == [500, 3000, 6000, 9000, 10000]
+    assert (j["dataset_size"], j["image_size"], j["base_lr"], j["batch_size"]) == (50000, [32, 32], 0.003, 512)
+    assert (j["batch_split"], j["micro_batch"]) == (16, 32)
+    assert j["source_of"]["dataset_size"] == "recipe: data.size"
+
+
+def test_plan_text_explains_each_decision():
+    out = run_cli("plan", "recipes/imagenet2012.yaml", "--set", "train.batch_split=4")
+    assert out.returncode == 0, out.stderr
+    assert "N=1 281 167 >= 500 000 -> 20 000 steps" in out.stdout
+    assert "224x224 >= 96x96" in out.stdout
+    assert "512 = 4 micro-batches x 128 images" in out.stdout
+    assert "1 - 499" not in out.stdout and "0 - 499" in out.stdout
+
+
+def test_plan_usage_error_exit_code_2_no_traceback(tmp_path):
+    p = write(tmp_path, "data: {name: c}\ntrain: {batchsize: 8}\n")
+    out = run_cli("plan", str(p))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+    assert "did you mean 'train.batch_size'" in out.stderr
+
+
+def test_plan_does_not_import_mindspore(tmp_path):
+    code = (
+        "import sys; from bit_transfer import cli\n"
+        "try:\n cli.main(['plan', 'recipes/cifar10.yaml', '--set', 'data.size=10', '--set', 'data.image_size=8x8'])\n"
+        "except SystemExit: pass\n"
+        "print('MS', 'mindspore' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert "MS False" in out.stdout, out.stdout + out.stderr
