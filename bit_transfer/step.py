@@ -1,0 +1,197 @@
+"""The compiled training and evaluation steps: SGD with momentum, micro-batching, MixUp loss.
+
+One optimizer step is `batch_split` calls of `micro_step` (forward + backward of one micro-batch,
+loss scaled by 1/batch_split, gradients summed into buffers) and one `apply` (the momentum
+update with this step's lr). The maths is that of the full logical batch, as in the official
+PyTorch code (bit_pytorch/train.py: `(c / batch_split).backward()`, `optim.step()` every
+`batch_split` micro-batches).
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+PRECISIONS = {"fp32": None, "fp16": ms.float16, "bf16": ms.bfloat16}
+
+
+class SGDMomentum(nn.Cell):
+    """PyTorch/TF SGD with momentum (no dampening, no Nesterov): v = mu*v + g (+ wd*p); p -= lr*v.
+
+    `ApplyMomentum` is the fused kernel of exactly this update. The lr lives in a Parameter so the
+    host loop can set it every step without recompiling the graph.
+    """
+
+    def __init__(self, params, momentum: float, weight_decay: float = 0.0):
+        super().__init__()
+        self.params = ParameterTuple(params)
+        self.moments = ParameterTuple(
+            Parameter(ops.zeros(p.shape, p.dtype), name=f"optimizer.moments.{p.name}", requires_grad=False)
+            for p in self.params
+        )
+        self.lr = Parameter(Tensor(0.0, ms.float32), name="optimizer.lr", requires_grad=False)
+        self.momentum = Tensor(momentum, ms.float32)
+        self.weight_decay = float(weight_decay)
+        self.apply_momentum = ops.ApplyMomentum()
+
+    def construct(self, grads):
+        for p, v, g in zip(self.params, self.moments, grads):
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            self.apply_momentum(p, v, self.lr, g, self.momentum)
+        return self.lr
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {v.name: v.asnumpy() for v in self.moments}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for v in self.moments:
+            if v.name not in state:
+                raise KeyError(v.name)
+            v.set_data(Tensor(state[v.name], v.dtype))
+
+
+def mixup_loss(logits, ya, yb, lam):
+    """lam*CE(y_a) + (1-lam)*CE(y_b); with lam = 1 it is plain cross-entropy."""
+    logits = logits.astype(ms.float32)
+    return lam * ops.cross_entropy(logits, ya) + (1.0 - lam) * ops.cross_entropy(logits, yb)
+
+
+class TrainStep:
+    """Forward/backward per micro-batch, accumulation, and the optimizer update, compiled with jit."""
+
+    def __init__(
+        self,
+        model: nn.Cell,
+        *,
+        momentum: float,
+        weight_decay: float,
+        batch_split: int,
+        precision: str = "fp32",
+        jit: bool = True,
+    ):
+        self.model = model
+        self.batch_split = batch_split
+        self.precision = precision
+        params = [p for p in model.trainable_params()]
+        self.optimizer = SGDMomentum(params, momentum, weight_decay)
+        # fp16 gradients under- and overflow without loss scaling; bf16 has fp32's range.
+        self.loss_scale = Parameter(Tensor(2.0**16 if precision == "fp16" else 1.0, ms.float32), name="loss_scale", requires_grad=False)
+        self._good_steps = 0
+        inv_split = 1.0 / batch_split
+
+        def forward(x, ya, yb, lam):
+            loss = mixup_loss(model(x), ya, yb, lam)
+            return loss * (inv_split * self.loss_scale), loss
+
+        grad_fn = ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
+
+        if batch_split == 1:
+
+            def micro(x, ya, yb, lam):
+                (_, loss), grads = grad_fn(x, ya, yb, lam)
+                grads = self._unscale(grads)
+                finite = ms.amp.all_finite(grads)
+                if finite:
+                    self.optimizer(grads)
+                return loss, finite
+
+            self._micro = ms.jit(micro) if jit else micro
+        else:
+            self.accum = ParameterTuple(
+                Parameter(ops.zeros(p.shape, ms.float32), name=f"accum.{p.name}", requires_grad=False)
+                for p in self.optimizer.params
+            )
+
+            # The first micro-batch of a step overwrites the buffers (keep = 0), later ones add
+            # (keep = 1): `apply` then only reads them. (Reading and zeroing the buffers in one
+            # compiled graph was mis-ordered under jit in MindSpore 2.8; this has no such hazard.)
+            def micro(x, ya, yb, lam, keep):
+                (_, loss), grads = grad_fn(x, ya, yb, lam)
+                for a, g in zip(self.accum, grads):
+                    ops.assign(a, a * keep + g.astype(ms.float32))
+                return loss
+
+            def apply():
+                # Read the buffers as values (divide by the loss scale, 1 unless fp16): passing
+                # the Parameters themselves through the branch below dropped the update under
+                # jit in MindSpore 2.8.
+                grads = tuple(a / self.loss_scale for a in self.accum)
+                finite = ms.amp.all_finite(grads)
+                if finite:
+                    self.optimizer(grads)
+                return finite
+
+            self._micro = ms.jit(micro) if jit else micro
+            self._apply = ms.jit(apply) if jit else apply
+
+    def _unscale(self, grads):
+        if self.precision != "fp16":
+            return grads
+        inv = 1.0 / self.loss_scale
+        return tuple(g * inv for g in grads)
+
+    def __call__(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
+        """One optimizer step over `batch_split` micro-batches of (x, y_a, y_b).
+
+        Returns the mean micro-batch loss and whether the update was applied (finite gradients).
+        """
+        self.optimizer.lr.set_data(Tensor(lr, ms.float32))
+        lam_t = Tensor(lam, ms.float32)
+        losses = []
+        if self.batch_split == 1:
+            (x, ya, yb), = micro_batches
+            loss, finite = self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t)
+            losses.append(loss)
+        else:
+            for i, (x, ya, yb) in enumerate(micro_batches):
+                keep = Tensor(0.0 if i == 0 else 1.0, ms.float32)
+                losses.append(self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, keep))
+            finite = self._apply()
+        finite = bool(finite.asnumpy()) if hasattr(finite, "asnumpy") else bool(finite)
+        self._adjust_scale(finite)
+        return float(np.mean([float(loss.asnumpy()) for loss in losses])), finite
+
+    def _adjust_scale(self, finite: bool) -> None:
+        """Dynamic loss scaling (fp16 only): halve on overflow, double after 1000 good steps."""
+        if self.precision != "fp16":
+            return
+        scale = float(self.loss_scale.asnumpy())
+        if not finite:
+            self.loss_scale.set_data(Tensor(max(scale / 2, 1.0), ms.float32))
+            self._good_steps = 0
+            return
+        self._good_steps += 1
+        if self._good_steps >= 1000:
+            self.loss_scale.set_data(Tensor(scale * 2, ms.float32))
+            self._good_steps = 0
+
+
+class EvalStep:
+    """Compiled inference: logits for a batch (padded to a fixed size to avoid recompiles)."""
+
+    def __init__(self, model: nn.Cell, batch_size: int, jit: bool = True):
+        self.model = model
+        self.batch_size = batch_size
+
+        def forward(x):
+            return model(x).astype(ms.float32)
+
+        self._forward = ms.jit(forward) if jit else forward
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if n < self.batch_size:  # pad the last batch: one graph for every batch
+            pad = np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)
+            x = np.concatenate([x, pad])
+        self.model.set_train(False)
+        return self._forward(Tensor(x)).asnumpy()[:n]
+
+
+def cast_model(model: nn.Cell, precision: str) -> nn.Cell:
+    """Mixed precision: compute in fp16/bf16, keep fp32 master weights (MindSpore amp level O2)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return model
+    return ms.amp.auto_mixed_precision(model, amp_level="O2", dtype=dtype)
