@@ -1,0 +1,235 @@
+"""Splits: labelled images that are decoded only when asked for.
+
+A `Split` is a view (`rows`) onto a store that knows how to open one image: an in-memory uint8
+array (CIFAR, numpy, the demo), a list of files (image folders), or a Hugging Face dataset whose
+image column is read undecoded. Every image leaves here as RGB, so grayscale, RGBA and palette
+images need no special case downstream; an unreadable one raises `DataError` naming its file or row.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from bit_transfer.errors import DataError
+
+
+class ArrayStore:
+    """Images already in memory: an N×H×W×3 uint8 array."""
+
+    def __init__(self, images: np.ndarray, name: str):
+        self.images, self.name = images, name
+        self.corrupt: set[int] = set()
+
+    def __len__(self):
+        return len(self.images)
+
+    def open(self, j: int) -> Image.Image:
+        return Image.fromarray(self.images[j])
+
+    def header_size(self, j: int) -> tuple[int, int]:
+        return tuple(self.images.shape[1:3])
+
+    def where(self, j: int) -> str:
+        return f"row {j} of {self.name}"
+
+
+class FileStore:
+    """One image file per row (image folders)."""
+
+    def __init__(self, paths: list[str], name: str):
+        self.paths, self.name = paths, name
+        self.corrupt: set[int] = set()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def open(self, j: int) -> Image.Image:
+        return Image.open(self.paths[j])
+
+    def header_size(self, j: int) -> tuple[int, int]:
+        with Image.open(self.paths[j]) as im:  # PIL reads only the header until pixels are asked for
+            return im.size[::-1]
+
+    def where(self, j: int) -> str:
+        return self.paths[j]
+
+
+class HFStore:
+    """Rows of a `datasets.Dataset`; the image column is cast to `Image(decode=False)`, so a row
+    read gives the encoded bytes (or a path) and we decode only what the pipeline asks for."""
+
+    def __init__(self, hf_dataset, column: str, name: str):
+        self.ds, self.column, self.name = hf_dataset, column, name
+        self.corrupt: set[int] = set()
+
+    def __len__(self):
+        return len(self.ds)
+
+    def open(self, j: int) -> Image.Image:
+        value = self.ds[int(j)][self.column]
+        if isinstance(value, dict):  # an Image feature: {"bytes": ..., "path": ...}
+            if value.get("bytes") is not None:
+                return Image.open(io.BytesIO(value["bytes"]))
+            if value.get("path"):
+                return Image.open(value["path"])
+            raise ValueError("the image cell is empty")
+        a = np.asarray(value)
+        return Image.fromarray(check_rgb(a[..., None] if a.ndim == 2 else a, self.where(j)))
+
+    def header_size(self, j: int) -> tuple[int, int]:
+        im = self.open(j)
+        return im.size[::-1]
+
+    def where(self, j: int) -> str:
+        return f"row {j} of {self.name}"
+
+
+def check_rgb(a: np.ndarray, what: str) -> np.ndarray:
+    """uint8 images with 1, 3 or 4 channels last, as 3 channels (gray repeated, alpha dropped)."""
+    if a.dtype != np.uint8:
+        raise DataError(
+            f"{what}: images must be uint8 in 0..255, got {a.dtype}; convert with "
+            "(x * 255).round().astype(np.uint8) if they are floats in [0, 1]"
+        )
+    if a.shape[-1] not in (1, 3, 4):
+        raise DataError(f"{what}: expected 1, 3 or 4 channels last, got shape {a.shape}")
+    if a.shape[-1] == 1:
+        return np.repeat(a, 3, axis=-1)
+    return np.ascontiguousarray(a[..., :3]) if a.shape[-1] == 4 else a
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB, the way torchvision's loader (`convert("RGB")`) does it."""
+    if im.mode == "RGB":
+        im.load()
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # what PIL asks for, instead of warning on P -> RGB
+    return im.convert("RGB")
+
+
+@dataclass(eq=False)
+class Split:
+    """`len`, `.labels`, `.image(i)`; `.pixels(i, size)` is the pipeline's decode + resize."""
+
+    store: object
+    rows: np.ndarray  # int64 rows of `store`
+    labels: np.ndarray  # int64, one per row
+    name: str
+    skip_corrupt: bool = False
+
+    def __post_init__(self):
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.rows) != len(self.labels):
+            raise DataError(f"{self.name}: {len(self.rows)} images but {len(self.labels)} labels")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def subset(self, idx) -> Split:
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split(self.store, self.rows[idx], self.labels[idx], self.name, self.skip_corrupt)
+
+    def where(self, i: int) -> str:
+        return self.store.where(int(self.rows[i]))
+
+    def header_size(self, i: int) -> tuple[int, int]:
+        """(H, W) from the file header, without decoding the pixels."""
+        try:
+            return self.store.header_size(int(self.rows[i]))
+        except DataError:
+            raise
+        except Exception as e:
+            raise self._error(i, e) from None
+
+    def image(self, i: int) -> Image.Image:
+        """Image i, decoded and converted to RGB."""
+        return self._decode(i, None)
+
+    def pixels(self, i: int, size: int) -> np.ndarray:
+        """Image i as a (size, size, 3) uint8 array: RGB, resized square, aspect not kept.
+
+        PIL's bilinear resize (antialiased when shrinking) is what the official PyTorch code's
+        `transforms.Resize((size, size))` runs on PIL images. Large JPEGs are first decoded at a
+        reduced DCT scale that stays at least `size` on both sides (`Image.draft`), which makes
+        12-megapixel photos ~10x cheaper to read; the box from `draft` keeps the geometry exact.
+        """
+        return np.asarray(self._decode(i, size))
+
+    def readable(self, i: int) -> bool:
+        """True if image i decodes; failures are recorded in `store.corrupt`."""
+        try:
+            self._decode(i, None)
+            return True
+        except DataError:
+            return False
+
+    def _decode(self, i: int, size: int | None) -> Image.Image:
+        j = int(self.rows[i])
+        try:
+            im = self.store.open(j)
+            box = None
+            if size is not None and getattr(im, "format", None) == "JPEG":
+                drafted = im.draft(None, (size, size))
+                box = drafted[1] if drafted else None
+            im = to_rgb(im)
+            if size is not None:
+                im = im.resize((size, size), Image.BILINEAR, box=box)
+            return im
+        except DataError:
+            self.store.corrupt.add(j)
+            raise
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
+            self.store.corrupt.add(j)
+            raise self._error(i, e) from None
+
+    def _error(self, i: int, e: Exception) -> DataError:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return DataError(
+            f"cannot read image {self.where(i)} ({reason}); replace or delete it, "
+            "or set data.skip_corrupt: true to skip unreadable images"
+        )
+
+
+@dataclass(eq=False)
+class Dataset:
+    """A train split (few-shot subset and holdout already applied), an eval split, class names."""
+
+    train: Split
+    eval: Split
+    class_names: list[str]
+    name: str
+    notes: list[str] = field(default_factory=list)  # how the splits were made, for the run log
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def skipped_corrupt(self) -> int:
+        """Unreadable images found so far (at load for few-shot subsets, else as the stream meets them)."""
+        stores = {id(s.store): s.store for s in (self.train, self.eval)}
+        return sum(len(s.corrupt) for s in stores.values())
+
+    def corrupt_report(self) -> str | None:
+        """One line for the run log, or None when every image read so far was fine."""
+        stores = {id(s.store): s.store for s in (self.train, self.eval)}
+        bad = [s.where(j) for s in stores.values() for j in sorted(s.corrupt)]
+        if not bad:
+            return None
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return f"skipped {len(bad)} unreadable image(s): {shown}"
+
+    def fewshot(self, k: int, seed: int = 0, allow_fewer: bool = False) -> Dataset:
+        """This dataset with a class-balanced K-per-class training subset (see `fewshot_indices`)."""
+        from bit_transfer.data.sampling import fewshot_indices
+
+        usable = self.train.readable if self.train.skip_corrupt else None
+        idx = fewshot_indices(self.train.labels, k, seed, allow_fewer, self.class_names, usable=usable)
+        note = f"few-shot: {len(idx)} training images ({k} per class, seed {seed})"
+        return Dataset(self.train.subset(idx), self.eval, self.class_names, self.name, [*self.notes, note])

@@ -1,0 +1,179 @@
+"""Small datasets on disk for tests: image folders, CIFAR pickles, Hugging Face datasets, arrays.
+
+Every generated image encodes its class and its orientation: red = class_red(class), green grows
+left to right and blue top to bottom. Tests can therefore check that labels travel with their
+images, and that crops and flips land where they should, without any external data.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from PIL import Image
+
+DATA_DEFAULTS = dict(
+    source="hf", name=None, path=None, train_split="train", eval_split=None, image_column=None,
+    label_column=None, holdout=None, examples_per_class=None, seed=0, allow_fewer=False,
+    skip_corrupt=False, random_crop=True, random_flip=True, workers=None, size=None, image_size=None,
+    cache_dir=None,
+)
+
+
+def data_cfg(**overrides) -> SimpleNamespace:
+    """A recipe `data` section (duck-typed like recipe.DataConfig) with the documented defaults."""
+    unknown = set(overrides) - set(DATA_DEFAULTS)
+    assert not unknown, f"not a data key: {unknown}"
+    return SimpleNamespace(**{**DATA_DEFAULTS, **overrides})
+
+
+def class_red(c: int) -> int:
+    return (37 * c + 20) % 256
+
+
+def pattern(label: int, h: int = 32, w: int = 32) -> np.ndarray:
+    """H×W×3 uint8: red = class, green = column ramp, blue = row ramp."""
+    a = np.empty((h, w, 3), np.uint8)
+    a[..., 0] = class_red(label)
+    a[..., 1] = np.linspace(0, 255, w).round().astype(np.uint8)[None, :]
+    a[..., 2] = np.linspace(0, 255, h).round().astype(np.uint8)[:, None]
+    return a
+
+
+def label_of(image: np.ndarray, num_classes: int) -> int:
+    """The class whose red value is closest to the image's mean red (H×W×3 uint8 or 3×H×W in [-1,1])."""
+    if image.shape[0] == 3:  # pipeline output
+        red = (image[0].mean() + 1) * 127.5
+    else:
+        red = image[..., 0].mean()
+    return int(np.argmin([abs(class_red(c) - red) for c in range(num_classes)]))
+
+
+def save_image(path: Path, label: int, size=(32, 32), mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(pattern(label, *size))
+    if mode != "RGB":
+        im = im.convert(mode)
+    im.save(path)
+    return path
+
+
+def image_folder(
+    root: Path,
+    counts: dict[str, int] | None = None,
+    splits=("train", "val"),
+    eval_count: int = 2,
+    size=(32, 32),
+    ext: str = "png",
+) -> Path:
+    """root/<split>/<class>/<i>.<ext>; `splits=None` writes root/<class>/... (no split folders).
+    `size` may be a callable (class index, image index) -> (H, W)."""
+    counts = counts or {"cat": 5, "dog": 4, "emu": 3}
+    layout = [(root, counts)] if splits is None else []
+    if splits is not None:
+        layout.append((root / splits[0], counts))
+        layout += [(root / s, {c: eval_count for c in counts}) for s in splits[1:]]
+    for base, per_class in layout:
+        for c, name in enumerate(sorted(per_class)):
+            for i in range(per_class[name]):
+                hw = size(c, i) if callable(size) else size
+                save_image(base / name / f"{i:03d}.{ext}", c, hw)
+    return root
+
+
+def corrupt(path: Path, how: str = "garbage") -> Path:
+    """Make `path` unreadable: random bytes, or a truncated copy of a real PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if how == "garbage":
+        path.write_bytes(b"this is not an image" * 10)
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def cifar_dir(root: Path, variant: str = "cifar10", per_batch: int = 6, n_test: int = 10, num_classes=None) -> Path:
+    """A miniature `cifar-10-batches-py` / `cifar-100-python` with the real files' keys and layout."""
+    num_classes = num_classes or (10 if variant == "cifar10" else 100)
+
+    def batch(n, offset):
+        labels = [(offset + i) % num_classes for i in range(n)]
+        data = np.stack([pattern(y).transpose(2, 0, 1).reshape(-1) for y in labels])  # planes R, G, B
+        return data, labels
+
+    def dump(path, obj):
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    if variant == "cifar10":
+        d = root / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        for b in range(1, 6):
+            data, labels = batch(per_batch, b * per_batch)
+            dump(d / f"data_batch_{b}", {b"batch_label": b"training batch", b"labels": labels, b"data": data})
+        data, labels = batch(n_test, 0)
+        dump(d / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": labels, b"data": data})
+        dump(d / "batches.meta", {b"label_names": [f"class{c}".encode() for c in range(num_classes)]})
+    else:
+        d = root / "cifar-100-python"
+        d.mkdir(parents=True)
+        for split, n, off in (("train", 5 * per_batch, 1), ("test", n_test, 0)):
+            data, labels = batch(n, off)
+            dump(d / split, {"fine_labels": labels, "coarse_labels": [y // 5 for y in labels], "data": data})
+        dump(d / "meta", {
+            "fine_label_names": [f"fine{c}" for c in range(num_classes)],
+            "coarse_label_names": [f"coarse{c}" for c in range(num_classes // 5)],
+        })
+    return d
+
+
+def hf_dataset(
+    root: Path,
+    fmt: str = "save_to_disk",
+    image_column: str = "img",
+    label_column: str = "label",
+    class_names=("airplane", "bird", "cat"),
+    n_train: int = 12,
+    n_test: int = 6,
+    size=(32, 32),
+    string_labels: bool = False,
+    test_labels=None,
+) -> Path:
+    """A DatasetDict(train, test) saved with `save_to_disk`, or as parquet files under root/data/."""
+    import datasets
+
+    def split(n, offset, labels=None):
+        labels = labels if labels is not None else [(offset + i) % len(class_names) for i in range(n)]
+        images = [Image.fromarray(pattern(max(y, 0), *size)) for y in labels]
+        if string_labels:
+            feats = datasets.Features({image_column: datasets.Image(), label_column: datasets.Value("string")})
+            labels = [class_names[y] for y in labels]
+        else:
+            feats = datasets.Features(
+                {image_column: datasets.Image(), label_column: datasets.ClassLabel(names=list(class_names))}
+            )
+        return datasets.Dataset.from_dict({image_column: images, label_column: labels}, features=feats)
+
+    dd = datasets.DatasetDict(train=split(n_train, 1), test=split(n_test, 0, test_labels))
+    if fmt == "save_to_disk":
+        dd.save_to_disk(str(root))
+    else:
+        (root / "data").mkdir(parents=True)
+        for name, ds in dd.items():
+            ds.to_parquet(str(root / "data" / f"{name}-00000-of-00001.parquet"))
+    return root
+
+
+def arrays(n: int = 30, num_classes: int = 3, size=(8, 8), channels: int | None = 3):
+    """(images, labels): N×H×W×C uint8 (or N×H×W when channels is None) with class patterns."""
+    labels = np.arange(n) % num_classes
+    images = np.stack([pattern(int(y), *size) for y in labels])
+    if channels is None:
+        images = images[..., 0]
+    elif channels == 1:
+        images = images[..., :1]
+    elif channels == 4:
+        images = np.concatenate([images, np.full((*images.shape[:3], 1), 255, np.uint8)], axis=-1)
+    return images, labels
