@@ -1,0 +1,96 @@
+"""Our checkpoints: a MindSpore `.ckpt` holding named arrays plus a JSON `meta` dict.
+
+The training loop stores model parameters under their model names (`root.conv.weight`, ...),
+optimiser state under `optimizer.<...>`, and meta such as
+`{"model": model_config(model), "class_names": [...], "step": 123}` (key `bit_transfer_meta`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from bit_transfer.errors import WeightsError
+
+META_KEY = "bit_transfer_meta"
+
+
+@contextlib.contextmanager
+def quiet_mindspore():
+    """Silence MindSpore's own ERROR log lines while we turn its failure into one WeightsError."""
+    try:
+        from mindspore import log
+
+        logger = log._get_logger()  # private, but the only handle on MindSpore's logger
+    except Exception:  # pragma: no cover - a MindSpore without it just stays noisy
+        yield
+        return
+    level = logger.level
+    logger.setLevel(100)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def save_checkpoint(path, params: dict, meta: dict) -> Path:
+    """Write `params` (name -> numpy array / MindSpore Tensor or Parameter) and `meta` atomically.
+
+    MindSpore's writer insists on a `.ckpt` suffix, so it writes into the directory
+    `<path>.tmp/`; the finished file is then moved over `path` with os.replace, so a
+    crash never leaves a half-written `*.ckpt` behind. A CRC is stored and checked on read.
+    """
+    import mindspore as ms
+
+    path = Path(path)
+    try:
+        text = json.dumps(meta)
+    except TypeError as e:
+        raise WeightsError(f"checkpoint meta for {path} is not JSON-serialisable ({e}); store plain values") from None
+    items = []
+    for name, value in params.items():
+        if not isinstance(value, ms.Tensor):  # Parameter is a Tensor
+            value = ms.Tensor(np.asarray(value))
+        items.append({"name": name, "data": value})
+    tmp_dir = Path(f"{path}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    tmp = tmp_dir / "checkpoint.ckpt"
+    ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: text}, crc_check=True)
+    os.chmod(tmp, 0o644)  # MindSpore leaves it read-only, which makes cleanups prompt
+    os.replace(tmp, path)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
+    """(params as numpy arrays, meta dict); a one-line WeightsError if the file is missing or broken."""
+    import mindspore as ms
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} not found; check the path (runs keep them in <run>/checkpoints/)")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"checkpoint {path} is empty (an interrupted save?); delete it and use an earlier one")
+    try:
+        with quiet_mindspore():
+            raw = ms.load_checkpoint(str(path), crc_check=True)
+    except Exception:
+        raise WeightsError(
+            f"checkpoint {path} is truncated or corrupt (MindSpore cannot parse it or its CRC fails); "
+            "delete it and use an earlier checkpoint"
+        ) from None
+    meta = {}
+    text = raw.pop(META_KEY, None)
+    if text is not None:
+        try:
+            meta = json.loads(str(text))
+        except ValueError:
+            raise WeightsError(f"checkpoint {path} has an unreadable '{META_KEY}' entry; re-save it") from None
+    params = {name: value.asnumpy() for name, value in raw.items() if isinstance(value, ms.Tensor)}
+    return params, meta
