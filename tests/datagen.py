@@ -33,12 +33,13 @@ def class_red(c: int) -> int:
     return (37 * c + 20) % 256
 
 
-def pattern(label: int, h: int = 32, w: int = 32) -> np.ndarray:
-    """H×W×3 uint8: red = class, green = column ramp, blue = row ramp."""
+def pattern(label: int, h: int = 32, w: int = 32, variant: int = 0) -> np.ndarray:
+    """H×W×3 uint8: red = class, green = column ramp, blue = row ramp offset by `variant`
+    (so images of one class still differ)."""
     a = np.empty((h, w, 3), np.uint8)
     a[..., 0] = class_red(label)
     a[..., 1] = np.linspace(0, 255, w).round().astype(np.uint8)[None, :]
-    a[..., 2] = np.linspace(0, 255, h).round().astype(np.uint8)[:, None]
+    a[..., 2] = (np.linspace(0, 127, h).round().astype(np.uint8) + (29 * variant) % 128)[:, None]
     return a
 
 
@@ -51,9 +52,9 @@ def label_of(image: np.ndarray, num_classes: int) -> int:
     return int(np.argmin([abs(class_red(c) - red) for c in range(num_classes)]))
 
 
-def save_image(path: Path, label: int, size=(32, 32), mode: str = "RGB") -> Path:
+def save_image(path: Path, label: int, size=(32, 32), mode: str = "RGB", variant: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(pattern(label, *size))
+    im = Image.fromarray(pattern(label, *size, variant=variant))
     if mode != "RGB":
         im = im.convert(mode)
     im.save(path)
@@ -79,7 +80,7 @@ def image_folder(
         for c, name in enumerate(sorted(per_class)):
             for i in range(per_class[name]):
                 hw = size(c, i) if callable(size) else size
-                save_image(base / name / f"{i:03d}.{ext}", c, hw)
+                save_image(base / name / f"{i:03d}.{ext}", c, hw, variant=i)
     return root
 
 

@@ -95,6 +95,16 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     assert ds.train.pixels(0, 20).shape == (20, 20, 3)
 
 
+def test_large_jpeg_reduced_decode_matches_full_decode(tmp_path):
+    path = tmp_path / "train" / "a" / "big.jpg"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(datagen.pattern(3, 1203, 1601)).save(path, quality=95)
+    split = data.Split(data.split.FileStore([str(path)], "x"), [0], [0], "x")
+    fast = split.pixels(0, 200).astype(np.float32)  # decoded at 1/4 scale, then resized
+    full = np.asarray(Image.open(path).convert("RGB").resize((200, 200), Image.BILINEAR), np.float32)
+    assert fast.shape == (200, 200, 3) and np.abs(fast - full).mean() < 0.5
+
+
 # ---------------------------------------------------------------- corrupt images
 
 

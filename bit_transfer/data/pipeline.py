@@ -1,0 +1,198 @@
+"""The BiT-HyperRule input pipeline, on `mindspore.dataset`.
+
+Train: resize to (precrop, precrop) -> random crop (crop, crop) -> random horizontal flip ->
+[-1, 1] -> CHW float32 (the official PyTorch transform; the square resize does not keep the aspect
+ratio). Eval: resize to (crop, crop) -> [-1, 1] -> CHW. With `random_crop=False` training resizes
+straight to (crop, crop), as the paper does for the VTAB tasks where crops change the label.
+
+Determinism: which image, its crop offsets and its flip are drawn up front by `sampling.Stream`
+from (seed, position) and flow through the pipeline as data; the workers only decode and slice.
+So batches do not depend on the number of workers or on thread scheduling (`map` keeps row order),
+a resume at `start` skips straight to its position without decoding, and nothing touches
+`mindspore.dataset.config.set_seed`, which would also reseed Python's and NumPy's global RNGs.
+
+Workers are threads, not processes: PIL releases the GIL while it decodes and resizes, threads
+measured faster here (benchmarks/data_pipeline.py), and the `map` docs list forked workers as
+unsupported when the training network runs in the same process. Row order through a parallel
+`map` is kept (tests/test_data_pipeline.py checks 1 vs 2 workers give identical batches).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import mindspore.dataset as msd
+import mindspore.dataset.vision as vision
+import numpy as np
+
+from bit_transfer.data.sampling import Stream
+from bit_transfer.data.split import Split
+from bit_transfer.errors import DataError
+
+MAX_AUTO_WORKERS = 4
+# Worker threads (False) or forked processes (True) for the decode step. Threads won on this machine
+# (benchmarks/data_pipeline.py --processes) and are the only choice the `map` docstring in
+# mindspore/dataset/engine/datasets.py lists as supported next to training in the same process.
+PYTHON_MULTIPROCESSING = False
+
+
+def num_workers(workers: int | None = None) -> int:
+    """`workers`, or min(4, CPUs); MindSpore refuses more threads than CPUs."""
+    cpus = os.cpu_count() or 1
+    return max(1, min(workers or MAX_AUTO_WORKERS, cpus))
+
+
+class _Rows:
+    """The pipeline's source: one (index, crop_y, crop_x, flip) row per image, from a plan."""
+
+    def __init__(self, plans):
+        self.plans = plans  # a callable returning an iterator of int64 (k, 4) arrays
+
+    def __iter__(self):
+        for plan in self.plans():
+            yield from ((row,) for row in plan)
+
+
+def _reader(split: Split, size: int, crop: int, substitute: bool):
+    """The per-image work, run by the pipeline's worker threads: decode, resize, crop, flip.
+
+    Returns (image, used index); used = -1 when the image cannot be read and may not be replaced.
+    With `split.skip_corrupt` and `substitute`, an unreadable image is replaced by the next readable
+    one in the split, which depends only on the data, so the stream stays deterministic.
+    """
+    n = len(split)
+    blank = np.zeros((crop, crop, 3), np.uint8)
+
+    def read(row):
+        i, y, x, flip = (int(v) for v in row)
+        for step in range(n if substitute and split.skip_corrupt else 1):
+            j = (i + step) % n
+            if int(split.rows[j]) in split.store.corrupt:
+                continue
+            try:
+                a = split.pixels(j, size)
+            except DataError:
+                continue
+            a = a[y : y + crop, x : x + crop]
+            if flip:
+                a = a[:, ::-1]
+            return np.ascontiguousarray(a), np.int64(j)
+        return blank, np.int64(-1)
+
+    return read
+
+
+def _pipeline(split: Split, plans, *, size: int, crop: int, batch: int, workers, substitute: bool):
+    w = num_workers(workers)
+    ds = msd.GeneratorDataset(_Rows(plans), column_names=["row"], shuffle=False, num_parallel_workers=1)
+    ds = ds.map(
+        _reader(split, size, crop, substitute),
+        input_columns=["row"],
+        output_columns=["image", "used"],
+        num_parallel_workers=w,
+        python_multiprocessing=PYTHON_MULTIPROCESSING,
+    )
+    # (x - 127.5) / 127.5 maps 0..255 exactly onto [-1, 1], like Normalize(0.5, 0.5) after ToTensor.
+    ds = ds.map([vision.Normalize([127.5] * 3, [127.5] * 3), vision.HWC2CHW()], input_columns=["image"],
+                num_parallel_workers=w)
+    ds = ds.batch(batch, drop_remainder=False)
+    return ds.create_tuple_iterator(output_numpy=True, num_epochs=1)
+
+
+def _fail(split: Split, i: int):
+    """Raise the DataError for image i (decoding it again here gives the exact reason)."""
+    if split.skip_corrupt:
+        raise DataError(f"no readable image left in {split.name} (last tried {split.where(i)})")
+    split.image(i)  # raises, naming the file or row
+    raise DataError(f"cannot read image {split.where(i)}; set data.skip_corrupt: true to skip it")
+
+
+def train_batches(
+    split: Split,
+    *,
+    precrop: int,
+    crop: int,
+    micro_batch: int,
+    seed: int,
+    random_crop: bool = True,
+    random_flip: bool = True,
+    workers: int | None = None,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless (images float32 (micro_batch, 3, crop, crop) in [-1, 1], labels int32) batches.
+
+    Global micro-batch b holds micro_batch * world images; rank r gets rows [r*mb, (r+1)*mb).
+    `start` = global micro-batches already consumed (resume). A pure function of (seed, b).
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    if precrop < crop:
+        raise DataError(f"precrop {precrop} is smaller than crop {crop}; set rule.precrop >= rule.crop")
+    size = precrop if random_crop else crop
+    stream = Stream(len(split), micro_batch * world, seed, max_offset=size - crop, flip=random_flip)
+    mine = slice(rank * micro_batch, (rank + 1) * micro_batch)
+
+    def plan(b):
+        y, x, f = stream.augment(b)
+        return np.stack([stream.indices(b), y, x, f], axis=1)[mine]
+
+    def plans():
+        b = start
+        while True:
+            yield plan(b)
+            b += 1
+
+    it = _pipeline(split, plans, size=size, crop=crop, batch=micro_batch, workers=workers, substitute=True)
+    b = start
+    try:
+        for images, used in it:
+            if (used < 0).any():  # by default the first unreadable image stops the run
+                _fail(split, int(plan(b)[int(np.argmax(used < 0)), 0]))
+            yield images, split.labels[used].astype(np.int32)
+            b += 1
+    finally:
+        it.stop()
+
+
+def eval_batches(
+    split: Split,
+    *,
+    crop: int,
+    batch_size: int,
+    workers: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The whole split in order (rank r: the r-th of `world` contiguous shards), resized to crop.
+
+    With `skip_corrupt`, unreadable images are left out (and counted), so a batch may be short.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    shard = np.array_split(np.arange(len(split), dtype=np.int64), world)[rank]
+    if len(shard) == 0:
+        return
+    rows = np.zeros((len(shard), 4), np.int64)
+    rows[:, 0] = shard
+
+    def plans():
+        yield rows
+
+    it = _pipeline(split, plans, size=crop, crop=crop, batch=batch_size, workers=workers, substitute=False)
+    done = 0
+    try:
+        for images, used in it:
+            ok = used >= 0
+            if not ok.all():
+                bad = shard[done : done + len(used)][~ok]
+                if not split.skip_corrupt:
+                    _fail(split, int(bad[0]))
+                images, used = images[ok], used[ok]
+            done += len(ok)
+            if len(used):
+                yield images, split.labels[used].astype(np.int32)
+    finally:
+        it.stop()
