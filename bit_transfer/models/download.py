@@ -1,0 +1,156 @@
+"""Resolve `model.weights` to a local file: official BiT .npz URLs, hf: repos, URLs, paths.
+
+Downloads go to `$BIT_TRANSFER_HOME/weights` (default ~/.cache/bit_transfer), through a
+`.part` file that is resumed with an HTTP Range request and renamed only when complete,
+under a lock so that several workers of one run download once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from bit_transfer.errors import WeightsError
+
+OFFICIAL_URL = "https://storage.googleapis.com/bit_models/{}.npz"
+# Published files: BiT-{S,M}-<arch>.npz and the ImageNet fine-tuned BiT-M-<arch>-ILSVRC2012.npz.
+OFFICIAL_NAME = re.compile(r"BiT-([SM])-R(50x1|50x3|101x1|101x3|152x2|152x4)(-ILSVRC2012)?", re.IGNORECASE)
+CHUNK = 1 << 20
+
+
+def cache_home(cache_dir=None) -> Path:
+    """Where weights are cached: cache_dir, else $BIT_TRANSFER_HOME, else ~/.cache/bit_transfer."""
+    return Path(cache_dir or os.environ.get("BIT_TRANSFER_HOME") or "~/.cache/bit_transfer").expanduser()
+
+
+def is_remote(spec: str) -> bool:
+    """True for specs that name something to fetch rather than a local path."""
+    s = spec.strip()
+    return s.lower() == "auto" or s.startswith(("hf:", "http://", "https://")) or bool(OFFICIAL_NAME.fullmatch(s))
+
+
+def official_name(model_name: str) -> str:
+    m = OFFICIAL_NAME.fullmatch(str(model_name))
+    if not m:
+        raise WeightsError(
+            f"model.weights 'auto' has no published weights for {model_name!r}; "
+            "use a BiT-S-/BiT-M- registry model, a local file, 'hf:org/name', or 'none'"
+        )
+    kind, arch, tail = m.groups()
+    return f"BiT-{kind.upper()}-R{arch.lower()}{'-ILSVRC2012' if tail else ''}"
+
+
+def resolve_weights(spec, model_name: str, cache_dir=None) -> Path:
+    """spec: 'auto' (official .npz for model_name), an official file name like
+    'BiT-M-R50x1-ILSVRC2012', 'hf:org/name[@revision]', an http(s) URL, or a local path."""
+    spec = str(spec).strip()
+    home = cache_home(cache_dir)
+    if spec.lower() == "auto" or OFFICIAL_NAME.fullmatch(spec):
+        name = official_name(model_name if spec.lower() == "auto" else spec)
+        return download(OFFICIAL_URL.format(name), home / "weights" / f"{name}.npz")
+    if spec.startswith("hf:"):
+        return _hf_snapshot(spec[3:], home / "hf")
+    if spec.startswith(("http://", "https://")):
+        filename = Path(urllib.parse.unquote(urllib.parse.urlparse(spec).path)).name or "weights"
+        return download(spec, home / "weights" / filename)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise WeightsError(f"weights {path} not found; set model.weights to an existing file, 'auto', 'hf:org/name' or 'none'")
+    return path
+
+
+def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
+    """Fetch url to dest (kept as a cache: an existing dest is returned as is)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.with_name(dest.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not dest.is_file():
+            _fetch(url, dest, timeout)
+    return dest
+
+
+def _offline(url: str, dest: Path, why: str) -> WeightsError:
+    return WeightsError(
+        f"cannot download {url} ({why}); download it on a machine with internet access and put it at {dest}, "
+        "or set model.weights to a local file"
+    )
+
+
+def _fetch(url: str, dest: Path, timeout: float) -> None:
+    from tqdm import tqdm
+
+    part = dest.with_name(dest.name + ".part")
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": "bit-transfer"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # our .part is not a prefix of this file: start over
+            part.unlink()
+            return _fetch(url, dest, timeout)
+        if e.code == 404:
+            raise WeightsError(f"{url} does not exist (HTTP 404); check the model name or URL") from None
+        raise _offline(url, dest, f"HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise _offline(url, dest, str(getattr(e, "reason", e))) from None
+    with resp:
+        if offset and resp.status != 206:  # server ignored the Range: restart
+            offset = 0
+        length = resp.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        done = offset
+        try:
+            with open(part, "ab" if offset else "wb") as f, tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=None
+            ) as bar:
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+        except OSError as e:
+            raise WeightsError(
+                f"download of {url} broke off after {done} bytes ({e}); run again to resume from {part}"
+            ) from None
+    if total is not None and done != total:
+        raise WeightsError(f"download of {url} stopped at {done} of {total} bytes; run again to resume from {part}")
+    os.replace(part, dest)
+
+
+# huggingface_hub error classes (matched by name: their modules moved between versions)
+_HF_REASONS = {
+    "LocalEntryNotFoundError": "offline and not in the cache",
+    "OfflineModeIsEnabled": "HF_HUB_OFFLINE is set and it is not in the cache",
+    "RepositoryNotFoundError": "no such repository, or it is private",
+    "GatedRepoError": "the repository is gated: log in with `hf auth login`",
+    "RevisionNotFoundError": "no such revision",
+    "EntryNotFoundError": "the repository has no such file",
+    "RemoteEntryNotFoundError": "the repository has no such file",
+}
+
+
+def _hf_snapshot(repo: str, cache: Path) -> Path:
+    """config.json + model.safetensors of a Hugging Face repo, via huggingface_hub's cache."""
+    repo, _, revision = repo.partition("@")
+    hint = (
+        f"put config.json and model.safetensors from https://huggingface.co/{repo} into a directory "
+        "and set model.weights to it"
+    )
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError(f"hf: weights need huggingface_hub (pip install huggingface_hub), or {hint}") from None
+    path = None
+    for filename in ("config.json", "model.safetensors"):
+        try:
+            path = hf_hub_download(repo, filename, revision=revision or None, cache_dir=str(cache))
+        except Exception as e:  # offline, missing repo/file, auth: all end the same way for the user
+            why = _HF_REASONS.get(type(e).__name__, type(e).__name__)
+            raise WeightsError(f"cannot fetch {filename} of hf:{repo} ({why}); {hint}") from None
+    return Path(path).parent
