@@ -49,6 +49,19 @@ def test_imagefolder_sizes_classes_and_labels(tmp_path):
     assert ds.name == f"imagefolder:{root.resolve()}"
 
 
+def test_imagefolder_follows_torchvision_rules(tmp_path):
+    root = datagen.image_folder(tmp_path / "d", {"a": 2, "b": 2})
+    datagen.save_image(root / "train" / "b" / "2019" / "deep.png", 1)  # nested: still class b
+    datagen.save_image(root / "train" / "a" / "UPPER.PNG", 0)
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    (root / "train" / "a" / "._001.png").write_bytes(b"macOS resource fork")  # hidden: ignored
+    (root / "train" / ".cache").mkdir()
+    datagen.save_image(root / "train" / ".cache" / "x.png", 0)
+    ds = data.load(datagen.data_cfg(source="imagefolder", path=str(root)))
+    assert ds.class_names == ["a", "b"] and np.bincount(ds.train.labels).tolist() == [3, 3]
+    labels_follow_images(ds.train, 2)
+
+
 def test_imagefolder_prefers_test_then_val_and_honours_eval_split(tmp_path):
     root = datagen.image_folder(tmp_path / "d", splits=("train", "val", "test"), eval_count=1)
     datagen.image_folder(tmp_path / "d", splits=("train", "test"), eval_count=2)  # test/ has 2 per class

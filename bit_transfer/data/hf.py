@@ -1,9 +1,9 @@
-"""Hugging Face datasets (`data.source: hf`) and local image folders (`data.source: imagefolder`).
+"""Hugging Face datasets (`data.source: hf`).
 
-Both go through the `datasets` library: `load_dataset(name)` for the hub (it honours HF_ENDPOINT,
-HF_HOME and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), `load_from_disk` / `load_dataset(dir)` for local
-copies, and its `imagefolder` builder to list (and cache the list of) the files of an image folder.
-Images are read undecoded (`Image(decode=False)`) and decoded one by one by the pipeline.
+`load_dataset(name)` for the hub (it honours HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE /
+HF_DATASETS_OFFLINE), `load_from_disk` or `load_dataset(dir)` for local copies (a `save_to_disk`
+dir, or a dir of parquet/arrow files). Images are read undecoded (`Image(decode=False)`) and
+decoded one by one by the pipeline.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer.data.split import FileStore, HFStore, Split
+from bit_transfer.data.split import HFStore, Split
 from bit_transfer.errors import DataError
 
 IMAGE_COLUMNS = ("image", "img", "images", "pixel_values", "jpg", "jpeg", "png", "picture", "photo")
@@ -30,7 +30,7 @@ def _hf_import():
 
 @contextlib.contextmanager
 def _quiet_progress():
-    """No progress bars while we list local files (hub downloads keep theirs)."""
+    """No progress bars while a local copy is converted (hub downloads keep theirs)."""
     datasets = _hf_import()
     was_disabled = datasets.are_progress_bars_disabled()
     verbosity = datasets.logging.get_verbosity()
@@ -177,95 +177,3 @@ def _labels_from_values(raw: dict) -> tuple[list[str], dict]:
     names = sorted({str(v) for v in values})
     lookup = {n: i for i, n in enumerate(names)}
     return names, {k: np.array([lookup[str(x)] for x in v], dtype=np.int64) for k, v in raw.items()}
-
-
-def _folder_splits(root: Path, cfg) -> tuple[Path, Path | None]:
-    """(train dir, eval dir or None): `root/train` + `root/test|val|...`, or `root` itself."""
-    train = root / cfg.train_split
-    if not train.is_dir():
-        if cfg.eval_split is not None:
-            raise DataError(f"{root} has no {cfg.train_split}/ folder next to data.eval_split {cfg.eval_split!r}")
-        if cfg.holdout is None:
-            raise DataError(
-                f"{root} has no {cfg.train_split}/ and test/ or val/ folders; set data.holdout: 0.1 to carve "
-                "a seeded eval split from it, or split it into train/<class>/ and val/<class>/"
-            )
-        return root, None
-    if cfg.holdout is not None:
-        return train, None
-    names = [cfg.eval_split] if cfg.eval_split is not None else list(EVAL_SPLITS)
-    for name in names:
-        if (root / name).is_dir():
-            return train, root / name
-    raise DataError(
-        f"{root} has {cfg.train_split}/ but no {' or '.join(n + '/' for n in names)} folder; "
-        "add one or set data.holdout: 0.1"
-    )
-
-
-def _list_images(folder: Path, cache_dir: Path) -> list[str]:
-    """Image files under `folder` (recursively, by extension), sorted, via the imagefolder builder."""
-    datasets = _hf_import()
-    try:
-        with _quiet_progress():
-            ds = datasets.load_dataset(
-                "imagefolder",
-                data_files={"train": str(folder / "**")},
-                drop_labels=True,
-                drop_metadata=True,
-                split="train",
-                cache_dir=str(cache_dir),
-            )
-    except Exception as e:
-        raise DataError(f"cannot list the images under {folder}: {_first_line(e)}") from None
-    ds = ds.cast_column("image", datasets.Image(decode=False))
-    paths = [cell["path"] for cell in ds.with_format("arrow")["image"].to_pylist()]
-    return sorted(paths)
-
-
-def load_imagefolder(cfg, cache_dir: Path) -> tuple[Split, Split | None, list[str], str]:
-    """`data.path` holds class folders, torchvision-style: the class of an image is the first
-    folder under its split's root (`train/<class>/**/<image>`)."""
-    if not cfg.path:
-        raise DataError("data.source is imagefolder but data.path is not set; point it at your image folder")
-    root = Path(cfg.path).expanduser().resolve()
-    if not root.is_dir():
-        raise DataError(f"data.path {root} is not a directory; point it at a folder of class subfolders")
-    train_dir, eval_dir = _folder_splits(root, cfg)
-    listing_cache = cache_dir / "imagefolder-listings"
-    train_paths = _list_images(train_dir, listing_cache)
-    if not train_paths:
-        raise DataError(f"no images under {train_dir}; expected {train_dir}/<class>/<image>.jpg|png|...")
-    train_classes = _classes_of(train_paths, train_dir)
-    class_names = sorted(set(train_classes))
-    index = {c: i for i, c in enumerate(class_names)}
-    train = _folder_split(train_paths, train_classes, index, str(train_dir), cfg.skip_corrupt)
-    eval_ = None
-    if eval_dir is not None:
-        eval_paths = _list_images(eval_dir, listing_cache)
-        eval_classes = _classes_of(eval_paths, eval_dir)
-        unknown = sorted(set(eval_classes) - set(index))
-        if unknown:
-            raise DataError(
-                f"{eval_dir} has class folder(s) {', '.join(unknown[:5])} that {train_dir} does not; "
-                "the eval classes must be training classes"
-            )
-        eval_ = _folder_split(eval_paths, eval_classes, index, str(eval_dir), cfg.skip_corrupt)
-    return train, eval_, class_names, f"imagefolder:{root}"
-
-
-def _classes_of(paths: list[str], split_root: Path) -> list[str]:
-    out = []
-    for p in paths:
-        rel = Path(p).relative_to(split_root)
-        if len(rel.parts) < 2:
-            raise DataError(
-                f"image {p} is not inside a class folder; move it to {split_root}/<class>/{rel.name}"
-            )
-        out.append(rel.parts[0])
-    return out
-
-
-def _folder_split(paths, classes, index, name, skip_corrupt) -> Split:
-    labels = np.array([index[c] for c in classes], dtype=np.int64)
-    return Split(FileStore(paths, name), np.arange(len(paths)), labels, name, skip_corrupt)

@@ -55,9 +55,9 @@ def _open(cfg) -> Dataset:
         train, eval_, class_names, ident = load_hf(cfg)
         return _finish(Dataset(train, eval_, class_names, ident), cfg)
     if cfg.source == "imagefolder":
-        from bit_transfer.data.hf import load_imagefolder
+        from bit_transfer.data.folder import load_imagefolder
 
-        train, eval_, class_names, ident = load_imagefolder(cfg, cache_root(cfg))
+        train, eval_, class_names, ident = load_imagefolder(cfg)
         return _finish(Dataset(train, eval_, class_names, ident), cfg)
     raise DataError(f"data.source={cfg.source!r} is not one of: hf, imagefolder, cifar, demo")
 
