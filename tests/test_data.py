@@ -244,6 +244,19 @@ def test_hf_named_columns_and_string_labels(tmp_path):
         data.load(datagen.data_cfg(source="hf", path=str(root), label_column="kind", image_column="pixels"))
 
 
+def test_hf_array_image_column(tmp_path):
+    import datasets
+
+    x, y = datagen.arrays(8, 2, size=(6, 5))
+    train = datasets.Dataset.from_dict({"pixels": x.tolist(), "label": y.tolist()})  # lists of ints
+    datasets.DatasetDict(train=train, test=train).save_to_disk(str(tmp_path / "arr"))
+    ds = data.load(datagen.data_cfg(source="hf", path=str(tmp_path / "arr"), image_column="pixels"))
+    assert ds.class_names == ["0", "1"]
+    np.testing.assert_array_equal(np.asarray(ds.train.image(3)), x[3])
+    assert data.describe(datagen.data_cfg(source="hf", path=str(tmp_path / "arr"), image_column="pixels")
+                         ).image_size == (6, 5)
+
+
 def test_hf_split_errors(tmp_path):
     root = datagen.hf_dataset(tmp_path / "u", test_labels=[-1] * 6)
     with pytest.raises(DataError, match="outside 0..2"):

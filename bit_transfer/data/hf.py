@@ -137,7 +137,8 @@ def load_hf(cfg) -> tuple[Split, Split | None, list[str], str]:
         "data.label_column", where,
     )
     used = {"train": train_ds} if eval_name is None else {"train": train_ds, "eval": splits[eval_name]}
-    raw = {k: np.asarray(ds.with_format("numpy", columns=[label_col])[label_col]) for k, ds in used.items()}
+    # A slice reads the column in one go; `ds[col]` would iterate row by row (datasets >= 4).
+    raw = {k: np.asarray(ds.with_format("numpy", columns=[label_col])[:][label_col]) for k, ds in used.items()}
     feature = columns[label_col]
     if isinstance(feature, datasets.ClassLabel):
         class_names = list(feature.names)

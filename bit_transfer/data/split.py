@@ -63,7 +63,7 @@ class HFStore:
     read gives the encoded bytes (or a path) and we decode only what the pipeline asks for."""
 
     def __init__(self, hf_dataset, column: str, name: str):
-        self.ds, self.column, self.name = hf_dataset, column, name
+        self.ds, self.column, self.name = hf_dataset.select_columns([column]), column, name
         self.corrupt: set[int] = set()
 
     def __len__(self):
@@ -77,7 +77,9 @@ class HFStore:
             if value.get("path"):
                 return Image.open(value["path"])
             raise ValueError("the image cell is empty")
-        a = np.asarray(value)
+        a = np.asarray(value)  # an array feature; nested lists arrive as int64
+        if a.dtype.kind in "iu" and a.size and 0 <= a.min() and a.max() <= 255:
+            a = a.astype(np.uint8)
         return Image.fromarray(check_rgb(a[..., None] if a.ndim == 2 else a, self.where(j)))
 
     def header_size(self, j: int) -> tuple[int, int]:
@@ -156,8 +158,8 @@ class Split:
 
         PIL's bilinear resize (antialiased when shrinking) is what the official PyTorch code's
         `transforms.Resize((size, size))` runs on PIL images. Large JPEGs are first decoded at a
-        reduced DCT scale that stays at least `size` on both sides (`Image.draft`), which makes
-        12-megapixel photos ~10x cheaper to read; the box from `draft` keeps the geometry exact.
+        reduced DCT scale that stays at least `size` on both sides (`Image.draft`): ~3x faster for a
+        4000x3000 photo at 512 px; the box `draft` returns keeps the geometry exact.
         """
         return np.asarray(self._decode(i, size))
 
