@@ -1,0 +1,102 @@
+"""Export to the Hugging Face layout and to MindIR, directly and from a run's checkpoint."""
+
+import json
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+from bit_transfer.checkpoint import save_checkpoint
+from bit_transfer.errors import WeightsError
+from bit_transfer.models import create_model, create_model_from_weights, model_config
+from bit_transfer.models.export import export_from_checkpoint, export_hf, export_mindir, find_checkpoint
+
+
+def trained(padding="fixed", num_classes=3, seed=0):
+    """A tiny exportable model (width 0.5: every layer has 32 GroupNorm groups) with random weights."""
+    model = create_model("custom", num_classes, depths=[1, 2, 1, 1], width=0.5, padding=padding)
+    rng = np.random.default_rng(seed)
+    for p in model.get_parameters():
+        value = rng.standard_normal(p.shape).astype(np.float32)
+        p.set_data(ms.Tensor(1 + 0.1 * value if "norm" in p.name and p.name.endswith("weight") else value))
+    return model
+
+
+def images(size=64):
+    return ms.Tensor(np.random.default_rng(1).uniform(-1, 1, (2, 3, size, size)).astype(np.float32))
+
+
+@pytest.mark.parametrize("padding", ["fixed", "same"])
+def test_hf_round_trip_gives_identical_logits(tmp_path, padding):
+    model = trained(padding)
+    out = export_hf(model, tmp_path / "hf", class_names=["cat", "dog", "owl"], image_size=64)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "owl"} and config["layer_type"] == "preactivation"
+    assert config["global_padding"] == ("SAME" if padding == "same" else None)
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [0.5, 0.5, 0.5]
+    loaded, report = create_model_from_weights(out)
+    assert report.head == "keep" and model_config(loaded) == model_config(model) | {"name": "BiT-custom"}
+    np.testing.assert_array_equal(loaded(images()).asnumpy(), model(images()).asnumpy())
+
+
+def test_hf_export_refuses_what_bitconfig_cannot_express(tmp_path):
+    narrow = create_model("custom", 2, depths=[1, 1, 1, 1], width=0.25)  # 16-channel layers: 16 groups
+    with pytest.raises(WeightsError, match="cannot be expressed as a Hugging Face BitConfig"):
+        export_hf(narrow, tmp_path)
+    with pytest.raises(WeightsError, match="2 class names for a 3-class head"):
+        export_hf(trained(), tmp_path, class_names=["a", "b"])
+
+
+def test_mindir_export_runs_with_the_same_logits(tmp_path):
+    model = trained()
+    path = export_mindir(model, tmp_path / "mindir", image_size=64, class_names=["a", "b", "c"])
+    assert path.name == "model.mindir"
+    info = json.loads((tmp_path / "mindir" / "model.json").read_text())
+    assert info["input"]["shape"] == [1, 3, 64, 64] and info["class_names"] == ["a", "b", "c"]
+    graph = nn.GraphCell(ms.load(str(path)))
+    x = images()[:1]
+    np.testing.assert_allclose(graph(x).asnumpy(), model(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def make_run(tmp_path, model, steps=(100, 500, 20)):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "plan.json").write_text(json.dumps({"crop": 48}))
+    params = {p.name: p for p in model.get_parameters()}
+    for step in steps:  # only the latest step holds the real weights
+        scale = 1.0 if step == max(steps) else 0.0
+        save_checkpoint(
+            run / "checkpoints" / f"step-{step:06d}.ckpt",
+            {**{k: v.asnumpy() * scale for k, v in params.items()}, "optimizer.lr": np.zeros(1, np.float32)},
+            {"model": model_config(model), "class_names": ["x", "y", "z"], "step": step},
+        )
+    return run
+
+
+def test_export_from_a_run_dir_takes_the_latest_checkpoint(tmp_path):
+    model = trained("same")
+    run = make_run(tmp_path, model)
+    assert find_checkpoint(run) == (run / "checkpoints" / "step-000500.ckpt", run)
+    out = export_from_checkpoint(run, "hf", tmp_path / "hf")
+    loaded, _ = create_model_from_weights(out)
+    assert json.loads((out / "config.json").read_text())["id2label"]["2"] == "z"
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 48, "width": 48}
+    np.testing.assert_array_equal(loaded(images()).asnumpy(), model(images()).asnumpy())
+
+    mindir = export_from_checkpoint(run / "checkpoints" / "step-000500.ckpt", "mindir", tmp_path / "mi")
+    assert json.loads((mindir.parent / "model.json").read_text())["input"]["shape"] == [1, 3, 48, 48]
+
+
+def test_export_errors(tmp_path):
+    with pytest.raises(WeightsError, match="unknown export format 'onnx'"):
+        export_from_checkpoint(tmp_path, "onnx", tmp_path / "o")
+    with pytest.raises(WeightsError, match="no checkpoints"):
+        export_from_checkpoint(tmp_path, "hf", tmp_path / "o")
+    save_checkpoint(tmp_path / "bare.ckpt", {"a": np.zeros(1, np.float32)}, {})
+    with pytest.raises(WeightsError, match="no model config in its meta"):
+        export_from_checkpoint(tmp_path / "bare.ckpt", "hf", tmp_path / "o")
+    model = trained()
+    save_checkpoint(tmp_path / "m.ckpt", {p.name: p for p in model.get_parameters()}, {"model": model_config(model)})
+    with pytest.raises(WeightsError, match="no eval resolution"):
+        export_from_checkpoint(tmp_path / "m.ckpt", "mindir", tmp_path / "o")
