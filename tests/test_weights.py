@@ -8,7 +8,7 @@ from safetensors.numpy import save_file
 
 from bit_transfer.checkpoint import save_checkpoint
 from bit_transfer.errors import WeightsError
-from bit_transfer.models import create_model, create_model_from_weights, load_weights, model_config
+from bit_transfer.models import create_model, create_model_from_weights, load_weights, model_config, weights_padding
 from bit_transfer.models.hf import build_config, parse_config, to_hf_name
 
 DEPTHS = [1, 2, 1, 1]
@@ -175,6 +175,7 @@ def test_our_checkpoint_ignores_optimizer_state_and_checks_padding(tmp_path):
     assert report.format == "ckpt" and report.meta["step"] == 1
     for p in model.get_parameters():
         np.testing.assert_array_equal(p.asnumpy(), params[p.name].asnumpy())
+    assert weights_padding(tmp_path / "step-1.ckpt") == weights_padding(tmp_path / "w.npz") == "fixed"
     msg = one_line_error(load_weights, tiny(padding="same"), tmp_path / "step-1.ckpt")
     assert "padding 'fixed'" in msg and "padding='fixed'" in msg
 
@@ -204,6 +205,7 @@ def test_hf_directory_sets_and_checks_padding(tmp_path):
     path = hf_dir(tmp_path / "hf", source)
     model, report = create_model_from_weights(path)
     assert report.format == "hf" and model.padding == "same" and model.width == 0.5
+    assert weights_padding(path) == weights_padding(path / "model.safetensors") == "same"
     msg = one_line_error(load_weights, tiny(width=0.5), path)
     assert "padding 'same'" in msg and "create_model_from_weights" in msg
     (path / "config.json").unlink()
@@ -235,3 +237,8 @@ def test_google_bit_50_config_means_same_padding():
               "embedding_size": 64, "num_groups": 32, "width_factor": 1, "num_labels": 1000}
     parsed = parse_config(config, "config.json")
     assert parsed["padding"] == "same" and parsed["depths"] == [3, 4, 6, 3] and parsed["width"] == 1
+
+
+def test_official_weights_into_a_same_padding_model_load_with_a_note(tmp_path):
+    report = load_weights(tiny(padding="same"), write_npz(tmp_path / "w.npz"))
+    assert "note: official weights were trained with fixed padding" in str(report)

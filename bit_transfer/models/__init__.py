@@ -9,7 +9,7 @@ See docs/models.md for parameter names, padding modes and parameter counts.
 
 from bit_transfer.models.download import resolve_weights
 from bit_transfer.models.resnetv2 import ResNetV2, create_model, list_models, model_config
-from bit_transfer.models.weights import LoadReport, create_model_from_weights, load_weights
+from bit_transfer.models.weights import LoadReport, create_model_from_weights, load_weights, weights_padding
 
 __all__ = [
     "LoadReport",
@@ -20,4 +20,5 @@ __all__ = [
     "load_weights",
     "model_config",
     "resolve_weights",
+    "weights_padding",
 ]

@@ -58,7 +58,8 @@ class LoadReport:
 
     def __str__(self) -> str:
         head = "zero-initialised head" if self.head == "zero" else "checkpoint head kept"
-        return f"loaded {len(self.loaded)} tensors from {self.source} ({self.format}), {head}"
+        notes = "".join(f"; note: {n}" for n in self.notes)
+        return f"loaded {len(self.loaded)} tensors from {self.source} ({self.format}), {head}{notes}"
 
 
 # ---------------------------------------------------------------- official .npz (HWIO kernels)
@@ -305,6 +306,24 @@ def _local(spec, model_name: str) -> Path:
     if isinstance(spec, str) and is_remote(spec):
         return resolve_weights(spec, model_name)
     return Path(spec)
+
+
+def weights_padding(path) -> str:
+    """Padding ('fixed' or 'same') a local weights file needs; pass it to create_model.
+
+    Only Hugging Face checkpoints whose config.json says `global_padding: SAME` (google/bit-*)
+    need 'same'; official .npz files are 'fixed'; our .ckpt files record theirs.
+    """
+    path = Path(path).expanduser()
+    config = path / "config.json" if path.is_dir() else path.with_name("config.json")
+    if path.suffix.lower() != ".npz" and config.is_file():
+        try:
+            return hf.parse_config(json.loads(config.read_text()), str(config))["padding"]
+        except ValueError:
+            raise WeightsError(f"{config} is not valid JSON; download it again") from None
+    if path.suffix.lower() == ".ckpt":
+        return read_ckpt(path).padding or "fixed"
+    return "fixed"
 
 
 def create_model_from_weights(path, num_classes: int | None = None, head: str | None = None, name: str | None = None):
