@@ -159,7 +159,8 @@ def test_fewshot_with_skip_corrupt_takes_k_readable_images(tmp_path):
 
 def test_cifar10_pickles(tmp_path):
     d = datagen.cifar_dir(tmp_path, "cifar10", per_batch=6, n_test=10)
-    for path in (d, tmp_path):  # the extracted dir, or the folder it was extracted into
+    renamed = d.rename(tmp_path / "my-cifar")
+    for path in (renamed, tmp_path):  # the extracted dir (any name), or the folder it was extracted into
         ds = data.load(datagen.data_cfg(source="cifar", path=str(path)))
         assert (len(ds.train), len(ds.eval)) == (30, 10)
         assert ds.class_names == [f"class{c}" for c in range(10)]

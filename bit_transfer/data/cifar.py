@@ -56,14 +56,22 @@ def _load_pickle(path: Path) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def find_dir(path: str) -> Path:
-    """The CIFAR directory: `path` itself or its single CIFAR child (the folder the tar extracts to)."""
+def _layout(d: Path) -> str | None:
+    """Which CIFAR layout `d` holds, judged by its files (people rename the folder)."""
+    for name, (_, train_files, test_file, meta_file) in LAYOUTS.items():
+        if all((d / f).is_file() for f in (train_files[0], test_file, meta_file)):
+            return name
+    return None
+
+
+def find_dir(path: str) -> tuple[Path, str]:
+    """(directory, layout): `path` itself or its single CIFAR child (the folder the tar extracts to)."""
     p = Path(path).expanduser().resolve()
     if p.is_file() and p.name.endswith((".tar.gz", ".tgz")):
         raise DataError(f"{p} is the archive; extract it (tar xzf {p.name}) and point data.path at the result")
-    if p.name in LAYOUTS and p.is_dir():
-        return p
-    found = [p / name for name in LAYOUTS if (p / name).is_dir()]
+    if p.is_dir() and _layout(p):
+        return p, _layout(p)
+    found = [(c, _layout(c)) for c in sorted(p.iterdir()) if c.is_dir() and _layout(c)] if p.is_dir() else []
     if len(found) == 1:
         return found[0]
     raise DataError(
@@ -85,11 +93,12 @@ def _batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_cifar(path: str, label_column: str | None = None):
     """(name, train images, train labels, test images, test labels, class names, directory)."""
-    d = find_dir(path)
-    name, train_files, test_file, meta_file = LAYOUTS[d.name]
+    d, layout = find_dir(path)
+    name, train_files, test_file, meta_file = LAYOUTS[layout]
     choice = (label_column or "label").removesuffix("s")
     if choice not in LABELS[name]:
-        raise DataError(f"data.label_column={label_column!r} is not a {name} label; use one of: {', '.join(LABELS[name])}")
+        choices = ", ".join(LABELS[name])
+        raise DataError(f"data.label_column={label_column!r} is not a {name} label; use one of: {choices}")
     label_key, names_key = LABELS[name][choice]
     parts = [_batch(d / f, label_key) for f in train_files]
     train_x = np.concatenate([p[0] for p in parts])

@@ -127,8 +127,8 @@ def train_batches(
     Global micro-batch b holds micro_batch * world images; rank r gets rows [r*mb, (r+1)*mb).
     `start` = global micro-batches already consumed (resume). A pure function of (seed, b).
     """
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    if not 0 <= rank < world or micro_batch < 1 or start < 0:
+        raise ValueError(f"bad stream position: rank {rank} of {world}, micro_batch {micro_batch}, start {start}")
     if precrop < crop:
         raise DataError(f"precrop {precrop} is smaller than crop {crop}; set rule.precrop >= rule.crop")
     size = precrop if random_crop else crop
