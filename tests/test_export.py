@@ -37,6 +37,7 @@ def test_hf_round_trip_gives_identical_logits(tmp_path, padding):
     assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [0.5, 0.5, 0.5]
     loaded, report = create_model_from_weights(out)
     assert report.head == "keep" and model_config(loaded) == model_config(model) | {"name": "BiT-custom"}
+    assert report.meta["class_names"] == ["cat", "dog", "owl"]
     np.testing.assert_array_equal(loaded(images()).asnumpy(), model(images()).asnumpy())
 
 

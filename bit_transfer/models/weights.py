@@ -137,6 +137,8 @@ def read_safetensors(path: Path, config_path: Path | None = None) -> WeightsFile
             raise WeightsError(f"{config_path} is not valid JSON; download it again") from None
         wf.config = hf.parse_config(config, str(config_path))
         wf.padding = wf.config["padding"]
+        if wf.config["class_names"]:
+            wf.meta = {"class_names": wf.config["class_names"]}  # reported, e.g. for evaluation
     return wf
 
 
