@@ -148,6 +148,25 @@ def test_standardised_conv_matches_numpy():
     np.testing.assert_allclose(conv(ms.Tensor(x)).asnumpy(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_standardised_conv_gradient_matches_the_plain_formula():
+    """The fused (one-group GroupNorm) standardisation backpropagates like mean/var/rsqrt."""
+    conv = StdConv2d(4, 6, 3)
+    rng = np.random.default_rng(2)
+    conv.weight.set_data(ms.Tensor(rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * 2 + 0.5))
+    x = ms.Tensor(rng.standard_normal((2, 4, 7, 7)).astype(np.float32))
+    r = ms.Tensor(rng.standard_normal((2, 6, 7, 7)).astype(np.float32))
+
+    def plain(w):
+        d = w - w.mean(axis=(1, 2, 3), keep_dims=True)
+        ws = d / ops.sqrt((d * d).mean(axis=(1, 2, 3), keep_dims=True) + 1e-10)
+        return (ops.conv2d(x, ws, None, 1, "pad", 1) * r).sum()
+
+    want = ms.grad(plain)(conv.weight.value()).asnumpy()
+    got = ms.grad(lambda inp: (conv(inp) * r).sum(), weights=[conv.weight], grad_position=None)(x)[0].asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.abs(want).max() > 1e-3
+
+
 def test_groupnorm_relu_matches_numpy():
     gn = GroupNormAct(64)
     rng = np.random.default_rng(0)
