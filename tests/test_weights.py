@@ -242,3 +242,23 @@ def test_google_bit_50_config_means_same_padding():
 def test_official_weights_into_a_same_padding_model_load_with_a_note(tmp_path):
     report = load_weights(tiny(padding="same"), write_npz(tmp_path / "w.npz"))
     assert "note: official weights were trained with fixed padding" in str(report)
+
+
+def test_loading_after_a_compile_reaches_the_compiled_graph(tmp_path):
+    """Weights are written in place: a graph compiled before loading must use them."""
+    import mindspore as ms
+
+    model = tiny()
+    x = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32))
+
+    def forward(inp):
+        return model(inp)
+
+    compiled = ms.jit(forward)
+    assert not compiled(x).asnumpy().any()  # zero head
+    load_weights(model, write_npz(tmp_path / "w.npz"), head="keep")
+    eager = model(x).asnumpy()
+    assert np.abs(eager).max() > 0
+    np.testing.assert_allclose(compiled(x).asnumpy(), eager, rtol=1e-5, atol=1e-5)
+    load_weights(model, tmp_path / "w.npz")  # head="zero": zeroed in place
+    assert not compiled(x).asnumpy().any()

@@ -233,9 +233,17 @@ class ResNetV2(nn.Cell):
         self.reset_head(num_classes)
 
     def reset_head(self, num_classes: int) -> None:
-        """New zero-initialised head (weight and bias), as BiT-HyperRule fine-tuning prescribes."""
+        """Zero-initialised head (weight and bias), as BiT-HyperRule fine-tuning prescribes.
+
+        Same size: zeroed in place, so graphs compiled before see it. A new size makes a new
+        Dense cell: do that before compiling (a compiled graph keeps the cell it was built with).
+        """
         if int(num_classes) < 1:
             raise UsageError(f"num_classes must be a positive integer, got {num_classes}")
+        if int(num_classes) == self.num_classes:
+            for p in self.head.get_parameters():
+                ops.assign(p, ops.zeros(p.shape, p.dtype))
+            return
         self.num_classes = int(num_classes)
         self.head = nn.Dense(self.num_features, self.num_classes, weight_init="zeros", bias_init="zeros")
 
