@@ -5,5 +5,9 @@ import os as _os
 # MindSpore logs every missing accelerator plugin as a WARNING on stderr; keep our users'
 # terminals readable (errors only) unless they ask for more with GLOG_v themselves.
 _os.environ.setdefault("GLOG_v", "3")
+# MindSpore's generated protobuf modules need protobuf's pure-Python backend; MindSpore selects it
+# only when it is imported before anything else that loads protobuf (tensorboardX does), and
+# otherwise fails with "Descriptors cannot be created directly".
+_os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 __version__ = "0.1.0"

@@ -40,6 +40,43 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _recipe_for_run(args):
+    """The recipe of `fit`: the file given, or the one saved in the run directory to resume."""
+    from pathlib import Path
+
+    from bit_transfer import recipe
+
+    if args.resume:
+        saved = Path(args.resume) / "recipe.yaml"
+        if args.recipe and Path(args.recipe).resolve() != saved.resolve():
+            r = recipe.load(args.recipe, args.sets)
+        elif not saved.is_file():
+            raise UsageError(f"--resume {args.resume}: no recipe.yaml there; pass the run directory that fit printed")
+        else:
+            r = recipe.load(saved, args.sets)
+        return r, args.resume
+    if not args.recipe:
+        raise UsageError("fit needs a recipe (e.g. recipes/cifar10.yaml) or --resume RUN_DIR")
+    return recipe.load(args.recipe, args.sets), args.run_dir
+
+
+def cmd_fit(args) -> int:
+    from bit_transfer import train
+
+    r, run_dir = _recipe_for_run(args)
+    # --quiet is how this process prints, not part of the recipe (a resume must match the recipe)
+    train.fit(r, run_dir=run_dir, quiet=True if args.quiet else None, stop_after=args.stop_after)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from bit_transfer import recipe, train
+
+    r = recipe.load(args.recipe, args.sets)
+    train.eval_checkpoint(r, args.checkpoint, out_dir=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bit-transfer",
@@ -53,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("fit", help="fine-tune with the BiT-HyperRule, evaluate, checkpoint (resumable)")
+    p.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/cifar10.yaml")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, typed like YAML (repeatable): --set train.batch_split=8")
+    p.add_argument("--run-dir", help="run directory (default runs/<recipe>-<timestamp>); an existing one resumes")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; a line per log step")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after step N of the plan as if interrupted (rerun to continue)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the recipe's eval split")
+    _add_recipe_args(p)
+    p.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (its latest checkpoint)")
+    p.add_argument("--out", help="where to write metrics.json and the confusion matrix (default: <run>/eval)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -67,4 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"bit-transfer {args.command}: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # `bit-transfer plan ... | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)

@@ -76,3 +76,19 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def assign(param, value) -> None:
+    """Write `value` into a Parameter in place, so graphs compiled earlier see it.
+
+    `Parameter.set_data` swaps the tensor object: in MindSpore 2.8 a `mindspore.jit` graph
+    compiled before keeps reading the old one (measured), so loading weights or optimizer state
+    that way after a compile is silently ignored. `ops.assign` copies into the same storage.
+    """
+    import mindspore as ms
+    from mindspore import ops
+
+    arr = np.asarray(value)
+    if tuple(arr.shape) != tuple(param.shape):
+        raise ValueError(f"{param.name}: shape {tuple(arr.shape)} does not match {tuple(param.shape)}")
+    ops.assign(param, ms.Tensor(np.ascontiguousarray(arr), param.dtype))

@@ -13,14 +13,16 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from bit_transfer import runtime
+
 PRECISIONS = {"fp32": None, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
 class SGDMomentum(nn.Cell):
     """PyTorch/TF SGD with momentum (no dampening, no Nesterov): v = mu*v + g (+ wd*p); p -= lr*v.
 
-    `ApplyMomentum` is the fused kernel of exactly this update. The lr lives in a Parameter so the
-    host loop can set it every step without recompiling the graph.
+    `ApplyMomentum` is the fused kernel of exactly this update. The lr is an input of the compiled
+    step (a scalar tensor), so setting it every step never recompiles the graph.
     """
 
     def __init__(self, params, momentum: float, weight_decay: float = 0.0):
@@ -30,17 +32,16 @@ class SGDMomentum(nn.Cell):
             Parameter(ops.zeros(p.shape, p.dtype), name=f"optimizer.moments.{p.name}", requires_grad=False)
             for p in self.params
         )
-        self.lr = Parameter(Tensor(0.0, ms.float32), name="optimizer.lr", requires_grad=False)
         self.momentum = Tensor(momentum, ms.float32)
         self.weight_decay = float(weight_decay)
         self.apply_momentum = ops.ApplyMomentum()
 
-    def construct(self, grads):
+    def construct(self, grads, lr):
         for p, v, g in zip(self.params, self.moments, grads):
             if self.weight_decay:
                 g = g + self.weight_decay * p
-            self.apply_momentum(p, v, self.lr, g, self.momentum)
-        return self.lr
+            self.apply_momentum(p, v, lr, g, self.momentum)
+        return lr
 
     def state(self) -> dict[str, np.ndarray]:
         return {v.name: v.asnumpy() for v in self.moments}
@@ -49,7 +50,7 @@ class SGDMomentum(nn.Cell):
         for v in self.moments:
             if v.name not in state:
                 raise KeyError(v.name)
-            v.set_data(Tensor(state[v.name], v.dtype))
+            runtime.assign(v, state[v.name])
 
 
 def mixup_loss(logits, ya, yb, lam):
@@ -76,79 +77,73 @@ class TrainStep:
         self.precision = precision
         params = [p for p in model.trainable_params()]
         self.optimizer = SGDMomentum(params, momentum, weight_decay)
-        # fp16 gradients under- and overflow without loss scaling; bf16 has fp32's range.
-        self.loss_scale = Parameter(Tensor(2.0**16 if precision == "fp16" else 1.0, ms.float32), name="loss_scale", requires_grad=False)
+        # fp16 gradients under- and overflow without loss scaling; bf16 has fp32's range. The
+        # scale, like the lr and lam, is an input of the compiled graphs, never captured state.
+        self.loss_scale = 2.0**16 if precision == "fp16" else 1.0
         self._good_steps = 0
         inv_split = 1.0 / batch_split
 
-        def forward(x, ya, yb, lam):
+        def forward(x, ya, yb, lam, scale):
             loss = mixup_loss(model(x), ya, yb, lam)
-            return loss * (inv_split * self.loss_scale), loss
+            return loss * (inv_split * scale), loss
 
         grad_fn = ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
 
         if batch_split == 1:
 
-            def micro(x, ya, yb, lam):
-                (_, loss), grads = grad_fn(x, ya, yb, lam)
-                grads = self._unscale(grads)
+            def micro(x, ya, yb, lam, scale, lr):
+                (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
+                grads = tuple(g / scale for g in grads)
                 finite = ms.amp.all_finite(grads)
                 if finite:
-                    self.optimizer(grads)
+                    self.optimizer(grads, lr)
                 return loss, finite
 
             self._micro = ms.jit(micro) if jit else micro
         else:
-            self.accum = ParameterTuple(
-                Parameter(ops.zeros(p.shape, ms.float32), name=f"accum.{p.name}", requires_grad=False)
-                for p in self.optimizer.params
-            )
+            # Micro-batches return their gradients as values and a compiled add sums them; no
+            # Parameter buffers are written. (Accumulating into Parameters with ops.assign was
+            # ~40x slower per micro-step in MindSpore 2.8 on CPU, and reading and zeroing them in
+            # one graph was mis-ordered under jit.)
+            def micro(x, ya, yb, lam, scale):
+                (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
+                return loss, grads
 
-            # The first micro-batch of a step overwrites the buffers (keep = 0), later ones add
-            # (keep = 1): `apply` then only reads them. (Reading and zeroing the buffers in one
-            # compiled graph was mis-ordered under jit in MindSpore 2.8; this has no such hazard.)
-            def micro(x, ya, yb, lam, keep):
-                (_, loss), grads = grad_fn(x, ya, yb, lam)
-                for a, g in zip(self.accum, grads):
-                    ops.assign(a, a * keep + g.astype(ms.float32))
-                return loss
+            def accumulate(acc, grads):
+                return tuple(a + g for a, g in zip(acc, grads))
 
-            def apply():
-                # Read the buffers as values (divide by the loss scale, 1 unless fp16): passing
-                # the Parameters themselves through the branch below dropped the update under
-                # jit in MindSpore 2.8.
-                grads = tuple(a / self.loss_scale for a in self.accum)
+            def apply(grads, scale, lr):
+                grads = tuple(g / scale for g in grads)
                 finite = ms.amp.all_finite(grads)
                 if finite:
-                    self.optimizer(grads)
+                    self.optimizer(grads, lr)
                 return finite
 
             self._micro = ms.jit(micro) if jit else micro
+            self._accumulate = ms.jit(accumulate) if jit else accumulate
             self._apply = ms.jit(apply) if jit else apply
-
-    def _unscale(self, grads):
-        if self.precision != "fp16":
-            return grads
-        inv = 1.0 / self.loss_scale
-        return tuple(g * inv for g in grads)
 
     def __call__(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
         """One optimizer step over `batch_split` micro-batches of (x, y_a, y_b).
 
         Returns the mean micro-batch loss and whether the update was applied (finite gradients).
         """
-        self.optimizer.lr.set_data(Tensor(lr, ms.float32))
+        lr_t = Tensor(lr, ms.float32)
         lam_t = Tensor(lam, ms.float32)
+        scale_t = Tensor(self.loss_scale, ms.float32)
         losses = []
         if self.batch_split == 1:
             (x, ya, yb), = micro_batches
-            loss, finite = self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t)
+            loss, finite = self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, scale_t, lr_t)
             losses.append(loss)
         else:
-            for i, (x, ya, yb) in enumerate(micro_batches):
-                keep = Tensor(0.0 if i == 0 else 1.0, ms.float32)
-                losses.append(self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, keep))
-            finite = self._apply()
+            acc = None
+            for x, ya, yb in micro_batches:
+                loss, grads = self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, scale_t)
+                # mutable: a tuple of tensors is otherwise a compile-time constant (one graph per call)
+                acc = grads if acc is None else self._accumulate(ms.mutable(acc), ms.mutable(grads))
+                losses.append(loss)
+            finite = self._apply(ms.mutable(acc), scale_t, lr_t)
         finite = bool(finite.asnumpy()) if hasattr(finite, "asnumpy") else bool(finite)
         self._adjust_scale(finite)
         return float(np.mean([float(loss.asnumpy()) for loss in losses])), finite
@@ -157,14 +152,13 @@ class TrainStep:
         """Dynamic loss scaling (fp16 only): halve on overflow, double after 1000 good steps."""
         if self.precision != "fp16":
             return
-        scale = float(self.loss_scale.asnumpy())
         if not finite:
-            self.loss_scale.set_data(Tensor(max(scale / 2, 1.0), ms.float32))
+            self.loss_scale = max(self.loss_scale / 2, 1.0)
             self._good_steps = 0
             return
         self._good_steps += 1
         if self._good_steps >= 1000:
-            self.loss_scale.set_data(Tensor(scale * 2, ms.float32))
+            self.loss_scale *= 2
             self._good_steps = 0
 
 

@@ -1,0 +1,95 @@
+"""Evaluation: loss, top-1, top-5, per-class accuracy and the confusion matrix over a split."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    count: int
+    images_per_sec: float
+    confusion: np.ndarray  # [true, predicted] counts
+
+    @property
+    def per_class_accuracy(self) -> np.ndarray:
+        totals = self.confusion.sum(axis=1)
+        return np.divide(np.diag(self.confusion), totals, out=np.full(len(totals), np.nan), where=totals > 0)
+
+    def scalars(self) -> dict[str, float]:
+        return {"val/loss": self.loss, "val/top1": self.top1, "val/top5": self.top5}
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def evaluate(predict, batches, num_classes: int) -> EvalResult:
+    """Stream `(images, labels)` batches through `predict` (images -> logits) and accumulate metrics."""
+    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    t0 = time.perf_counter()
+    for x, y in batches:
+        logits = predict(x)
+        y = np.asarray(y, np.int64)
+        loss_sum += float(-log_softmax(logits.astype(np.float64))[np.arange(len(y)), y].sum())
+        k = min(5, num_classes)
+        topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        pred = logits.argmax(axis=1)
+        top1 += int((pred == y).sum())
+        top5 += int((topk == y[:, None]).any(axis=1).sum())
+        np.add.at(confusion, (y, pred), 1)
+        n += len(y)
+    seconds = time.perf_counter() - t0
+    if n == 0:
+        raise ValueError("the eval split is empty")
+    return EvalResult(loss_sum / n, top1 / n, top5 / n, n, n / max(seconds, 1e-9), confusion)
+
+
+def save_report(result: EvalResult, class_names: list[str], out_dir: Path) -> list[Path]:
+    """per_class.json + confusion.json, and confusion.png when matplotlib is installed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_class = {
+        name: (None if np.isnan(acc) else float(acc)) for name, acc in zip(class_names, result.per_class_accuracy)
+    }
+    written = [out_dir / "per_class.json", out_dir / "confusion.json"]
+    written[0].write_text(json.dumps(per_class, indent=1))
+    written[1].write_text(json.dumps({"class_names": class_names, "matrix": result.confusion.tolist()}))
+    png = plot_confusion(result.confusion, class_names, out_dir / "confusion.png")
+    if png:
+        written.append(png)
+    return written
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    k = len(class_names)
+    size = min(4 + 0.25 * k, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 50:
+        ax.set_xticks(range(k), class_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

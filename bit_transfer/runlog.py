@@ -1,0 +1,101 @@
+"""What a run writes for people: the run directory, metrics.jsonl, TensorBoard, the progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def new_run_dir(parent: str, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(parent) / f"{name}-{stamp}"
+    i = 1
+    while path.exists():  # two runs started in the same second
+        i += 1
+        path = Path(parent) / f"{name}-{stamp}-{i}"
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_yaml(path: Path, obj) -> None:
+    write_atomic(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+class MetricsLog:
+    """One JSON line per logged step in metrics.jsonl, the same scalars in TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(logdir=str(run_dir), flush_secs=10)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, float(v), step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.tb:
+            self.tb.add_text(tag, text.replace("\n", "  \n"))
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        if self.tb:
+            clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+            self.tb.add_hparams(clean, {f"hparam/{k}": float(v) for k, v in metrics.items()}, name="hparams")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+            self.tb = None
+
+
+class Progress:
+    """A tqdm bar (step, loss, lr, images/s, ETA); in quiet mode a plain line at each log point."""
+
+    def __init__(self, total: int, initial: int, quiet: bool):
+        self.quiet = quiet or not sys.stderr.isatty() and os.environ.get("BIT_TRANSFER_BAR") != "1"
+        self.bar = None
+        if not self.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.total = total
+
+    def update(self, step: int, loss: float, lr: float, ips: float, eta: float | None = None, force_line: bool = False):
+        if self.bar:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif force_line:
+            eta_s = f" eta {eta / 60:.1f} min" if eta is not None else ""
+            print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {ips:.1f} img/s{eta_s}", flush=True)
+
+    def write(self, msg: str) -> None:
+        if self.bar:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,290 @@
+"""End-to-end `fit`/`eval` on a tiny BiT and a small generated, learnable task."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bit_transfer import recipe as recipes
+from bit_transfer.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["horizontal", "vertical", "checker", "flat"]
+
+
+def pattern(label: int, rng) -> np.ndarray:
+    """A 32x32 RGB image whose class is its pattern.
+
+    Orientation and structure survive what the BiT pipeline does (random crops, flips, the 1.25x
+    scale change between training and eval resolution) and GroupNorm, which removes mean colour.
+    """
+    yy, xx = np.mgrid[0:32, 0:32]
+    phase = rng.integers(0, 12)
+    base = [(yy + phase) // 6 % 2, (xx + phase) // 6 % 2, ((yy + phase) // 6 + (xx + phase) // 6) % 2, 0 * yy][label]
+    img = base[..., None] * 160 + 40 + rng.integers(-30, 30, (32, 32, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def pattern_task(path: Path, n_train=24, n_test=8, seed=0) -> Path:
+    """A CIFAR-10 "python version" directory of 4 learnable pattern classes."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+
+    def batch(n_per_class):
+        labels = np.repeat(np.arange(len(NAMES)), n_per_class)
+        rng.shuffle(labels)
+        img = np.stack([pattern(int(k), rng) for k in labels])
+        return {b"data": img.transpose(0, 3, 1, 2).reshape(len(labels), -1), b"labels": labels.tolist()}
+
+    for i in range(1, 6):
+        with open(path / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(max(1, n_train // 5)), f)
+    with open(path / "test_batch", "wb") as f:
+        pickle.dump(batch(n_test), f)
+    with open(path / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in NAMES]}, f)
+    return path
+
+
+def tiny_recipe(data_dir: Path, runs: Path, **sets) -> recipes.Recipe:
+    raw = {
+        "name": "tiny",
+        "data": {"source": "cifar", "path": str(data_dir), "workers": 1},
+        "model": {"name": "custom", "depths": [1, 1, 1, 1], "width": 0.125, "weights": "none"},
+        "train": {"batch_size": 16, "batch_split": 1, "seed": 0},
+        "rule": {"precrop": 20, "crop": 16, "steps": 20, "base_lr": 0.05},
+        "log": {"dir": str(runs), "every": 1, "quiet": True},
+    }
+    for k, v in sets.items():
+        section, key = k.split("__")
+        raw.setdefault(section, {})[key] = v
+    return recipes.from_dict(raw)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def final_params(run_dir: Path) -> dict[str, np.ndarray]:
+    from bit_transfer.checkpoint import read_checkpoint
+
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1]
+    params, _ = read_checkpoint(ckpt)
+    return {k: v for k, v in params.items() if not k.startswith("optimizer.")}
+
+
+def assert_params_close(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst < atol, worst
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return pattern_task(tmp_path_factory.mktemp("patterns") / "cifar-10-batches-py", n_train=40, n_test=8)
+
+
+@pytest.fixture(scope="module")
+def learned(task, tmp_path_factory):
+    """One real run, shared by the tests that only read what it wrote."""
+    from bit_transfer.train import fit
+
+    runs = tmp_path_factory.mktemp("runs")
+    # Random crops off: a width-1/8 model trained from scratch on 40 images generalises across the
+    # crop's scale change unreliably (50-95 % by seed); the crop itself is tested in the data tests.
+    # 60 steps reached 97-100 % for seeds 0, 1, 2.
+    r = tiny_recipe(task, runs, rule__steps=60, train__eval_every=30, data__random_crop=False)
+    metrics = fit(r, run_dir=runs / "learned")
+    return runs / "learned", metrics
+
+
+def test_learnable_task_reaches_high_accuracy_and_loss_falls(learned):
+    run_dir, metrics = learned
+    assert metrics["top1"] >= 0.9, metrics
+    assert metrics["completed"] and metrics["steps"] == 60
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    first, last = np.mean([r["train/loss"] for r in rows[:3]]), np.mean([r["train/loss"] for r in rows[-3:]])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_run_directory_contents(learned):
+    run_dir, metrics = learned
+    for name in ("recipe.yaml", "plan.json", "metrics.jsonl", "metrics.json", "eval/per_class.json", "eval/confusion.json"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "metrics.json").read_text())["top1"] == metrics["top1"]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert (plan["steps"], plan["crop"], plan["precrop"], plan["batch_split"]) == (60, 16, 20, 1)
+    confusion = json.loads((run_dir / "eval/confusion.json").read_text())
+    assert confusion["class_names"] == NAMES
+    assert np.array(confusion["matrix"]).sum() == 32
+    # the saved recipe reloads to the same recipe
+    again = recipes.load(run_dir / "recipe.yaml")
+    assert again.to_dict()["rule"] == tiny_recipe(Path("x"), Path("y"), rule__steps=60).to_dict()["rule"]
+    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    pytest.importorskip("matplotlib")
+    assert (run_dir / "eval/confusion.png").stat().st_size > 1000
+
+
+def test_lr_in_metrics_equals_the_plan_at_every_logged_step(learned):
+    from bit_transfer.hyperrule import plan as make_plan
+
+    run_dir, _ = learned
+    plan = make_plan(40, (32, 32), precrop=20, crop=16, steps=60, base_lr=0.05, batch_size=16)
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/lr" in r]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    for r in rows:  # the row of step s logs the lr used for the update that made step s
+        assert r["train/lr"] == pytest.approx(plan.lr(r["step"] - 1), rel=1e-6, abs=1e-12)
+    vals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/top1" in r]
+    assert [r["step"] for r in vals] == [30, 60]
+
+
+def test_tensorboard_holds_the_scalars(learned):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir, _ = learned
+    acc = event_accumulator.EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_sec", "val/loss", "val/top1", "val/top5"} <= tags
+    assert len(acc.Scalars("train/lr")) == 60
+    assert acc.Scalars("val/top1")[-1].step == 60
+
+
+def test_eval_command_reproduces_the_final_metrics(learned, tmp_path):
+    from bit_transfer.train import eval_checkpoint
+
+    run_dir, metrics = learned
+    r = recipes.load(run_dir / "recipe.yaml")
+    out = eval_checkpoint(r, run_dir, out_dir=tmp_path / "ev")
+    assert out["top1"] == pytest.approx(metrics["top1"])
+    assert out["loss"] == pytest.approx(metrics["loss"], rel=1e-4)
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+
+
+def test_micro_batching_gives_the_same_update(task, tmp_path):
+    """batch_split 1 vs 4, same data order (no random crop/flip, no MixUp): same weights."""
+    from bit_transfer.train import fit
+
+    common = dict(rule__steps=3, rule__mixup_alpha=0.0, data__random_crop=False, data__random_flip=False)
+    fit(tiny_recipe(task, tmp_path, train__batch_split=1, **common), run_dir=tmp_path / "s1")
+    fit(tiny_recipe(task, tmp_path, train__batch_split=4, **common), run_dir=tmp_path / "s4")
+    assert_params_close(final_params(tmp_path / "s1"), final_params(tmp_path / "s4"), atol=2e-5)
+
+
+def test_mixup_changes_the_loss_as_expected():
+    import mindspore as ms
+
+    from bit_transfer import runtime
+    from bit_transfer.step import mixup_loss
+
+    runtime.setup("auto")
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 4)).astype(np.float32)
+    ya, yb = np.array([0, 1, 2, 3, 0, 1], np.int32), np.array([3, 2, 1, 0, 1, 0], np.int32)
+
+    def ce(y):
+        z = logits - logits.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(6), y]))
+
+    t = ms.Tensor
+    assert float(mixup_loss(t(logits), t(ya), t(yb), t(1.0, ms.float32)).asnumpy()) == pytest.approx(ce(ya), rel=1e-5)
+    mixed = float(mixup_loss(t(logits), t(ya), t(yb), t(0.3, ms.float32)).asnumpy())
+    assert mixed == pytest.approx(0.3 * ce(ya) + 0.7 * ce(yb), rel=1e-5)
+
+
+def test_mixup_in_the_loop_changes_the_loss(task, tmp_path):
+    from bit_transfer.train import fit
+
+    fit(tiny_recipe(task, tmp_path, rule__steps=3, rule__mixup_alpha=0.0), run_dir=tmp_path / "plain")
+    fit(tiny_recipe(task, tmp_path, rule__steps=3, rule__mixup_alpha=0.5), run_dir=tmp_path / "mix")
+    plain = [r["train/loss"] for r in read_jsonl(tmp_path / "plain/metrics.jsonl") if "train/loss" in r]
+    mix = [r["train/loss"] for r in read_jsonl(tmp_path / "mix/metrics.jsonl") if "train/loss" in r]
+    # steps 1-2: zero head -> uniform logits -> loss ln(4) whatever the mixing (step 1 has lr 0);
+    # the update of step 2 used mixed images and labels, so the loss of step 3 differs
+    for losses in (plain, mix):
+        assert losses[:2] == pytest.approx([np.log(4)] * 2, rel=1e-5)
+    assert abs(plain[2] - mix[2]) > 1e-4
+
+
+def test_resume_equals_an_uninterrupted_run(task, tmp_path):
+    from bit_transfer.train import fit
+
+    r = tiny_recipe(task, tmp_path, rule__steps=8, rule__mixup_alpha=0.2)
+    fit(r, run_dir=tmp_path / "straight")
+    first = fit(r, run_dir=tmp_path / "resumed", stop_after=4)
+    assert not first["completed"] and first["steps"] == 4
+    second = fit(r, run_dir=tmp_path / "resumed")
+    assert second["completed"] and second["steps"] == 8
+    assert_params_close(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"), atol=1e-6)
+    steps = [row["step"] for row in read_jsonl(tmp_path / "resumed/metrics.jsonl") if "train/loss" in row]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_refuses_a_different_recipe(task, tmp_path):
+    from bit_transfer.train import fit
+
+    fit(tiny_recipe(task, tmp_path, rule__steps=2), run_dir=tmp_path / "r")
+    with pytest.raises(UsageError, match="different recipe"):
+        fit(tiny_recipe(task, tmp_path, rule__steps=3), run_dir=tmp_path / "r")
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(task, tmp_path):
+    from bit_transfer.train import TrainingDiverged, fit
+
+    r = tiny_recipe(task, tmp_path, rule__steps=40, rule__base_lr=1e30, train__checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match="lower rule.base_lr") as e:
+        fit(r, run_dir=tmp_path / "nan")
+    assert "\n" not in str(e.value)
+    ckpts = sorted((tmp_path / "nan/checkpoints").glob("step-*.ckpt"))
+    assert ckpts, "the last good checkpoint must be kept"
+    params = final_params(tmp_path / "nan")
+    assert all(np.isfinite(v).all() for v in params.values())
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_final_metrics(task, tmp_path):
+    r = tiny_recipe(task, tmp_path, rule__steps=100000)
+    (tmp_path / "r.yaml").write_text(__import__("yaml").safe_dump(r.to_dict()))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bit_transfer", "fit", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "run"), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+    )
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "no training progress"
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, out
+    assert "SIGTERM: stopping after step" in out
+    m = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert m["stopped_by_signal"] and not m["completed"] and m["steps"] >= 3
+    assert (tmp_path / "run/checkpoints" / f"step-{m['steps']:06d}.ckpt").is_file()
+
+
+def test_choose_batch_split_halves_until_it_fits():
+    from bit_transfer.train import choose_batch_split
+
+    tried = []
+
+    def fits_at_most_48(m):
+        tried.append(m)
+        if m > 48:
+            raise RuntimeError("Out of memory: Malloc for kernel output failed")
+
+    assert choose_batch_split(512, fits_at_most_48, log=lambda *a: None) == 16  # 512 -> 256 -> 128 -> 64 -> 32
+    assert tried == [512, 256, 128, 64, 32]
+
+    def broken(m):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        choose_batch_split(8, broken, log=lambda *a: None)
