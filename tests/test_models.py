@@ -215,3 +215,40 @@ def test_model_is_a_cell_mapping_images_to_logits():
     model = create_model("BiT-S-R50x1", 3, depths=[1, 1, 1, 1], width=0.5)
     assert isinstance(model, ResNetV2) and isinstance(model, nn.Cell)
     assert model(images(n=3, size=64)).shape == (3, 3)
+
+
+def test_small_inputs_train_repeatedly_under_jit(tmp_path):
+    """Regression: with the functional ops.pad before the stem max-pool, MindSpore 2.8 on CPU
+    deadlocked on the 5th compiled forward+backward for maps under 14 px (16 px inputs).
+    Run in a subprocess so a hang fails the test instead of blocking the suite."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, mindspore as ms
+from mindspore import ops, Tensor
+from bit_transfer import runtime
+from bit_transfer.models import create_model
+runtime.setup("auto")
+m = create_model("custom", 4, depths=[1, 1, 1, 1], width=0.125)
+def loss(x, y):
+    return ops.cross_entropy(m(x), y)
+grad = ms.value_and_grad(loss, None, m.trainable_params())
+def step(x, y):
+    return grad(x, y)
+step = ms.jit(step)
+rng = np.random.default_rng(0)
+x = Tensor(rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
+y = Tensor(rng.integers(0, 4, 16).astype(np.int32))
+for i in range(8):
+    loss, grads = step(x, y)
+    loss.asnumpy()
+print("ok")
+"""
+    script = tmp_path / "small_inputs.py"  # mindspore.jit reads the function's source file
+    script.write_text(code)
+    try:
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("8 compiled training steps at 16 px did not finish in 60 s (deadlock)") from None
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]

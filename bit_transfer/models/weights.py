@@ -280,23 +280,12 @@ def check(model: ResNetV2, wf: WeightsFile, head: str) -> LoadReport:
     return report
 
 
-def write_param(param, value) -> None:
-    """Copy `value` into the parameter's own storage (ops.assign).
-
-    `Parameter.set_data` swaps the tensor object, and a `mindspore.jit` graph compiled before
-    keeps reading the old one (MindSpore 2.8, tested), so loading that way after a compile
-    would be silently ignored.
-    """
-    import mindspore as ms
-    from mindspore import ops
-
-    ops.assign(param, ms.Tensor(np.ascontiguousarray(value, dtype=np.float32)))
-
-
 def assign(model: ResNetV2, wf: WeightsFile, report: LoadReport) -> None:
+    from bit_transfer import runtime
+
     params = {p.name: p for p in model.get_parameters()}
-    for name in report.loaded:
-        write_param(params[name], wf.tensors[name])
+    for name in report.loaded:  # in place: graphs compiled earlier must see the loaded values
+        runtime.assign(params[name], wf.tensors[name].astype(np.float32))
     if report.head == "zero":
         model.reset_head(model.num_classes)  # same size: zeroed in place
 
