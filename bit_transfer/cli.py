@@ -77,6 +77,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from bit_transfer.models.export import export_from_checkpoint
+
+    out = export_from_checkpoint(args.run_or_ckpt, args.format, args.out, image_size=args.image_size)
+    print(f"exported {args.format}: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bit-transfer",
@@ -107,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (its latest checkpoint)")
     p.add_argument("--out", help="where to write metrics.json and the confusion matrix (default: <run>/eval)")
     p.set_defaults(func=cmd_eval)
+
+    from bit_transfer.fewshot import add_fewshot_parser  # no MindSpore import
+
+    add_fewshot_parser(sub)
+
+    p = sub.add_parser("export", help="export a run's latest checkpoint (or a .ckpt) to Hugging Face or MindIR")
+    p.add_argument("run_or_ckpt", help="run directory (its latest checkpoints/*.ckpt) or a .ckpt file")
+    p.add_argument("--format", choices=["hf", "mindir"], required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--image-size", type=int, default=None, help="MindIR input size (default: the run's plan.json crop)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

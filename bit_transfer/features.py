@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bit_transfer import paths
+
 VERSION = 1
 PART_FIELDS = ("rows", "checks", "readable", "features")
 CHUNK_IMAGES = 2048  # a part is written after this many images: the unit an interruption can lose
@@ -40,8 +42,7 @@ COMPUTED: Counter = Counter()
 
 def default_root() -> Path:
     """$BIT_TRANSFER_HOME/features, else ~/.cache/bit-transfer/features (next to the data cache)."""
-    home = os.environ.get("BIT_TRANSFER_HOME")
-    return (Path(home).expanduser() if home else Path.home() / ".cache" / "bit-transfer") / "features"
+    return paths.home() / "features"
 
 
 def backbone_id(model) -> str:

@@ -60,7 +60,17 @@ def setup(device: str = "auto", *, jit: bool = True) -> str:
     import mindspore as ms
 
     dev = select_device(device)
-    ms.set_device(dev)
+    try:
+        ms.set_device(dev)
+    except RuntimeError:
+        # MindSpore already ran kernels in this process (a notebook, another library): the
+        # device is fixed now. Fine if it is the one we want; otherwise say how to fix it.
+        current = ms.get_context("device_target")
+        if current != dev:
+            raise UsageError(
+                f"MindSpore already runs on {current} in this process and cannot switch to {dev}; "
+                f"set train.device: {current} or start a new process"
+            ) from None
     ms.set_context(mode=ms.PYNATIVE_MODE)
     msg = slow_cpu_warning(ms.__version__, dev)
     if msg:

@@ -33,11 +33,14 @@ def build_model(model_cfg, num_classes: int, *, log=print):
     """Create the recipe's model and load its weights ('none' trains from scratch)."""
     from bit_transfer import models
 
-    model = models.create_model(model_cfg.name, num_classes, depths=model_cfg.depths, width=model_cfg.width)
+    def create(padding="fixed"):
+        return models.create_model(model_cfg.name, num_classes, depths=model_cfg.depths, width=model_cfg.width, padding=padding)
+
     if model_cfg.weights.lower() == "none":
         log("weights: none (training from scratch; the head is zero-initialised)")
-        return model
+        return create()
     path = models.resolve_weights(model_cfg.weights, model_cfg.name)
+    model = create(models.weights_padding(path))  # google/bit-* HF checkpoints need TF "SAME" padding
     report = models.load_weights(model, path, head=model_cfg.head)
     log(f"weights: {path} ({report})")
     return model
@@ -421,17 +424,13 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
     device = runtime.setup(recipe.train.device, jit=recipe.train.jit)
     params, meta = checkpoint.read_checkpoint(path)
     dataset = data.load(recipe.data)
-    cfg = meta.get("model") or {}
-    num_classes = cfg.get("num_classes", dataset.num_classes)
+    model, _ = models.create_model_from_weights(path)  # architecture, padding and head from the file
+    num_classes = model.num_classes
     if num_classes != dataset.num_classes:
         raise UsageError(
             f"{path} was trained for {num_classes} classes but the recipe's data has {dataset.num_classes}; "
             "evaluate it on the data it was trained for"
         )
-    model = models.create_model(
-        cfg.get("name", recipe.model.name), num_classes, depths=cfg.get("depths", recipe.model.depths), width=cfg.get("width", recipe.model.width)
-    )
-    models.load_weights(model, path, head="keep")
     info = planning.task_info(recipe)
     plan = planning.make_plan(recipe, info)
     micro = recipe.train.eval_batch_size or int(meta.get("micro_batch") or 32)

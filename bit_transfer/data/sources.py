@@ -4,11 +4,11 @@ holdout, take the few-shot subset. Nothing is decoded here."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
+from bit_transfer import paths
 from bit_transfer.data.sampling import holdout_indices
 from bit_transfer.data.split import ArrayStore, Dataset, Split, check_rgb
 from bit_transfer.errors import DataError
@@ -21,9 +21,7 @@ def cache_root(cfg) -> Path:
     """data.cache_dir, else $BIT_TRANSFER_HOME/data-cache, else ~/.cache/bit-transfer/data-cache."""
     if getattr(cfg, "cache_dir", None):
         return Path(cfg.cache_dir).expanduser()
-    home = os.environ.get("BIT_TRANSFER_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "bit-transfer"
-    return base / "data-cache"
+    return paths.home() / "data-cache"
 
 
 def load(cfg, fewshot: bool = True) -> Dataset:

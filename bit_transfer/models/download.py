@@ -1,6 +1,6 @@
 """Resolve `model.weights` to a local file: official BiT .npz URLs, hf: repos, URLs, paths.
 
-Downloads go to `$BIT_TRANSFER_HOME/weights` (default ~/.cache/bit_transfer), through a
+Downloads go to `$BIT_TRANSFER_HOME/weights` (default ~/.cache/bit-transfer), through a
 `.part` file that is resumed with an HTTP Range request and renamed only when complete,
 under a lock so that several workers of one run download once.
 """
@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from bit_transfer import paths
 from bit_transfer.errors import WeightsError
 
 OFFICIAL_URL = "https://storage.googleapis.com/bit_models/{}.npz"
@@ -24,8 +25,8 @@ CHUNK = 1 << 20
 
 
 def cache_home(cache_dir=None) -> Path:
-    """Where weights are cached: cache_dir, else $BIT_TRANSFER_HOME, else ~/.cache/bit_transfer."""
-    return Path(cache_dir or os.environ.get("BIT_TRANSFER_HOME") or "~/.cache/bit_transfer").expanduser()
+    """Where weights are cached: cache_dir, else bit_transfer.paths.home()."""
+    return Path(cache_dir).expanduser() if cache_dir else paths.home()
 
 
 def is_remote(spec: str) -> bool:
