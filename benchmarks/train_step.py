@@ -1,0 +1,276 @@
+"""Training and eval speed of bit-transfer's real step, side by side with the same model in PyTorch.
+
+    .venv/bin/python benchmarks/train_step.py                         # R50x1, micro-batch 8 and 32, 128 px, fp32
+    .venv/bin/python benchmarks/train_step.py --batch 8 --precision fp32 bf16
+    .venv/bin/python benchmarks/train_step.py --no-torch --steps 5
+
+Each configuration runs in a fresh child process, so its peak RSS (ru_maxrss) is its own and a
+compiled graph of one run cannot help or hurt the next. bit-transfer runs `step.TrainStep` and
+`step.EvalStep` (the code path of `fit`/`evaluate`: jitted value_and_grad of the MixUp loss, fused
+ApplyMomentum). PyTorch, when installed, runs the same architecture built from our own definition
+(`channels_for`, `gn_groups`, the eps constants) with our initial weights copied in, checked to give
+the same logits before timing. Throughput is the median over `--steps` timed steps after
+`--warmup` steps; "compile" is the wall time of the first call (graph build + first run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def median_rate(fn, batch: int, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return batch / float(np.median(times))
+
+
+def first_call(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def make_data(args, batch: int):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (batch, 3, args.size, args.size)).astype(np.float32)
+    y = rng.integers(0, args.classes, batch).astype(np.int32)
+    return x, y
+
+
+def build_ours(args):
+    from bit_transfer import runtime
+    from bit_transfer.models import create_model
+
+    runtime.setup("CPU")
+    runtime.seed_everything(0)
+    model = create_model(args.model, args.classes)
+    rng = np.random.default_rng(1)
+    for p in model.head.get_parameters():  # non-zero head so the logits say something
+        runtime.assign(p, rng.standard_normal(p.shape).astype(np.float32) * 0.01)
+    return model
+
+
+def run_ours(args, batch: int, precision: str) -> dict:
+    import mindspore as ms
+
+    from bit_transfer import step
+
+    model = build_ours(args)
+    x, y = make_data(args, batch)
+    # As in fit: cast, build the train step, then the eval step; evaluation runs the training model.
+    model = step.cast_model(model, precision)
+    train = step.TrainStep(model, momentum=0.9, weight_decay=0.0, batch_split=1, precision=precision)
+    ev = step.EvalStep(model, batch)
+    out = {"framework": f"bit-transfer (mindspore {ms.__version__})", "batch": batch, "precision": precision}
+    model.set_train(True)
+    call = lambda: train([(x, y, y)], 0.003, 1.0)  # noqa: E731
+    out["train_compile_s"] = first_call(call)
+    out["train_img_s"] = median_rate(call, batch, args.steps, args.warmup)
+    out["eval_compile_s"] = first_call(lambda: ev(x))
+    out["eval_img_s"] = median_rate(lambda: ev(x), batch, args.steps, args.warmup)
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def torch_model(args, ours=None):
+    """The official bit_pytorch architecture, sized from our definition; weights copied from `ours`."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from bit_transfer.models import resnetv2 as r
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            v, m = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
+            w = (self.weight - m) / torch.sqrt(v + r.WS_EPS)
+            return F.conv2d(x, w, None, self.stride, self.padding)
+
+    def gn(c):
+        return nn.GroupNorm(r.gn_groups(c), c, eps=r.GN_EPS)
+
+    class Unit(nn.Module):
+        def __init__(self, cin, cout, cmid, stride):
+            super().__init__()
+            self.norm1, self.norm2, self.norm3 = gn(cin), gn(cmid), gn(cmid)
+            self.conv1 = StdConv(cin, cmid, 1, bias=False)
+            self.conv2 = StdConv(cmid, cmid, 3, stride, 1, bias=False)
+            self.conv3 = StdConv(cmid, cout, 1, bias=False)
+            self.proj = StdConv(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+        def forward(self, x):
+            out = F.relu(self.norm1(x))
+            shortcut = self.proj(out) if self.proj is not None else x
+            out = self.conv2(F.relu(self.norm2(self.conv1(out))))
+            return self.conv3(F.relu(self.norm3(out))) + shortcut
+
+    depths, width = r.MODELS[r.canonical_name(args.model)]
+    root, mids = r.channels_for(width)
+    layers = {"root.conv": StdConv(3, root, 7, 2, 3, bias=False)}
+    body, cin = [], root
+    for s, (depth, cmid, stride) in enumerate(zip(depths, mids, r.STAGE_STRIDES)):
+        for u in range(depth):
+            body.append((f"stages.{s}.units.{u}", Unit(cin, 4 * cmid, cmid, stride if u == 0 else 1)))
+            cin = 4 * cmid
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.root = nn.ModuleDict({"conv": layers["root.conv"]})
+            self.units = nn.ModuleList([m for _, m in body])
+            self.names = [n for n, _ in body]
+            self.norm = gn(cin)
+            self.head = nn.Linear(cin, args.classes)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.pad(self.root["conv"](x), (1, 1, 1, 1)), 3, 2)
+            for unit in self.units:
+                x = unit(x)
+            return self.head(F.relu(self.norm(x)).mean(dim=(2, 3)))
+
+    net = Net()
+    if ours is not None:
+        mapping = {"root.conv.weight": net.root["conv"].weight, "norm.weight": net.norm.weight,
+                   "norm.bias": net.norm.bias, "head.weight": net.head.weight, "head.bias": net.head.bias}
+        for name, unit in zip(net.names, net.units):
+            for k, v in unit.named_parameters():
+                mapping[f"{name}.{k}"] = v
+        with torch.no_grad():
+            for p in ours.get_parameters():
+                mapping.pop(p.name).copy_(torch.from_numpy(p.asnumpy()))
+        assert not mapping, f"unmatched torch parameters: {sorted(mapping)}"
+    return net
+
+
+def run_torch(args, batch: int, precision: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    model = torch_model(args)
+    x, y = make_data(args, batch)
+    out = {"framework": f"pytorch {torch.__version__} ({torch.get_num_threads()} threads)",
+           "batch": batch, "precision": precision}
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
+
+    def evaluate():
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            model(xt).float()
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logits = model(xt).float()
+        (1.0 * F.cross_entropy(logits, yt) + 0.0 * F.cross_entropy(logits, yt)).backward()
+        opt.step()
+
+    model.eval()
+    out["eval_compile_s"] = first_call(evaluate)
+    out["eval_img_s"] = median_rate(evaluate, batch, args.steps, args.warmup)
+    model.train()
+    out["train_compile_s"] = first_call(train)
+    out["train_img_s"] = median_rate(train, batch, args.steps, args.warmup)
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def run_check(args, batch: int, precision: str) -> dict:
+    """Same logits from both builds (own process: keeps MindSpore out of torch's peak RSS)."""
+    import mindspore as ms
+    import torch
+
+    ours = build_ours(args)
+    model = torch_model(args, ours).eval()
+    x, _ = make_data(args, batch)
+    ours.set_train(False)
+    want = ours(ms.Tensor(x)).asnumpy()
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    return {"max_logit_diff": float(np.abs(got - want).max()), "max_logit": float(np.abs(want).max())}
+
+
+def child(args) -> None:
+    fn = {"torch": run_torch, "ours": run_ours, "check": run_check}[args.child]
+    print("RESULT " + json.dumps(fn(args, args.batch[0], args.precision[0])), flush=True)
+
+
+def spawn(args, which: str, batch: int, precision: str) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", which, "--batch", str(batch), "--precision", precision,
+           "--model", args.model, "--size", str(args.size), "--classes", str(args.classes),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"{which} batch {batch} {precision} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="BiT-M-R50x1")
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="micro-batch sizes")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=7, help="timed steps (median)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-check", dest="check", action="store_false", help="skip the torch logits cross-check")
+    ap.add_argument("--child", choices=["ours", "torch", "check"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cpus, "
+          f"load {os.getloadavg()[0]:.2f}, python {platform.python_version()}")
+    use_torch = not args.no_torch and have_torch()
+    if use_torch and args.check:
+        c = spawn(args, "check", 2, "fp32")
+        if c is not None:
+            print(f"# same model: max |logits ours - torch| = {c['max_logit_diff']:.1e} (max |logit| {c['max_logit']:.2f})")
+    print("| framework | precision | batch | train img/s | eval img/s | train compile s | peak RSS GB | vs torch (train / eval / RSS) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for precision in args.precision:
+        for batch in args.batch:
+            ref = spawn(args, "torch", batch, precision) if use_torch else None
+            ours = spawn(args, "ours", batch, precision)
+            for r in (ours, ref):
+                if r is None:
+                    continue
+                ratio = ""
+                if r is ours and ref is not None:
+                    ratio = (f"{ours['train_img_s'] / ref['train_img_s']:.2f}x / {ours['eval_img_s'] / ref['eval_img_s']:.2f}x"
+                             f" / {ours['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x")
+                print(f"| {r['framework']} | {precision} | {batch} | {r['train_img_s']:.1f} | {r['eval_img_s']:.1f} | "
+                      f"{r['train_compile_s']:.1f} | {r['peak_rss_gb']:.2f} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
