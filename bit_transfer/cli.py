@@ -26,13 +26,23 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_device_args(p: argparse.ArgumentParser, launch: bool = False) -> None:
+    """Data-parallel ranks: --devices per machine (x --nodes machines); msrun does the launching."""
+    p.add_argument("--devices", type=int, default=1, metavar="N", help="data-parallel ranks on this machine (msrun)")
+    p.add_argument("--nodes", type=int, default=1, metavar="K", help="machines taking part (each runs this command)")
+    if launch:
+        p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 .. nodes-1")
+        p.add_argument("--master-addr", default="127.0.0.1", help="address of the node with node-rank 0")
+        p.add_argument("--master-port", type=int, default=None, help="a free port on the master (default: any free port)")
+
+
 def cmd_plan(args) -> int:
     from bit_transfer import planning, recipe
 
     r = recipe.load(args.recipe, args.sets)
     info = planning.task_info(r)
     plan = planning.make_plan(r, info)
-    layout = planning.batch_layout(plan.batch_size, r.train.batch_split)
+    layout = planning.batch_layout(plan.batch_size, r.train.batch_split, world=args.devices * args.nodes)
     if args.json:
         print(json.dumps(planning.plan_json(info, plan, layout), indent=2))
     else:
@@ -61,11 +71,38 @@ def _recipe_for_run(args):
 
 
 def cmd_fit(args) -> int:
-    from bit_transfer import train
+    from bit_transfer import distributed, train
 
     r, run_dir = _recipe_for_run(args)
+    if (args.devices > 1 or args.nodes > 1) and not distributed.launched_by_msrun():
+        return _launch_ranks(args, r, run_dir)
     # --quiet is how this process prints, not part of the recipe (a resume must match the recipe)
     train.fit(r, run_dir=run_dir, quiet=True if args.quiet else None, stop_after=args.stop_after)
+    return 0
+
+
+def _launch_ranks(args, r, run_dir) -> int:
+    """`fit --devices N`: start msrun with N workers running this same fit, and wait."""
+    from pathlib import Path
+
+    from bit_transfer import distributed, runlog
+
+    run_dir = Path(run_dir) if run_dir else runlog.new_run_dir(r.log.dir, r.name)
+    fit_args = [str(Path(args.recipe).resolve())] if args.recipe else []
+    fit_args += [f"--set={s}" for s in args.sets]
+    if args.quiet:
+        fit_args.append("--quiet")
+    if args.stop_after is not None:
+        fit_args.append(f"--stop-after={args.stop_after}")
+    distributed.launch(
+        fit_args,
+        run_dir.resolve(),
+        devices=args.devices,
+        nodes=args.nodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
     return 0
 
 
@@ -97,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the BiT-HyperRule plan for a recipe (no training)")
     _add_recipe_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_device_args(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("fit", help="fine-tune with the BiT-HyperRule, evaluate, checkpoint (resumable)")
@@ -108,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar; a line per log step")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after step N of the plan as if interrupted (rerun to continue)")
+    _add_device_args(p, launch=True)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the recipe's eval split")

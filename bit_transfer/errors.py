@@ -20,3 +20,9 @@ class DataError(UsageError):
 
 class WeightsError(UsageError):
     """A weights file is missing, corrupt or does not fit the model."""
+
+
+class RunError(UsageError):
+    """A run stopped for a reason the user must act on (diverged, a rank died); exit code 1."""
+
+    exit_code = 1

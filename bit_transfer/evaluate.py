@@ -50,9 +50,27 @@ def evaluate(predict, batches, num_classes: int) -> EvalResult:
         np.add.at(confusion, (y, pred), 1)
         n += len(y)
     seconds = time.perf_counter() - t0
-    if n == 0:
+    return from_sums(loss_sum, top5, n, confusion, n / max(seconds, 1e-9))
+
+
+def from_sums(loss_sum: float, top5_hits: int, count: int, confusion: np.ndarray, images_per_sec: float) -> EvalResult:
+    if count == 0:
         raise ValueError("the eval split is empty")
-    return EvalResult(loss_sum / n, top1 / n, top5 / n, n, n / max(seconds, 1e-9), confusion)
+    return EvalResult(loss_sum / count, float(np.trace(confusion)) / count, top5_hits / count, int(count), images_per_sec, confusion)
+
+
+def merge(shard: EvalResult | None, all_reduce_sum, num_classes: int | None = None) -> EvalResult:
+    """The result over all ranks' shards: sums of counts reduced with `all_reduce_sum` (array -> array)."""
+    k = shard.confusion.shape[0] if shard else num_classes
+    if shard is None:  # this rank's shard was empty
+        local = np.zeros(4 + k * k)
+    else:
+        c = shard.count
+        local = np.concatenate([[shard.loss * c, shard.top5 * c, c, shard.images_per_sec], shard.confusion.ravel()])
+    total = all_reduce_sum(local)
+    loss_sum, top5_hits, count, ips = total[:4]
+    confusion = np.rint(total[4:]).astype(np.int64).reshape(k, k)
+    return from_sums(float(loss_sum), int(round(top5_hits)), int(round(count)), confusion, float(ips))
 
 
 def save_report(result: EvalResult, class_names: list[str], out_dir: Path) -> list[Path]:

@@ -103,9 +103,11 @@ class BatchLayout:
 
 
 def batch_layout(batch_size: int, batch_split: int | str, world: int = 1) -> BatchLayout:
+    per_rank, rem = divmod(batch_size, world)
+    if rem:
+        raise RecipeError(f"batch {batch_size} does not split evenly over {world} ranks; use a device count that divides it")
     if batch_split != "auto":
-        per_rank, rem = divmod(batch_size, world)
-        if rem or per_rank % batch_split:
+        if per_rank % batch_split:
             raise RecipeError(
                 f"batch {batch_size} does not split into {world} rank(s) x {batch_split} micro-batches; "
                 f"choose train.batch_split dividing {batch_size // max(world, 1)}"

@@ -69,6 +69,22 @@ class MetricsLog:
             self.tb = None
 
 
+class NullLog:
+    """What ranks other than 0 log to: nothing (rank 0 alone writes the run directory)."""
+
+    def log(self, step, scalars) -> None:
+        pass
+
+    def text(self, tag, text) -> None:
+        pass
+
+    def hparams(self, hparams, metrics) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Progress:
     """A tqdm bar (step, loss, lr, images/s, ETA); in quiet mode a plain line at each log point."""
 

@@ -71,6 +71,7 @@ class TrainStep:
         batch_split: int,
         precision: str = "fp32",
         jit: bool = True,
+        world: int = 1,
     ):
         self.model = model
         self.batch_split = batch_split
@@ -89,11 +90,20 @@ class TrainStep:
 
         grad_fn = ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
 
+        # Data parallel: the mean over ranks of each rank's (accumulated) gradient, once per
+        # optimizer step, inside the compiled graph; every rank then applies the same update.
+        all_reduce = ops.AllReduce() if world > 1 else None
+
+        def reduce(grads):
+            if all_reduce is None:
+                return grads
+            return tuple(all_reduce(g) / world for g in grads)
+
         if batch_split == 1:
 
             def micro(x, ya, yb, lam, scale, lr):
                 (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
-                grads = tuple(g / scale for g in grads)
+                grads = tuple(g / scale for g in reduce(grads))
                 finite = ms.amp.all_finite(grads)
                 if finite:
                     self.optimizer(grads, lr)
@@ -113,7 +123,7 @@ class TrainStep:
                 return tuple(a + g for a, g in zip(acc, grads))
 
             def apply(grads, scale, lr):
-                grads = tuple(g / scale for g in grads)
+                grads = tuple(g / scale for g in reduce(grads))
                 finite = ms.amp.all_finite(grads)
                 if finite:
                     self.optimizer(grads, lr)

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import planning, recipe as recipes, runlog, runtime
-from bit_transfer.errors import RecipeError, UsageError, WeightsError
+from bit_transfer import distributed, planning, recipe as recipes, runlog, runtime
+from bit_transfer.errors import RecipeError, RunError, UsageError, WeightsError
 
 CKPT_DIR = "checkpoints"
 
 
-class TrainingDiverged(UsageError):
+class TrainingDiverged(RunError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
-
-    exit_code = 1
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -139,6 +137,16 @@ def fit(
     quiet = recipe.log.quiet if quiet is None else quiet
     tcfg = recipe.train
 
+    # --- device and ranks (under msrun every rank runs this; rank 0 alone writes)
+    device = runtime.setup(tcfg.device, jit=tcfg.jit)
+    world = distributed.world()
+    if world.size > 1 and not run_dir:
+        raise UsageError("under msrun pass --run-dir DIR so that every rank uses the same run directory")
+    if world.size > 1 and tcfg.batch_split == "auto":
+        raise UsageError(f"train.batch_split: auto probes one device; with {world.size} ranks set a number")
+    quiet = quiet or not world.is_main
+    say = print if world.is_main else (lambda *a, **k: None)
+
     # --- run directory: new, or an existing one to resume
     run_dir = Path(run_dir) if run_dir else runlog.new_run_dir(recipe.log.dir, recipe.name)
     resuming = bool(run_dir.exists() and find_checkpoints(run_dir))
@@ -149,24 +157,25 @@ def fit(
                 f"{run_dir} holds a run of a different recipe; resume it with `bit-transfer fit --resume {run_dir}` "
                 "or start a new one with another --run-dir"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"run directory: {run_dir}" + (" (resuming)" if resuming else ""), flush=True)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    say(f"run directory: {run_dir}" + (" (resuming)" if resuming else ""), flush=True)
 
-    # --- device, data, plan
-    device = runtime.setup(tcfg.device, jit=tcfg.jit)
+    # --- data, plan
     runtime.seed_everything(tcfg.seed)
     dataset = data.load(recipe.data)
     info = planning.task_info(recipe)
     plan = planning.make_plan(recipe, info)
     num_classes = dataset.num_classes
-    print(
-        f"device {device}; {len(dataset.train)} training / {len(dataset.eval)} eval images, {num_classes} classes; "
+    ranks = f" x {world.size} ranks" if world.size > 1 else ""
+    say(
+        f"device {device}{ranks}; {len(dataset.train)} training / {len(dataset.eval)} eval images, {num_classes} classes; "
         f"{plan.steps} steps at {plan.crop}px (precrop {plan.precrop}), MixUp {plan.mixup_alpha}",
         flush=True,
     )
 
     # --- model
-    model = build_model(recipe.model, num_classes)
+    model = build_model(recipe.model, num_classes, log=say)
     if tcfg.mode == "linear":
         model.freeze_backbone()
     from bit_transfer.step import EvalStep, TrainStep, cast_model
@@ -181,6 +190,7 @@ def fit(
             batch_split=split,
             precision=tcfg.precision,
             jit=tcfg.jit,
+            world=world.size,
         )
 
     # --- batch layout (auto probes the device once, then is fixed for the run and its resumes)
@@ -190,8 +200,10 @@ def fit(
     if meta.get("batch_split"):
         batch_split = int(meta["batch_split"])
     elif batch_split == "auto":
-        batch_split = choose_batch_split(plan.batch_size, lambda m: _probe(model, m, plan.crop, num_classes, tcfg))
-    layout = planning.batch_layout(plan.batch_size, batch_split)
+        batch_split = choose_batch_split(plan.batch_size, lambda m: _probe(model, m, plan.crop, num_classes, tcfg), log=say)
+    # batch_split is kept from the checkpoint on resume: the global micro-batch (batch / batch_split)
+    # and so the data stream stay the same whatever the number of ranks now.
+    layout = planning.batch_layout(plan.batch_size, batch_split, world=world.size)
     micro = layout.micro_batch
     step_fn = make_step(batch_split)
     eval_step = EvalStep(model, tcfg.eval_batch_size or micro, jit=tcfg.jit)
@@ -200,13 +212,13 @@ def fit(
     if ckpts:
         _restore(model, step_fn, state_params, ckpts[-1])
         state.step = int(meta["step"])
-        print(f"resumed from {ckpts[-1].name} at step {state.step}", flush=True)
-    else:
+        say(f"resumed from {ckpts[-1].name} at step {state.step}", flush=True)
+    elif world.is_main:
         runlog.write_yaml(run_dir / "recipe.yaml", recipe.to_dict())
         runlog.write_json(run_dir / "plan.json", planning.plan_json(info, plan, layout))
-    print(f"batch {layout.describe()}", flush=True)
+    say(f"batch {layout.describe()}", flush=True)
 
-    metrics = runlog.MetricsLog(run_dir, tensorboard=recipe.log.tensorboard)
+    metrics = runlog.MetricsLog(run_dir, tensorboard=recipe.log.tensorboard) if world.is_main else runlog.NullLog()
     if not resuming:
         metrics.text("plan", "\n".join(plan.explain()))
 
@@ -216,6 +228,7 @@ def fit(
             "batch_split": batch_split,
             "micro_batch": micro,
             "data_position": step * batch_split,  # global micro-batches consumed
+            "world": world.size,
             "seed": tcfg.seed,
             "model": _model_config(model),
             "class_names": list(dataset.class_names),
@@ -234,6 +247,8 @@ def fit(
             raise TrainingDiverged(
                 f"weights became non-finite at step {step} (e.g. {bad[0]}); {kept}; lower rule.base_lr or check the data"
             )
+        if not world.is_main:
+            return path
         params.update(step_fn.optimizer.state())
         checkpoint.save_checkpoint(path, params, checkpoint_meta(step))
         for old in find_checkpoints(run_dir)[: -tcfg.keep_checkpoints]:
@@ -241,7 +256,9 @@ def fit(
         return path
 
     def run_eval(step):
-        result = evaluate_split(eval_step, dataset.eval, plan.crop, eval_step.batch_size, num_classes, recipe.data.workers)
+        result = evaluate_split(
+            eval_step, dataset.eval, plan.crop, eval_step.batch_size, num_classes, recipe.data.workers, world
+        )
         metrics.log(step, result.scalars())
         state.evaluated_at = step
         progress.write(
@@ -261,6 +278,8 @@ def fit(
         random_flip=recipe.data.random_flip,
         workers=recipe.data.workers,
         start=state.step * batch_split,
+        rank=world.rank,
+        world=world.size,
     )
     progress = runlog.Progress(plan.steps, state.step, quiet)
     try:
@@ -285,6 +304,8 @@ def fit(
                         yb = y
                     batches.append((x, y, yb))
                 loss, applied = step_fn(batches, lr, lam)
+                if world.size > 1:  # log the loss of the whole logical batch
+                    loss = float(distributed.all_reduce_sum(np.array([loss]))[0]) / world.size
                 if not math.isfinite(loss) or not applied:
                     # fp16: an overflow skips this update (the loss scale was halved) and training moves
                     # on, as with PyTorch's GradScaler; the data position stays step * batch_split.
@@ -311,6 +332,8 @@ def fit(
                 else:
                     progress.update(step, loss, lr, train_ips)
 
+                if world.size > 1:  # a signal reaches the ranks at different steps: stop them together
+                    stop.signal = stop.signal or (signal.SIGTERM if distributed.all_reduce_sum(np.array([bool(stop)]))[0] else None)
                 if stop or (stop_after is not None and step >= stop_after and step < plan.steps):
                     stopped = signal.Signals(stop.signal).name if stop else f"--stop-after {stop_after}"
                     progress.write(f"{stopped}: stopping after step {step}")
@@ -327,7 +350,8 @@ def fit(
             last_eval = run_eval(state.step)
         from bit_transfer.evaluate import save_report
 
-        save_report(last_eval, list(dataset.class_names), run_dir / "eval")
+        if world.is_main:
+            save_report(last_eval, list(dataset.class_names), run_dir / "eval")
         final = {
             "top1": last_eval.top1,
             "top5": last_eval.top5,
@@ -342,15 +366,17 @@ def fit(
             "eval_images": last_eval.count,
             "seconds": time.time() - t_start,
             "device": device,
+            "world": world.size,
             "checkpoint": str(last_saved),
         }
-        runlog.write_json(run_dir / "metrics.json", final)
+        if world.is_main:
+            runlog.write_json(run_dir / "metrics.json", final)
         metrics.hparams(
             {k: v for k, v in plan.to_dict().items() if k != "decisions"} | {"model": recipe.model.name, "batch_split": batch_split},
             {"top1": last_eval.top1, "top5": last_eval.top5, "loss": last_eval.loss},
         )
         status = "stopped early; rerun the same command to resume" if stopped else "done"
-        print(
+        say(
             f"{status}: top-1 {100 * last_eval.top1:.2f}% top-5 {100 * last_eval.top5:.2f}% after {state.step} steps "
             f"({final['seconds']:.0f} s). Curves: tensorboard --logdir {run_dir.parent}",
             flush=True,
@@ -401,11 +427,20 @@ def _probe(model, micro: int, crop: int, num_classes: int, tcfg) -> None:
     probe._micro(ms.Tensor(x), ms.Tensor(y), ms.Tensor(y), ms.Tensor(1.0), ms.Tensor(0.0))
 
 
-def evaluate_split(eval_step, split, crop: int, batch_size: int, num_classes: int, workers=None):
+def evaluate_split(eval_step, split, crop: int, batch_size: int, num_classes: int, workers=None, world=None):
+    """Evaluate a split; with several ranks each takes a shard and the counts are summed."""
     from bit_transfer.data import pipeline
-    from bit_transfer.evaluate import evaluate
+    from bit_transfer.evaluate import evaluate, merge
 
-    return evaluate(eval_step, pipeline.eval_batches(split, crop=crop, batch_size=batch_size, workers=workers), num_classes)
+    world = world or distributed.World()
+    batches = pipeline.eval_batches(split, crop=crop, batch_size=batch_size, workers=workers, rank=world.rank, world=world.size)
+    if world.size == 1:
+        return evaluate(eval_step, batches, num_classes)
+    try:
+        shard = evaluate(eval_step, batches, num_classes)
+    except ValueError:  # more ranks than eval images: this rank has none
+        shard = None
+    return merge(shard, distributed.all_reduce_sum, num_classes)  # throughput: the sum over ranks
 
 
 # ----------------------------------------------------------------------------- eval

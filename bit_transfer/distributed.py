@@ -1,0 +1,147 @@
+"""Data-parallel training on MindSpore's own stack: `msrun` launches, `mindspore.communication` reduces.
+
+Each rank reads a disjoint shard of every logical batch (batch = ranks x batch_split x micro-batch),
+gradients are mean-all-reduced once per optimizer step, and rank 0 alone writes the run
+directory. `bit-transfer fit RECIPE --devices N` starts `msrun` for you; under `msrun` (the
+documented multi-machine form) each worker finds its rank from the environment msrun sets.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bit_transfer.errors import RunError, UsageError
+
+MSRUN_ENV = "MS_WORKER_NUM"  # set by msrun in every worker it spawns
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_msrun() -> bool:
+    return int(os.environ.get(MSRUN_ENV, "1")) > 1
+
+
+@functools.cache
+def world() -> World:
+    """This process's rank and the number of ranks; initialises communication once under msrun.
+
+    Call after `runtime.setup` chose the device (MindSpore requires the device before init()).
+    """
+    if not launched_by_msrun():
+        return World()
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    w = World(get_rank(), get_group_size())
+    # the launcher maps a failed worker's pid (what msrun reports) back to its rank with this line
+    print(f"bit-transfer rank {w.rank} of {w.size}, pid {os.getpid()}", flush=True)
+    return w
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Sum a host array over all ranks (metrics, not gradients: those reduce inside the graph)."""
+    if world().size == 1:
+        return values
+    import mindspore as ms
+    from mindspore import ops
+
+    arr = np.asarray(values, np.float64)
+    out = ops.AllReduce()(ms.Tensor(arr.astype(np.float32)))
+    return out.asnumpy().astype(np.float64).reshape(arr.shape)
+
+
+# ----------------------------------------------------------------------------- the launcher
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def msrun_command(
+    fit_args: list[str],
+    *,
+    devices: int,
+    log_dir: Path,
+    nodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+) -> list[str]:
+    """The msrun command line that runs `bit-transfer fit ...` on `devices` workers per node."""
+    msrun = shutil.which("msrun", path=_path_with_this_python())
+    if not msrun:
+        raise UsageError("msrun is not on PATH; it ships with MindSpore: reinstall mindspore in this environment")
+    main = Path(__file__).resolve().parent / "entry" / "msrun_worker.py"
+    return [
+        msrun,
+        f"--worker_num={devices * nodes}",
+        f"--local_worker_num={devices}",
+        f"--master_addr={master_addr}",
+        f"--master_port={master_port or free_port()}",
+        f"--node_rank={node_rank}",
+        f"--log_dir={log_dir}",
+        "--join=True",
+        "--tail_worker_log=0",
+        str(main),
+        "fit",
+        *fit_args,
+    ]
+
+
+def _path_with_this_python() -> str:
+    """msrun starts workers with `python` from PATH: make it this interpreter's."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> int:
+    """Run `fit` on `devices` ranks under msrun and wait; name the rank that failed, if any."""
+    log_dir = run_dir / "msrun"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = msrun_command(fit_args + ["--run-dir", str(run_dir)], devices=devices, log_dir=log_dir, **msrun_kw)
+    env = dict(os.environ, PATH=_path_with_this_python())
+    print(f"launching {devices} ranks with msrun; worker logs in {log_dir}", flush=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout.splitlines():  # rank 0's log (tailed by msrun), without msrun's own chatter
+        if not re.match(r"^\[(WARNING|INFO|ERROR|DEBUG)\] ", line) and "Traceback" not in line:
+            print(line, flush=True)
+    if proc.returncode == 0:
+        return 0
+    raise RunError(failure_message(proc.stdout, log_dir))
+
+
+def failure_message(msrun_output: str, log_dir: Path) -> str:
+    """'rank R failed: <its last error line>' from msrun's output and the workers' logs."""
+    pids = {}
+    for log in sorted(log_dir.glob("worker_*.log")):
+        text = log.read_text(errors="replace")
+        m = re.search(r"bit-transfer rank (\d+) of \d+, pid (\d+)", text)
+        if m:
+            pids[m.group(2)] = (int(m.group(1)), log, text)
+    m = re.search(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)", msrun_output)
+    if m and m.group(1) in pids:
+        rank, log, text = pids[m.group(1)]
+        errors = [ln for ln in text.splitlines() if "error:" in ln.lower() or ln.startswith(("RuntimeError", "Error", "bit-transfer"))]
+        last = errors[-1].strip() if errors else f"exit code {m.group(2)}"
+        return (
+            f"rank {rank} failed ({last[:200]}); the other ranks were stopped; see {log}; "
+            "rerun the same command to resume from the last checkpoint"
+        )
+    return f"the distributed run failed; see the worker logs in {log_dir}; rerun the same command to resume"

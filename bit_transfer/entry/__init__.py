@@ -1,0 +1,1 @@
+"""Entry scripts for launchers that run a file, not a module (msrun)."""
