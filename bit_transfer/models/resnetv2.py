@@ -86,13 +86,25 @@ def kernel_group_norm(kernel, x, groups: int, gamma, beta, eps):
 
 
 def zero_pad(x, top: int, bottom: int, left: int, right: int):
-    """Zero-pad H and W of an NCHW tensor with the `ops.Pad` primitive.
+    """Zero-pad H and W of an NCHW tensor by concatenating zero blocks.
 
     Not the functional `ops.pad`: in MindSpore 2.8 on CPU, a compiled backward through
     `ops.pad` followed by the stem's max-pool deadlocks on the 5th call for maps under 14 px
-    (reproduced in tests/test_models.py::test_small_inputs_train_repeatedly_under_jit).
+    (reproduced in tests/test_models.py::test_small_inputs_train_repeatedly_under_jit). Not the
+    `ops.Pad` primitive either: its CPU kernel took 28 ms of a ~950 ms R50x1 training step for the
+    stem's 1-pixel pad (batch 8, 128 px); concat and its slice backward take ~1/4 of that.
     """
-    return ops.Pad(((0, 0), (0, 0), (top, bottom), (left, right)))(x)
+    n, c, h, w = x.shape
+    if top or bottom:
+        parts = [ops.zeros((n, c, top, w), x.dtype)] if top else []
+        parts += [x] + ([ops.zeros((n, c, bottom, w), x.dtype)] if bottom else [])
+        x = ops.concat(parts, 2)
+        h = h + top + bottom
+    if left or right:
+        parts = [ops.zeros((n, c, h, left), x.dtype)] if left else []
+        parts += [x] + ([ops.zeros((n, c, h, right), x.dtype)] if right else [])
+        x = ops.concat(parts, 3)
+    return x
 
 
 class StdConv2d(nn.Cell):
