@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_train import assert_params_close, final_params, pattern_task, read_jsonl, tiny_recipe
+from test_train import EQUAL_MATHS_ATOL, assert_params_close, final_params, pattern_task, read_jsonl, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_two_ranks_end_with_the_parameters_of_one_rank(two_ranks, tmp_path):
 
     rec, two, _ = two_ranks
     one = fit(recipes.load(rec), run_dir=tmp_path / "one")
-    assert_params_close(final_params(two), final_params(tmp_path / "one"), atol=2e-5)
+    assert_params_close(final_params(two), final_params(tmp_path / "one"), atol=EQUAL_MATHS_ATOL)
     m2 = json.loads((two / "metrics.json").read_text())
     assert m2["world"] == 2 and one["world"] == 1
     assert m2["top1"] == pytest.approx(one["top1"]) and m2["loss"] == pytest.approx(one["loss"], rel=1e-4)
@@ -65,7 +65,7 @@ def test_two_ranks_end_with_the_parameters_of_one_rank(two_ranks, tmp_path):
     # the logged loss is that of the whole logical batch, as on one rank
     l2 = [r["train/loss"] for r in read_jsonl(two / "metrics.jsonl") if "train/loss" in r]
     l1 = [r["train/loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "train/loss" in r]
-    assert l2 == pytest.approx(l1, rel=1e-4)
+    assert l2 == pytest.approx(l1, rel=1e-3)
 
 
 def test_only_rank_0_wrote_the_run_directory(two_ranks):
@@ -93,7 +93,7 @@ def test_resume_a_two_rank_checkpoint_on_one_rank(task, tmp_path):
     resumed = fit(recipes.load(rec), run_dir=tmp_path / "run")  # now on 1 rank
     assert resumed["completed"] and resumed["world"] == 1
     fit(recipes.load(rec), run_dir=tmp_path / "straight")
-    assert_params_close(final_params(tmp_path / "run"), final_params(tmp_path / "straight"), atol=2e-5)
+    assert_params_close(final_params(tmp_path / "run"), final_params(tmp_path / "straight"), atol=EQUAL_MATHS_ATOL)
 
 
 def test_a_rank_that_dies_stops_the_run_with_its_name(task, tmp_path):
