@@ -296,3 +296,25 @@ def test_choose_batch_split_halves_until_it_fits():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         choose_batch_split(8, broken, log=lambda *a: None)
+
+
+def test_all_finite_catches_inf_and_nan_anywhere():
+    import mindspore as ms
+
+    from bit_transfer import runtime
+    from bit_transfer.step import all_finite
+
+    runtime.setup("auto")
+    ok = [ms.Tensor(np.ones((3, 2), np.float32)), ms.Tensor(np.full(4, -2.0, np.float32))]
+    assert bool(all_finite(ok).asnumpy())
+    for bad in (np.inf, -np.inf, np.nan):
+        arr = np.ones(4, np.float32)
+        arr[2] = bad
+        assert not bool(all_finite(ok + [ms.Tensor(arr)]).asnumpy())
+
+
+def test_bf16_on_cpu_is_a_usage_error(task, tmp_path):
+    from bit_transfer.train import fit
+
+    with pytest.raises(UsageError, match="bf16 needs Ascend or GPU"):
+        fit(tiny_recipe(task, tmp_path, train__precision="bf16"), run_dir=tmp_path / "bf16")
