@@ -105,22 +105,22 @@ class TrainStep:
         # optimizer step, inside the compiled graph; every rank then applies the same update.
         all_reduce = ops.AllReduce() if world > 1 else None
 
-        def reduce(grads):
-            if all_reduce is None:
-                return grads
-            return tuple(all_reduce(g) / world for g in grads)
+        def update(grads, scale, lr):
+            """The end of every optimizer step: all-reduce, unscale (fp16), check, apply."""
+            if all_reduce is not None:
+                grads = tuple(all_reduce(g) / world for g in grads)
+            if unscale:
+                grads = tuple(g / scale for g in grads)
+            finite = all_finite(grads)
+            if finite:
+                self.optimizer(grads, lr)
+            return finite
 
         if batch_split == 1:
 
             def micro(x, ya, yb, lam, scale, lr):
                 (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
-                grads = reduce(grads)
-                if unscale:
-                    grads = tuple(g / scale for g in grads)
-                finite = all_finite(grads)
-                if finite:
-                    self.optimizer(grads, lr)
-                return loss, finite
+                return loss, update(grads, scale, lr)
 
             self._micro = ms.jit(micro) if jit else micro
         else:
@@ -135,18 +135,9 @@ class TrainStep:
             def accumulate(acc, grads):
                 return tuple(a + g for a, g in zip(acc, grads))
 
-            def apply(grads, scale, lr):
-                grads = reduce(grads)
-                if unscale:
-                    grads = tuple(g / scale for g in grads)
-                finite = all_finite(grads)
-                if finite:
-                    self.optimizer(grads, lr)
-                return finite
-
             self._micro = ms.jit(micro) if jit else micro
             self._accumulate = ms.jit(accumulate) if jit else accumulate
-            self._apply = ms.jit(apply) if jit else apply
+            self._apply = ms.jit(update) if jit else update
 
     def __call__(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
         """One optimizer step over `batch_split` micro-batches of (x, y_a, y_b).
