@@ -424,7 +424,9 @@ def _probe(model, micro: int, crop: int, num_classes: int, tcfg) -> None:
     y = np.zeros((micro,), np.int32)
     import mindspore as ms
 
-    probe._micro(ms.Tensor(x), ms.Tensor(y), ms.Tensor(y), ms.Tensor(1.0), ms.Tensor(0.0))
+    lam, loss_scale = ms.Tensor(1.0, ms.float32), ms.Tensor(1.0, ms.float32)
+    loss, _ = probe._micro(ms.Tensor(x), ms.Tensor(y), ms.Tensor(y), lam, loss_scale)
+    loss.asnumpy()  # wait for the step: an allocation failure surfaces here
 
 
 def evaluate_split(eval_step, split, crop: int, batch_size: int, num_classes: int, workers=None, world=None):

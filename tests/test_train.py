@@ -318,3 +318,12 @@ def test_bf16_on_cpu_is_a_usage_error(task, tmp_path):
 
     with pytest.raises(UsageError, match="bf16 needs Ascend or GPU"):
         fit(tiny_recipe(task, tmp_path, train__precision="bf16"), run_dir=tmp_path / "bf16")
+
+
+def test_batch_split_auto_picks_the_whole_batch_when_it_fits(task, tmp_path, capsys):
+    from bit_transfer.train import fit
+
+    m = fit(tiny_recipe(task, tmp_path, rule__steps=2, train__batch_split="auto"), run_dir=tmp_path / "auto")
+    assert m["completed"]
+    assert "batch_split auto: micro-batch 16 fits -> batch_split 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "auto" / "plan.json").read_text())["batch_split"] == 1
