@@ -48,6 +48,12 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / CKPT_DIR).glob("step-*.ckpt"))
 
 
+def kept_checkpoint(run_dir: Path) -> str:
+    """What a stopped run leaves to resume from, for its one-line message."""
+    ckpts = find_checkpoints(run_dir)
+    return f"the last good checkpoint {ckpts[-1]} is kept" if ckpts else "no checkpoint had been written"
+
+
 def choose_batch_split(batch_size: int, try_micro_batch, world: int = 1, log=print) -> int:
     """`train.batch_split: auto`: the largest micro-batch that runs (try, catch out-of-memory, halve).
 
@@ -130,7 +136,7 @@ def fit(
     `stop_after` ends the run after that many steps of the plan as if interrupted (checkpoint,
     final eval); rerunning on the same run directory continues it.
     """
-    from bit_transfer import checkpoint, data
+    from bit_transfer import checkpoint, data, models
     from bit_transfer.data import pipeline
 
     t_start = time.time()
@@ -151,7 +157,7 @@ def fit(
     run_dir = Path(run_dir) if run_dir else runlog.new_run_dir(recipe.log.dir, recipe.name)
     resuming = bool(run_dir.exists() and find_checkpoints(run_dir))
     if resuming:
-        saved = recipes.from_dict(runlog_yaml(run_dir / "recipe.yaml"), path=str(run_dir / "recipe.yaml"))
+        saved = recipes.load(run_dir / "recipe.yaml")
         if saved.to_dict() != recipe.to_dict():
             raise RecipeError(
                 f"{run_dir} holds a run of a different recipe; resume it with `bit-transfer fit --resume {run_dir}` "
@@ -230,7 +236,7 @@ def fit(
             "data_position": step * batch_split,  # global micro-batches consumed
             "world": world.size,
             "seed": tcfg.seed,
-            "model": _model_config(model),
+            "model": models.model_config(model),
             "class_names": list(dataset.class_names),
             "recipe": recipe.name,
             "plan_steps": plan.steps,
@@ -242,10 +248,9 @@ def fit(
         params = {p.name: p.asnumpy() for p in model.get_parameters()}
         bad = [k for k, v in params.items() if not np.isfinite(v).all()]
         if bad:  # finite loss and gradients can still overflow the weights (a huge lr)
-            keep = find_checkpoints(run_dir)[-1:]
-            kept = f"the last good checkpoint {keep[0]} is kept" if keep else "no checkpoint had been written"
             raise TrainingDiverged(
-                f"weights became non-finite at step {step} (e.g. {bad[0]}); {kept}; lower rule.base_lr or check the data"
+                f"weights became non-finite at step {step} (e.g. {bad[0]}); {kept_checkpoint(run_dir)}; "
+                "lower rule.base_lr or check the data"
             )
         if not world.is_main:
             return path
@@ -311,11 +316,9 @@ def fit(
                     # on, as with PyTorch's GradScaler; the data position stays step * batch_split.
                     consecutive_skips += 1
                     if tcfg.precision != "fp16" or consecutive_skips >= 10:
-                        keep = last_saved or (find_checkpoints(run_dir)[-1:] or [None])[0]
-                        kept = f"the last good checkpoint {keep} is kept" if keep else "no checkpoint had been written"
                         raise TrainingDiverged(
-                            f"loss became {loss} at step {step} (lr {lr:g}); the update was not applied and {kept}; "
-                            "lower rule.base_lr or check the data"
+                            f"loss became {loss} at step {step} (lr {lr:g}); the update was not applied and "
+                            f"{kept_checkpoint(run_dir)}; lower rule.base_lr or check the data"
                         )
                 else:
                     consecutive_skips = 0
@@ -385,21 +388,6 @@ def fit(
     finally:
         progress.close()
         metrics.close()
-
-
-def runlog_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except OSError:
-        raise RecipeError(f"{path} is missing; this is not a bit-transfer run directory") from None
-
-
-def _model_config(model) -> dict:
-    from bit_transfer import models
-
-    return models.model_config(model)
 
 
 def _restore(model, step_fn, params: dict, path: Path) -> None:
