@@ -1,11 +1,11 @@
-"""The compiled CPU GroupNorm kernel gives the built-in op's values and gradients (models/cpu_kernels.py)."""
+"""The compiled CPU GroupNorm kernel gives the built-in op's values and gradients (bit_transfer/cpu_kernels.py)."""
 
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, ops
 
-from bit_transfer.models import cpu_kernels
+from bit_transfer import cpu_kernels
 from bit_transfer.models.resnetv2 import kernel_group_norm
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernel not available here")

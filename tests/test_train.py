@@ -298,19 +298,33 @@ def test_choose_batch_split_halves_until_it_fits():
         choose_batch_split(8, broken, log=lambda *a: None)
 
 
-def test_all_finite_catches_inf_and_nan_anywhere():
+@pytest.mark.parametrize("impl", ["sum", "kernel"])
+def test_all_finite_catches_inf_and_nan_anywhere(impl):
     import mindspore as ms
 
-    from bit_transfer import runtime
+    from bit_transfer import cpu_kernels, runtime
     from bit_transfer.step import all_finite
 
     runtime.setup("auto")
-    ok = [ms.Tensor(np.ones((3, 2), np.float32)), ms.Tensor(np.full(4, -2.0, np.float32))]
-    assert bool(all_finite(ok).asnumpy())
-    for bad in (np.inf, -np.inf, np.nan):
-        arr = np.ones(4, np.float32)
-        arr[2] = bad
-        assert not bool(all_finite(ok + [ms.Tensor(arr)]).asnumpy())
+    kernel = None
+    if impl == "kernel":
+        kernel = cpu_kernels.all_finite_primitive()
+        if kernel is None:
+            pytest.skip("compiled CPU kernels not available here")
+    def eager(*grads):
+        return all_finite(grads, kernel)
+
+    check = ms.jit(eager)  # as in the train step
+    ok = [np.ones((3, 2), np.float32), np.full(1031, -2.0, np.float32), np.zeros((2, 5, 3, 3), np.float32)]
+    if impl == "kernel":  # huge but finite: a sum would overflow, the bit test must not
+        ok.append(np.full(7, 3e38, np.float32))
+    for fn in (eager, check):
+        assert bool(fn(*map(ms.Tensor, ok)).asnumpy())
+        for bad in (np.inf, -np.inf, np.nan):
+            for where in (0, 1030):  # first and last element: the vector loop and its remainder
+                arrs = [a.copy() for a in ok]
+                arrs[1][where] = bad
+                assert not bool(fn(*map(ms.Tensor, arrs)).asnumpy()), (bad, where)
 
 
 def test_bf16_on_cpu_is_a_usage_error(task, tmp_path):

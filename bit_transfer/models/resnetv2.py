@@ -25,7 +25,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from bit_transfer.errors import UsageError
-from bit_transfer.models import cpu_kernels
+from bit_transfer import cpu_kernels
 
 WS_EPS = 1e-10  # official bit_pytorch StdConv2d; transformers/timm use 1e-8 (immaterial)
 GN_EPS = 1e-5
@@ -77,7 +77,7 @@ def _he_normal(shape) -> np.ndarray:
 
 
 def kernel_group_norm(kernel, x, groups: int, gamma, beta, eps):
-    """GroupNorm through the compiled CPU kernel (models/cpu_kernels.py): same maths as
+    """GroupNorm through the compiled CPU kernel (bit_transfer/cpu_kernels.py): same maths as
     `ops.group_norm`, ~5x faster forward+backward there. Computes in float32, returns x's dtype."""
     n, c = x.shape[0], x.shape[1]
     y = kernel(x.astype(ms.float32).reshape(n * groups, c // groups, -1), gamma.astype(ms.float32),
@@ -152,7 +152,7 @@ class GroupNormAct(nn.Cell):
 
     Uses a fused kernel: on CPU `ops.group_norm` made the R50x1 training step ~1.75x faster with
     ~3.5x less memory than a reshape/mean/var composite (benchmarks/model_speed.py --gn composite),
-    and the compiled kernel of models/cpu_kernels.py (used where it builds) is faster again.
+    and the compiled kernel of bit_transfer/cpu_kernels.py (used where it builds) is faster again.
     """
 
     def __init__(self, channels: int, act: bool = True):
