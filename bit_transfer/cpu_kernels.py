@@ -34,7 +34,9 @@ SOURCE = r"""
 #include <cstdint>
 #include <vector>
 
-extern "C" int gn_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+// RELU: y = max(0, GroupNorm(x)) in the same pass (the pre-activation units always follow GN with ReLU).
+template <bool RELU>
+static int gn_fwd_impl(int nparam, void **params, int64_t **shapes) {
   if (nparam != 7) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
@@ -69,22 +71,37 @@ extern "C" int gn_fwd(int nparam, void **params, int *ndims, int64_t **shapes, c
       const float *xs = xr + j * HW;
       float *ys = yr + j * HW;
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) ys[i] = xs[i] * a + b;
+      for (int64_t i = 0; i < HW; ++i) {
+        const float z = xs[i] * a + b;
+        ys[i] = RELU ? (z > 0.f ? z : 0.f) : z;
+      }
     }
   }
   return 0;
 }
 
-extern "C" int gn_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 8) return 1;
+extern "C" int gn_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_fwd_impl<false>(nparam, params, shapes);
+}
+extern "C" int gn_relu_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_fwd_impl<true>(nparam, params, shapes);
+}
+
+// RELU: dy is the gradient of max(0, z) and y = max(0, z) the forward output (one more input):
+// dz = dy where y > 0, else 0 (ReluGrad's rule).
+template <bool RELU>
+static int gn_bwd_impl(int nparam, void **params, int64_t **shapes) {
+  if (nparam != (RELU ? 9 : 8)) return 1;
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
   const float *mean = static_cast<const float *>(params[2]);
   const float *rstd = static_cast<const float *>(params[3]);
   const float *gamma = static_cast<const float *>(params[4]);
-  float *dx = static_cast<float *>(params[5]);
-  float *dgamma = static_cast<float *>(params[6]);
-  float *dbeta = static_cast<float *>(params[7]);
+  const float *y = RELU ? static_cast<const float *>(params[5]) : nullptr;
+  const int o = RELU ? 6 : 5;
+  float *dx = static_cast<float *>(params[o]);
+  float *dgamma = static_cast<float *>(params[o + 1]);
+  float *dbeta = static_cast<float *>(params[o + 2]);
   const int64_t R = shapes[0][0], Cg = shapes[0][1], HW = shapes[0][2], C = shapes[4][0], G = C / Cg;
   const int64_t K = Cg * HW;
   std::vector<double> pg(R * Cg), pb(R * Cg);  // per (row, channel): sum dy*xhat, sum dy
@@ -92,13 +109,17 @@ extern "C" int gn_bwd(int nparam, void **params, int *ndims, int64_t **shapes, c
   for (int64_t r = 0; r < R; ++r) {
     const float m = mean[r], rs = rstd[r];
     const int64_t c0 = (r % G) * Cg;
-    const float *xr = x + r * K, *dyr = dy + r * K;
+    const float *xr = x + r * K, *dyr = dy + r * K, *yr = RELU ? y + r * K : nullptr;
     double sg = 0.0, sgx = 0.0;  // sum gamma*dy, sum gamma*dy*xhat over the row
     for (int64_t j = 0; j < Cg; ++j) {
-      const float *xs = xr + j * HW, *ds = dyr + j * HW;
+      const float *xs = xr + j * HW, *ds = dyr + j * HW, *ys = RELU ? yr + j * HW : nullptr;
       float a = 0.f, b = 0.f;
 #pragma omp simd reduction(+ : a, b)
-      for (int64_t i = 0; i < HW; ++i) { a += ds[i] * ((xs[i] - m) * rs); b += ds[i]; }
+      for (int64_t i = 0; i < HW; ++i) {
+        const float d = RELU ? (ys[i] > 0.f ? ds[i] : 0.f) : ds[i];
+        a += d * ((xs[i] - m) * rs);
+        b += d;
+      }
       pg[r * Cg + j] = a;
       pb[r * Cg + j] = b;
       sg += static_cast<double>(gamma[c0 + j]) * b;
@@ -108,10 +129,13 @@ extern "C" int gn_bwd(int nparam, void **params, int *ndims, int64_t **shapes, c
     float *dxr = dx + r * K;
     for (int64_t j = 0; j < Cg; ++j) {
       const float gm = gamma[c0 + j] * rs;
-      const float *xs = xr + j * HW, *ds = dyr + j * HW;
-      float *o = dxr + j * HW;
+      const float *xs = xr + j * HW, *ds = dyr + j * HW, *ys = RELU ? yr + j * HW : nullptr;
+      float *out = dxr + j * HW;
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) o[i] = gm * ds[i] - rs * (mg + ((xs[i] - m) * rs) * mgx);
+      for (int64_t i = 0; i < HW; ++i) {
+        const float d = RELU ? (ys[i] > 0.f ? ds[i] : 0.f) : ds[i];
+        out[i] = gm * d - rs * (mg + ((xs[i] - m) * rs) * mgx);
+      }
     }
   }
   const int64_t N = R / G;
@@ -123,6 +147,13 @@ extern "C" int gn_bwd(int nparam, void **params, int *ndims, int64_t **shapes, c
         dbeta[g * Cg + j] += static_cast<float>(pb[(n * G + g) * Cg + j]);
       }
   return 0;
+}
+
+extern "C" int gn_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_bwd_impl<false>(nparam, params, shapes);
+}
+extern "C" int gn_relu_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_bwd_impl<true>(nparam, params, shapes);
 }
 
 // All inputs (float32, any shapes) free of inf and NaN -> bool output. One pass over the exponent
@@ -179,7 +210,7 @@ def build() -> Path | None:
 
 @functools.cache
 def _ops():
-    """{name: Custom primitive} (gn_fwd, gn_bwd, all_finite), or None where MindSpore's ops must be used."""
+    """{name: Custom primitive} (gn, gn_relu, all_finite), or None where MindSpore's ops must be used."""
     if os.environ.get("BIT_TRANSFER_CPU_KERNELS", "1") == "0":
         return None
     from bit_transfer import runtime
@@ -193,38 +224,47 @@ def _ops():
     from mindspore import ops
 
     f32 = ms.float32
-    bwd = ops.Custom(
-        f"{lib}:gn_bwd",
-        out_shape=lambda dy, x, mean, rstd, gamma: (dy, gamma, gamma),
-        out_dtype=lambda *_: (f32, f32, f32),
-        func_type="aot",
-    )
 
-    def bprop(x, gamma, beta, eps, out, dout):
-        dx, dgamma, dbeta = bwd(dout[0], x, out[1], out[2], gamma)
-        return dx, dgamma, dbeta, ops.zeros_like(eps)
+    def group_norm(relu: bool):
+        """Forward primitive whose bprop is the matching backward kernel."""
+        name = "gn_relu" if relu else "gn"
+        bwd = ops.Custom(
+            f"{lib}:{name}_bwd",
+            out_shape=lambda dy, x, mean, rstd, gamma, *y: (dy, gamma, gamma),
+            out_dtype=lambda *_: (f32, f32, f32),
+            func_type="aot",
+        )
 
-    fwd = ops.Custom(
-        f"{lib}:gn_fwd",
-        out_shape=lambda x, gamma, beta, eps: (x, (x[0],), (x[0],)),
-        out_dtype=lambda *_: (f32, f32, f32),
-        func_type="aot",
-        bprop=bprop,
-    )
+        def bprop(x, gamma, beta, eps, out, dout):
+            if relu:  # the ReLU output masks the incoming gradient
+                dx, dgamma, dbeta = bwd(dout[0], x, out[1], out[2], gamma, out[0])
+            else:
+                dx, dgamma, dbeta = bwd(dout[0], x, out[1], out[2], gamma)
+            return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+        return ops.Custom(
+            f"{lib}:{name}_fwd",
+            out_shape=lambda x, gamma, beta, eps: (x, (x[0],), (x[0],)),
+            out_dtype=lambda *_: (f32, f32, f32),
+            func_type="aot",
+            bprop=bprop,
+        )
+
     finite = ops.Custom(
         f"{lib}:all_finite",
         out_shape=lambda *shapes: (1,),
         out_dtype=lambda *dtypes: ms.bool_,
         func_type="aot",
     )
-    return {"gn_fwd": fwd, "gn_bwd": bwd, "all_finite": finite}
+    return {"gn": group_norm(relu=False), "gn_relu": group_norm(relu=True), "all_finite": finite}
 
 
-def group_norm_primitive():
+def group_norm_primitive(relu: bool = False):
     """The forward Custom primitive `(x (R, Cg, HW), gamma (C,), beta (C,), eps (1,)) -> (y, mean, rstd)`
-    with R = N*groups and C = groups*Cg (float32), or None where the built-in op must be used."""
+    with R = N*groups and C = groups*Cg (float32), y = GroupNorm(x) or, with `relu`, max(0, GroupNorm(x));
+    None where the built-in op must be used."""
     found = _ops()
-    return None if found is None else found["gn_fwd"]
+    return None if found is None else found["gn_relu" if relu else "gn"]
 
 
 def all_finite_primitive():

@@ -11,23 +11,25 @@ from bit_transfer.models.resnetv2 import kernel_group_norm
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernel not available here")
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["gn", "gn_relu"])
 @pytest.mark.parametrize("shape,groups,eps", [((2, 64, 9, 7), 32, 1e-5), ((3, 16, 5, 5), 16, 1e-5), ((24, 1, 36), 1, 1e-10)])
-def test_kernel_matches_ops_group_norm_values_and_gradients(shape, groups, eps):
+def test_kernel_matches_ops_group_norm_values_and_gradients(shape, groups, eps, relu):
     rng = np.random.default_rng(0)
     x = Tensor((rng.standard_normal(shape) * 3 + 1).astype(np.float32))
     c = shape[1] if groups > 1 else 1
     gamma = Tensor(rng.standard_normal(c).astype(np.float32))
     beta = Tensor(rng.standard_normal(c).astype(np.float32))
     r = Tensor(rng.standard_normal(shape).astype(np.float32))
-    kernel, eps_t = cpu_kernels.group_norm_primitive(), Tensor([eps], ms.float32)
+    kernel, eps_t = cpu_kernels.group_norm_primitive(relu), Tensor([eps], ms.float32)
 
     def builtin(x, g, b):
         if groups == 1:  # the weight-standardisation form: no affine in ops.group_norm
             return (ops.relu(ops.group_norm(x, 1, None, None, eps) * g + b) * r).sum()
         return (ops.relu(ops.group_norm(x, groups, g, b, eps)) * r).sum()
 
-    def compiled(x, g, b):
-        return (ops.relu(kernel_group_norm(kernel, x, groups, g, b, eps_t)) * r).sum()
+    def compiled(x, g, b):  # relu(GN) * r either way: fused in the kernel, or after it
+        y = kernel_group_norm(kernel, x, groups, g, b, eps_t)
+        return ((y if relu else ops.relu(y)) * r).sum()
 
     for jit in (False, True):
         wrap = ms.jit if jit else (lambda f: f)

@@ -161,15 +161,14 @@ class GroupNormAct(nn.Cell):
         self.act = act
         self.weight = Parameter(Tensor(np.ones(channels, np.float32)))
         self.bias = Parameter(Tensor(np.zeros(channels, np.float32)))
-        self.gn_kernel = cpu_kernels.group_norm_primitive()
+        self.gn_kernel = cpu_kernels.group_norm_primitive(relu=act)  # ReLU fused into the kernel
         if self.gn_kernel is not None:
             self.eps = Tensor([GN_EPS], ms.float32)
 
     def construct(self, x):
-        if self.gn_kernel is None:
-            x = ops.group_norm(x, self.groups, self.weight, self.bias, GN_EPS)
-        else:
-            x = kernel_group_norm(self.gn_kernel, x, self.groups, self.weight, self.bias, self.eps)
+        if self.gn_kernel is not None:
+            return kernel_group_norm(self.gn_kernel, x, self.groups, self.weight, self.bias, self.eps)
+        x = ops.group_norm(x, self.groups, self.weight, self.bias, GN_EPS)
         return ops.relu(x) if self.act else x
 
 
