@@ -28,26 +28,19 @@ from pathlib import Path
 
 # Inline (not a package-data file) so every install has it.
 SOURCE = r"""
-// GroupNorm forward/backward for MindSpore CPU custom (aot) ops. x is viewed as (R, Cg, HW),
-// R = N*G rows; gamma/beta have C = G*Cg entries; channel of (r, j) is (r % G)*Cg + j.
+// GroupNorm and weight standardisation forward/backward, and a finite check, for MindSpore CPU
+// custom (aot) ops. Single-threaded (see CXX_FLAGS); float64 statistics.
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+// Forward over R rows of K = Cg*HW values: row r is group (r % G) of sample r / G, its channel j
+// is (r % G)*Cg + j. gamma == nullptr: no affine (weight standardisation).
 // RELU: y = max(0, GroupNorm(x)) in the same pass (the pre-activation units always follow GN with ReLU).
 template <bool RELU>
-static int gn_fwd_impl(int nparam, void **params, int64_t **shapes) {
-  if (nparam != 7) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *gamma = static_cast<const float *>(params[1]);
-  const float *beta = static_cast<const float *>(params[2]);
-  const float eps = *static_cast<const float *>(params[3]);
-  float *y = static_cast<float *>(params[4]);
-  float *mean_out = static_cast<float *>(params[5]);
-  float *rstd_out = static_cast<float *>(params[6]);
-  const int64_t R = shapes[0][0], Cg = shapes[0][1], HW = shapes[0][2], C = shapes[1][0], G = C / Cg;
+static void gn_forward(const float *x, const float *gamma, const float *beta, float eps, float *y, float *mean_out,
+                       float *rstd_out, int64_t R, int64_t Cg, int64_t HW, int64_t G) {
   const int64_t K = Cg * HW;
-#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     const float *xr = x + r * K;
     // Two passes (mean, then squared deviations), accumulated in float64 lanes: `omp simd
@@ -67,7 +60,7 @@ static int gn_fwd_impl(int nparam, void **params, int64_t **shapes) {
     const int64_t c0 = (r % G) * Cg;
     float *yr = y + r * K;
     for (int64_t j = 0; j < Cg; ++j) {
-      const float a = rstd * gamma[c0 + j], b = beta[c0 + j] - mf * a;
+      const float a = rstd * (gamma ? gamma[c0 + j] : 1.f), b = (beta ? beta[c0 + j] : 0.f) - mf * a;
       const float *xs = xr + j * HW;
       float *ys = yr + j * HW;
 #pragma omp simd
@@ -77,40 +70,21 @@ static int gn_fwd_impl(int nparam, void **params, int64_t **shapes) {
       }
     }
   }
-  return 0;
 }
 
-extern "C" int gn_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_fwd_impl<false>(nparam, params, shapes);
-}
-extern "C" int gn_relu_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_fwd_impl<true>(nparam, params, shapes);
-}
-
-// RELU: dy is the gradient of max(0, z) and y = max(0, z) the forward output (one more input):
-// dz = dy where y > 0, else 0 (ReluGrad's rule).
+// Backward of gn_forward. RELU: dy is the gradient of max(0, z) and y = max(0, z) the forward
+// output: dz = dy where y > 0, else 0 (ReluGrad's rule). gamma == nullptr: no affine, no dgamma/dbeta.
 template <bool RELU>
-static int gn_bwd_impl(int nparam, void **params, int64_t **shapes) {
-  if (nparam != (RELU ? 9 : 8)) return 1;
-  const float *dy = static_cast<const float *>(params[0]);
-  const float *x = static_cast<const float *>(params[1]);
-  const float *mean = static_cast<const float *>(params[2]);
-  const float *rstd = static_cast<const float *>(params[3]);
-  const float *gamma = static_cast<const float *>(params[4]);
-  const float *y = RELU ? static_cast<const float *>(params[5]) : nullptr;
-  const int o = RELU ? 6 : 5;
-  float *dx = static_cast<float *>(params[o]);
-  float *dgamma = static_cast<float *>(params[o + 1]);
-  float *dbeta = static_cast<float *>(params[o + 2]);
-  const int64_t R = shapes[0][0], Cg = shapes[0][1], HW = shapes[0][2], C = shapes[4][0], G = C / Cg;
+static void gn_backward(const float *dy, const float *x, const float *mean, const float *rstd, const float *gamma,
+                        const float *y, float *dx, float *dgamma, float *dbeta, int64_t R, int64_t Cg, int64_t HW,
+                        int64_t G) {
   const int64_t K = Cg * HW;
-  std::vector<double> pg(R * Cg), pb(R * Cg);  // per (row, channel): sum dy*xhat, sum dy
-#pragma omp parallel for schedule(static)
+  std::vector<double> pg(gamma ? R * Cg : 0), pb(gamma ? R * Cg : 0);  // per (row, channel): sum dz*xhat, sum dz
   for (int64_t r = 0; r < R; ++r) {
     const float m = mean[r], rs = rstd[r];
     const int64_t c0 = (r % G) * Cg;
     const float *xr = x + r * K, *dyr = dy + r * K, *yr = RELU ? y + r * K : nullptr;
-    double sg = 0.0, sgx = 0.0;  // sum gamma*dy, sum gamma*dy*xhat over the row
+    double sg = 0.0, sgx = 0.0;  // sum gamma*dz, sum gamma*dz*xhat over the row
     for (int64_t j = 0; j < Cg; ++j) {
       const float *xs = xr + j * HW, *ds = dyr + j * HW, *ys = RELU ? yr + j * HW : nullptr;
       float a = 0.f, b = 0.f;
@@ -120,15 +94,18 @@ static int gn_bwd_impl(int nparam, void **params, int64_t **shapes) {
         a += d * ((xs[i] - m) * rs);
         b += d;
       }
-      pg[r * Cg + j] = a;
-      pb[r * Cg + j] = b;
-      sg += static_cast<double>(gamma[c0 + j]) * b;
-      sgx += static_cast<double>(gamma[c0 + j]) * a;
+      if (gamma) {
+        pg[r * Cg + j] = a;
+        pb[r * Cg + j] = b;
+      }
+      const double gj = gamma ? gamma[c0 + j] : 1.0;
+      sg += gj * b;
+      sgx += gj * a;
     }
     const float mg = static_cast<float>(sg / K), mgx = static_cast<float>(sgx / K);
     float *dxr = dx + r * K;
     for (int64_t j = 0; j < Cg; ++j) {
-      const float gm = gamma[c0 + j] * rs;
+      const float gm = (gamma ? gamma[c0 + j] : 1.f) * rs;
       const float *xs = xr + j * HW, *ds = dyr + j * HW, *ys = RELU ? yr + j * HW : nullptr;
       float *out = dxr + j * HW;
 #pragma omp simd
@@ -138,7 +115,8 @@ static int gn_bwd_impl(int nparam, void **params, int64_t **shapes) {
       }
     }
   }
-  const int64_t N = R / G;
+  if (!gamma) return;
+  const int64_t N = R / G, C = G * Cg;
   for (int64_t c = 0; c < C; ++c) { dgamma[c] = 0.f; dbeta[c] = 0.f; }
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < G; ++g)
@@ -146,15 +124,64 @@ static int gn_bwd_impl(int nparam, void **params, int64_t **shapes) {
         dgamma[g * Cg + j] += static_cast<float>(pg[(n * G + g) * Cg + j]);
         dbeta[g * Cg + j] += static_cast<float>(pb[(n * G + g) * Cg + j]);
       }
+}
+
+#define F(i) static_cast<float *>(params[i])
+#define CF(i) static_cast<const float *>(params[i])
+
+// GroupNorm: (x (R, Cg, HW), gamma (C,), beta (C,), eps (1,)) -> (y, mean (R,), rstd (R,)); G = C / Cg.
+template <bool RELU>
+static int gn_fwd_impl(int nparam, void **params, int64_t **shapes) {
+  if (nparam != 7) return 1;
+  const int64_t R = shapes[0][0], Cg = shapes[0][1], HW = shapes[0][2], G = shapes[1][0] / Cg;
+  gn_forward<RELU>(CF(0), CF(1), CF(2), *CF(3), F(4), F(5), F(6), R, Cg, HW, G);
   return 0;
 }
 
+// (dy, x, mean, rstd, gamma[, y if RELU]) -> (dx, dgamma, dbeta)
+template <bool RELU>
+static int gn_bwd_impl(int nparam, void **params, int64_t **shapes) {
+  if (nparam != (RELU ? 9 : 8)) return 1;
+  const int64_t R = shapes[0][0], Cg = shapes[0][1], HW = shapes[0][2], G = shapes[4][0] / Cg;
+  const int o = RELU ? 6 : 5;
+  gn_backward<RELU>(CF(0), CF(1), CF(2), CF(3), CF(4), RELU ? CF(5) : nullptr, F(o), F(o + 1), F(o + 2), R, Cg, HW, G);
+  return 0;
+}
+
+extern "C" int gn_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_fwd_impl<false>(nparam, params, shapes);
+}
+extern "C" int gn_relu_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_fwd_impl<true>(nparam, params, shapes);
+}
 extern "C" int gn_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   return gn_bwd_impl<false>(nparam, params, shapes);
 }
 extern "C" int gn_relu_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   return gn_bwd_impl<true>(nparam, params, shapes);
 }
+
+// Weight standardisation of a conv kernel in its own (O, I, kh, kw) layout, one row per output
+// channel, no affine (no reshape copies around the op): (w, eps (1,)) -> (y, mean (O,), rstd (O,)).
+static int64_t trailing(int ndim, const int64_t *shape) {
+  int64_t k = 1;
+  for (int d = 1; d < ndim; ++d) k *= shape[d];
+  return k;
+}
+extern "C" int ws_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 5) return 1;
+  gn_forward<false>(CF(0), nullptr, nullptr, *CF(1), F(2), F(3), F(4), shapes[0][0], 1, trailing(ndims[0], shapes[0]), 1);
+  return 0;
+}
+// (dy, w, mean, rstd) -> dw
+extern "C" int ws_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 5) return 1;
+  gn_backward<false>(CF(0), CF(1), CF(2), CF(3), nullptr, nullptr, F(4), nullptr, nullptr, shapes[0][0], 1,
+                     trailing(ndims[0], shapes[0]), 1);
+  return 0;
+}
+#undef F
+#undef CF
 
 // All inputs (float32, any shapes) free of inf and NaN -> bool output. One pass over the exponent
 // bits at memory speed; MindSpore 2.8's CPU ReduceSum (the portable check) took ~70 ms of a
@@ -210,7 +237,7 @@ def build() -> Path | None:
 
 @functools.cache
 def _ops():
-    """{name: Custom primitive} (gn, gn_relu, all_finite), or None where MindSpore's ops must be used."""
+    """{name: Custom primitive} (gn, gn_relu, ws, all_finite), or None where MindSpore's ops must be used."""
     if os.environ.get("BIT_TRANSFER_CPU_KERNELS", "1") == "0":
         return None
     from bit_transfer import runtime
@@ -250,13 +277,25 @@ def _ops():
             bprop=bprop,
         )
 
+    ws_bwd = ops.Custom(f"{lib}:ws_bwd", out_shape=lambda dy, w, mean, rstd: dy, out_dtype=lambda *_: f32, func_type="aot")
+
+    def ws_bprop(w, eps, out, dout):
+        return ws_bwd(dout[0], w, out[1], out[2]), ops.zeros_like(eps)
+
+    ws = ops.Custom(
+        f"{lib}:ws_fwd",
+        out_shape=lambda w, eps: (w, (w[0],), (w[0],)),
+        out_dtype=lambda *_: (f32, f32, f32),
+        func_type="aot",
+        bprop=ws_bprop,
+    )
     finite = ops.Custom(
         f"{lib}:all_finite",
         out_shape=lambda *shapes: (1,),
         out_dtype=lambda *dtypes: ms.bool_,
         func_type="aot",
     )
-    return {"gn": group_norm(relu=False), "gn_relu": group_norm(relu=True), "all_finite": finite}
+    return {"gn": group_norm(relu=False), "gn_relu": group_norm(relu=True), "ws": ws, "all_finite": finite}
 
 
 def group_norm_primitive(relu: bool = False):
@@ -265,6 +304,13 @@ def group_norm_primitive(relu: bool = False):
     None where the built-in op must be used."""
     found = _ops()
     return None if found is None else found["gn_relu" if relu else "gn"]
+
+
+def weight_standardisation_primitive():
+    """`(w (O, ...) float32, eps (1,)) -> (w_std, mean (O,), rstd (O,))`, w_std[o] = (w[o] - mean) * rstd
+    over all of w[o] (BiT's StdConv2d), or None where MindSpore's ops must be used."""
+    found = _ops()
+    return None if found is None else found["ws"]
 
 
 def all_finite_primitive():

@@ -38,3 +38,27 @@ def test_kernel_matches_ops_group_norm_values_and_gradients(shape, groups, eps, 
         np.testing.assert_allclose(got[0].asnumpy(), want[0].asnumpy(), rtol=1e-5, atol=1e-4)
         for a, b in zip(got[1], want[1]):
             np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-4 * np.abs(b.asnumpy()).max())
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 7, 7), (16, 24, 1, 1), (5, 4, 3, 3)])
+def test_weight_standardisation_kernel_matches_group_norm_on_the_flat_view(shape):
+    """The WS kernel works on (O, I, kh, kw) as is; the reference reshapes to (O, 1, I*kh*kw)."""
+    from bit_transfer.models.resnetv2 import WS_EPS
+
+    rng = np.random.default_rng(1)
+    w = Tensor((rng.standard_normal(shape) * 0.1 + 0.02).astype(np.float32))
+    r = Tensor(rng.standard_normal(shape).astype(np.float32))
+    kernel, eps_t = cpu_kernels.weight_standardisation_primitive(), Tensor([WS_EPS], ms.float32)
+
+    def builtin(w):
+        return (ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, WS_EPS).reshape(w.shape) * r).sum()
+
+    def compiled(w):
+        return (kernel(w, eps_t)[0] * r).sum()
+
+    for jit in (False, True):
+        wrap = ms.jit if jit else (lambda f: f)
+        want = wrap(ms.value_and_grad(builtin))(w)
+        got = wrap(ms.value_and_grad(compiled))(w)
+        np.testing.assert_allclose(got[0].asnumpy(), want[0].asnumpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got[1].asnumpy(), want[1].asnumpy(), rtol=1e-4, atol=1e-4 * np.abs(want[1].asnumpy()).max())
