@@ -8,9 +8,11 @@ from mindspore import Tensor, ops
 from bit_transfer import cpu_kernels
 from bit_transfer.models.resnetv2 import kernel_group_norm
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernel not available here")
+# The build itself is tested below without a skip; these compare results where the kernels exist.
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernels not available here")
 
 
+@needs_kernels
 @pytest.mark.parametrize("relu", [False, True], ids=["gn", "gn_relu"])
 @pytest.mark.parametrize("shape,groups,eps", [((2, 64, 9, 7), 32, 1e-5), ((3, 16, 5, 5), 16, 1e-5), ((24, 1, 36), 1, 1e-10)])
 def test_kernel_matches_ops_group_norm_values_and_gradients(shape, groups, eps, relu):
@@ -40,6 +42,7 @@ def test_kernel_matches_ops_group_norm_values_and_gradients(shape, groups, eps, 
             np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-4 * np.abs(b.asnumpy()).max())
 
 
+@needs_kernels
 @pytest.mark.parametrize("shape", [(8, 3, 7, 7), (16, 24, 1, 1), (5, 4, 3, 3)])
 def test_weight_standardisation_kernel_matches_group_norm_on_the_flat_view(shape):
     """The WS kernel works on (O, I, kh, kw) as is; the reference reshapes to (O, 1, I*kh*kw)."""
@@ -62,3 +65,31 @@ def test_weight_standardisation_kernel_matches_group_norm_on_the_flat_view(shape
         got = wrap(ms.value_and_grad(compiled))(w)
         np.testing.assert_allclose(got[0].asnumpy(), want[0].asnumpy(), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(got[1].asnumpy(), want[1].asnumpy(), rtol=1e-4, atol=1e-4 * np.abs(want[1].asnumpy()).max())
+
+
+def test_kernels_build_wherever_a_compiler_is_present(monkeypatch):
+    """Not a skip: a source that stops compiling would otherwise silently drop every test above."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler")
+    assert cpu_kernels.build() is not None
+    monkeypatch.delenv("BIT_TRANSFER_CPU_KERNELS", raising=False)
+    cpu_kernels._ops.cache_clear()
+    try:
+        assert cpu_kernels.available()
+    finally:
+        cpu_kernels._ops.cache_clear()
+
+
+def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, tmp_path):
+    monkeypatch.setenv("BIT_TRANSFER_HOME", str(tmp_path))
+    monkeypatch.delenv("BIT_TRANSFER_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_kernels, "SOURCE", cpu_kernels.SOURCE + "\n#error deliberately broken\n")
+    cpu_kernels._ops.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"compiled CPU kernels unavailable \(.*deliberately broken"):
+            assert cpu_kernels.group_norm_primitive() is None
+        assert cpu_kernels.all_finite_primitive() is None and not cpu_kernels.available()
+    finally:
+        cpu_kernels._ops.cache_clear()
