@@ -212,6 +212,6 @@ def cast_model(model: nn.Cell, precision: str) -> nn.Cell:
     if dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
         raise UsageError(
             "train.precision: bf16 needs Ascend or GPU: MindSpore's CPU backend has no bf16 kernels "
-            "(Reshape, GroupNorm); use fp32 on CPU"
+            "(Conv2D, MatMul, ReLU); use fp32 on CPU"
         )
     return ms.amp.auto_mixed_precision(model, amp_level="O2", dtype=dtype)
