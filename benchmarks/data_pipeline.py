@@ -7,8 +7,9 @@ for each worker count, with worker threads (the default) and, with --processes, 
 
     .venv/bin/python benchmarks/data_pipeline.py [--images 600] [--processes]
 
-Compare with the train step: on this 2-core CPU, BiT-R50x1 trains at ~5 img/s at 128 px
-(/work/shared/bit-facts.md), so the pipeline needs a tiny fraction of one core to keep up.
+Compare with the train step: on this 2-core CPU, BiT-R50x1 trains at ~26 img/s at 128 px (micro-batch 8,
+benchmarks/README.md), so the pipeline needs a small fraction of one core to keep up;
+fit_throughput.py measures the two together.
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ def spawn(args, which: str, batch: int, precision: str) -> dict | None:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    print(f"{which} batch {batch} {precision} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    usage = [ln for ln in proc.stderr.splitlines() if "UsageError:" in ln]  # e.g. bf16 on CPU: one line
+    print(f"{which} batch {batch} {precision} failed: " + (usage[-1] if usage else "\n" + proc.stderr[-2000:]), file=sys.stderr)
     return None
 
 
