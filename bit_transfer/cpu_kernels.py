@@ -1,18 +1,20 @@
-"""Compiled CPU kernels (MindSpore `ops.Custom`, func_type "aot"): GroupNorm forward/backward and
-the all-finite gradient check.
+"""Compiled CPU kernels (MindSpore `ops.Custom`, func_type "aot"): GroupNorm (optionally with the
+following ReLU fused in), weight standardisation, each with its backward, and the all-finite
+gradient check.
 
 Why: on CPU, MindSpore 2.8's `GroupNorm`/`GroupNormGrad` kernels run at ~9 ns per element (an
 elementwise op: ~0.3 ns), and they were ~half of a BiT training step (activations and weight
-standardisation). Composites of reductions were faster but kept 2-4x the memory. The kernel here
-(`SOURCE` below, single-threaded and vectorised, statistics accumulated in float64) is the same maths and
-keeps the fused op's memory: it saves only the per-row mean and 1/std for the backward pass.
-The finite check reads the exponent bits of every gradient once; MindSpore's CPU reductions made
-the portable check (a sum per tensor) ~17 % of an R50x1 step.
+standardisation). Composites of reductions were faster but kept 2-4x the memory. The kernels here
+(`SOURCE` below, single-threaded and vectorised, statistics accumulated in float64) are the same
+maths and keep the fused op's memory: they save only the per-row mean and 1/std for the backward
+pass (the fused ReLU's backward reads the output, which the next convolution keeps anyway). The
+finite check reads the exponent bits of every gradient once; MindSpore's CPU reductions made the
+portable check (a sum per tensor) ~17 % of an R50x1 step. docs/performance.md has the measurements.
 
-Used only where the CPU is MindSpore's only device, the C++ compiler is present and the build
-works; otherwise `group_norm_primitive()` and `all_finite_primitive()` are None and the callers
-keep MindSpore's ops. Set BIT_TRANSFER_CPU_KERNELS=0 to force those. The library is built once per source
-version and machine into paths.home()/kernels (compiled with -march=native, hence per machine).
+Used only where the CPU is MindSpore's only device and a C++ compiler builds them; otherwise the
+`*_primitive()` functions return None and the callers keep MindSpore's ops (a failed build warns
+once). Set BIT_TRANSFER_CPU_KERNELS=0 to force those. The library is built once per source version
+and machine into paths.home()/kernels (compiled with -march=native, hence per machine).
 """
 
 from __future__ import annotations
