@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/train_step.py                         # R50x1, micro-batch 8 and 32, 128 px, fp32
     .venv/bin/python benchmarks/train_step.py --batch 8 --precision fp32 bf16
     .venv/bin/python benchmarks/train_step.py --no-torch --steps 5
+    .venv/bin/python benchmarks/train_step.py --batch 8 --split 4         # micro-batching: 4 x 8 per step
 
 Each configuration runs in a fresh child process, so its peak RSS (ru_maxrss) is its own and a
 compiled graph of one run cannot help or hurt the next. bit-transfer runs `step.TrainStep` and
@@ -10,7 +11,9 @@ compiled graph of one run cannot help or hurt the next. bit-transfer runs `step.
 ApplyMomentum). PyTorch, when installed, runs the same architecture built from our own definition
 (`channels_for`, `gn_groups`, the eps constants) with our initial weights copied in, checked to give
 the same logits before timing. Throughput is the median over `--steps` timed steps after
-`--warmup` steps; "compile" is the wall time of the first call (graph build + first run).
+`--warmup` steps; "compile" is the wall time of the first call (graph build + first run). With
+`--split N` an optimizer step is N micro-batches (bit-transfer's `train.batch_split`; in PyTorch N
+backward passes of loss/N, then one optimizer step) and images/s counts all N.
 """
 
 from __future__ import annotations
@@ -77,13 +80,13 @@ def run_ours(args, batch: int, precision: str) -> dict:
     x, y = make_data(args, batch)
     # As in fit: cast, build the train step, then the eval step; evaluation runs the training model.
     model = step.cast_model(model, precision)
-    train = step.TrainStep(model, momentum=0.9, weight_decay=0.0, batch_split=1, precision=precision)
+    train = step.TrainStep(model, momentum=0.9, weight_decay=0.0, batch_split=args.split, precision=precision)
     ev = step.EvalStep(model, batch)
     out = {"framework": f"bit-transfer (mindspore {ms.__version__})", "batch": batch, "precision": precision}
     model.set_train(True)
-    call = lambda: train([(x, y, y)], 0.003, 1.0)  # noqa: E731
+    call = lambda: train([(x, y, y)] * args.split, 0.003, 1.0)  # noqa: E731
     out["train_compile_s"] = first_call(call)
-    out["train_img_s"] = median_rate(call, batch, args.steps, args.warmup)
+    out["train_img_s"] = median_rate(call, batch * args.split, args.steps, args.warmup)
     out["eval_compile_s"] = first_call(lambda: ev(x))
     out["eval_img_s"] = median_rate(lambda: ev(x), batch, args.steps, args.warmup)
     out["peak_rss_gb"] = peak_rss_gb()
@@ -178,9 +181,10 @@ def run_torch(args, batch: int, precision: str) -> dict:
 
     def train():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits = model(xt).float()
-        (1.0 * F.cross_entropy(logits, yt) + 0.0 * F.cross_entropy(logits, yt)).backward()
+        for _ in range(args.split):  # official bit_pytorch: (loss / batch_split).backward() per micro-batch
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                logits = model(xt).float()
+            ((1.0 * F.cross_entropy(logits, yt) + 0.0 * F.cross_entropy(logits, yt)) / args.split).backward()
         opt.step()
 
     model.eval()
@@ -188,7 +192,7 @@ def run_torch(args, batch: int, precision: str) -> dict:
     out["eval_img_s"] = median_rate(evaluate, batch, args.steps, args.warmup)
     model.train()
     out["train_compile_s"] = first_call(train)
-    out["train_img_s"] = median_rate(train, batch, args.steps, args.warmup)
+    out["train_img_s"] = median_rate(train, batch * args.split, args.steps, args.warmup)
     out["peak_rss_gb"] = peak_rss_gb()
     return out
 
@@ -216,7 +220,7 @@ def child(args) -> None:
 def spawn(args, which: str, batch: int, precision: str) -> dict | None:
     cmd = [sys.executable, __file__, "--child", which, "--batch", str(batch), "--precision", precision,
            "--model", args.model, "--size", str(args.size), "--classes", str(args.classes),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--split", str(args.split)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -241,6 +245,7 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--split", type=int, default=1, help="micro-batches per optimizer step (train.batch_split)")
     ap.add_argument("--steps", type=int, default=7, help="timed steps (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true")
@@ -256,7 +261,7 @@ def main() -> None:
         c = spawn(args, "check", 2, "fp32")
         if c is not None:
             print(f"# same model: max |logits ours - torch| = {c['max_logit_diff']:.1e} (max |logit| {c['max_logit']:.2f})")
-    print("| framework | precision | batch | train img/s | eval img/s | train compile s | peak RSS GB | vs torch (train / eval / RSS) |")
+    print("| framework | precision | micro-batch x split | train img/s | eval img/s | train compile s | peak RSS GB | vs torch (train / eval / RSS) |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for precision in args.precision:
         for batch in args.batch:
@@ -269,7 +274,7 @@ def main() -> None:
                 if r is ours and ref is not None:
                     ratio = (f"{ours['train_img_s'] / ref['train_img_s']:.2f}x / {ours['eval_img_s'] / ref['eval_img_s']:.2f}x"
                              f" / {ours['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x")
-                print(f"| {r['framework']} | {precision} | {batch} | {r['train_img_s']:.1f} | {r['eval_img_s']:.1f} | "
+                print(f"| {r['framework']} | {precision} | {batch} x {args.split} | {r['train_img_s']:.1f} | {r['eval_img_s']:.1f} | "
                       f"{r['train_compile_s']:.1f} | {r['peak_rss_gb']:.2f} | {ratio} |", flush=True)
 
 

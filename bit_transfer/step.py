@@ -129,20 +129,36 @@ class TrainStep:
 
             self._micro = ms.jit(micro) if jit else micro
         else:
-            # Micro-batches return their gradients as values and a compiled add sums them; no
-            # Parameter buffers are written. (Accumulating into Parameters with ops.assign was
-            # ~40x slower per micro-step in MindSpore 2.8 on CPU, and reading and zeroing them in
-            # one graph was mis-ordered under jit.)
-            def micro(x, ya, yb, lam, scale):
-                (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
-                return loss, grads
+            # Each micro-batch adds its gradients into Parameter buffers inside its own compiled
+            # graph; `apply` reads them. The step's first micro-batch overwrites the buffers, so no
+            # zeroing pass (zeroing and reading them in one graph ran mis-ordered under jit in
+            # MindSpore 2.8). The branch on `first` also keeps the graph fast: MindSpore 2.8 runs
+            # graphs without control flow through its CPU "graph pipeline", which made R50x1's
+            # forward+backward 2x slower on 2 cores (0.60 vs 0.30 s per micro-batch of 8). Returning
+            # the gradients as values and summing them in another graph (the previous design):
+            # 19.4 img/s, 2.31 GB peak at R50x1 8 x 4; this: 26.1 img/s, 2.12 GB (docs/performance.md).
+            sums = ParameterTuple(
+                Parameter(ops.zeros(p.shape, p.dtype), name=f"grad_sum.{p.name}", requires_grad=False) for p in params
+            )
 
-            def accumulate(acc, grads):
-                return tuple(a + g for a, g in zip(acc, grads))
+            def micro(x, ya, yb, lam, scale, first):
+                (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
+                if first:
+                    for acc, g in zip(sums, grads):
+                        ops.assign(acc, g)
+                else:
+                    for acc, g in zip(sums, grads):
+                        ops.assign_add(acc, g)
+                return loss
+
+            def apply(scale, lr):
+                # As values: with the Parameters themselves as ApplyMomentum's gradient inside the
+                # `if finite` branch, MindSpore 2.8 silently applied no update (tested:
+                # tests/test_train.py::test_micro_batching_gives_the_same_update).
+                return update(tuple(acc * 1.0 for acc in sums), scale, lr)
 
             self._micro = ms.jit(micro) if jit else micro
-            self._accumulate = ms.jit(accumulate) if jit else accumulate
-            self._apply = ms.jit(update) if jit else update
+            self._apply = ms.jit(apply) if jit else apply
 
     def __call__(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
         """One optimizer step over `batch_split` micro-batches of (x, y_a, y_b).
@@ -158,16 +174,23 @@ class TrainStep:
             loss, finite = self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, scale_t, lr_t)
             losses.append(loss)
         else:
-            acc = None
-            for x, ya, yb in micro_batches:
-                loss, grads = self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, scale_t)
-                # mutable: a tuple of tensors is otherwise a compile-time constant (one graph per call)
-                acc = grads if acc is None else self._accumulate(ms.mutable(acc), ms.mutable(grads))
-                losses.append(loss)
-            finite = self._apply(ms.mutable(acc), scale_t, lr_t)
+            for i, (x, ya, yb) in enumerate(micro_batches):
+                losses.append(self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, scale_t, Tensor(i == 0)))
+            finite = self._apply(scale_t, lr_t)
         finite = bool(finite.asnumpy()) if hasattr(finite, "asnumpy") else bool(finite)
         self._adjust_scale(finite)
         return float(np.mean([float(loss.asnumpy()) for loss in losses])), finite
+
+    def gradients_only(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Forward and backward of one micro-batch into the gradient sums, no update (batch_split > 1).
+
+        For sizing probes (`train.batch_split: auto`): the memory of a real micro-step, weights untouched.
+        """
+        if self.batch_split == 1:
+            raise ValueError("gradients_only needs a TrainStep with batch_split > 1")
+        one = Tensor(1.0, ms.float32)
+        loss = self._micro(Tensor(x), Tensor(y), Tensor(y), one, one, Tensor(True))
+        return float(loss.asnumpy())  # waits for the step: an allocation failure surfaces here
 
     def _adjust_scale(self, finite: bool) -> None:
         """Dynamic loss scaling (fp16 only): halve on overflow, double after 1000 good steps."""

@@ -341,3 +341,33 @@ def test_batch_split_auto_picks_the_whole_batch_when_it_fits(task, tmp_path, cap
     assert m["completed"]
     assert "batch_split auto: micro-batch 16 fits -> batch_split 1" in capsys.readouterr().out
     assert json.loads((tmp_path / "auto" / "plan.json").read_text())["batch_split"] == 1
+
+
+@pytest.mark.parametrize("batch_split", [1, 2])
+def test_pynative_train_step_matches_the_compiled_one(batch_split):
+    """train.jit: false (PyNative, for debugging) runs the same maths as the compiled step,
+    including the running gradient sum of batch_split > 1."""
+    from bit_transfer import runtime
+    from bit_transfer.models import create_model
+    from bit_transfer.step import TrainStep
+
+    runtime.setup("auto")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2 * batch_split, 4, 3, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 3, (2 * batch_split, 4)).astype(np.int32)
+    weights = []
+    for jit in (True, False):
+        runtime.seed_everything(0)
+        model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.25)
+        for p in model.head.get_parameters():  # a non-zero head, so every layer gets gradients
+            runtime.assign(p, np.full(p.shape, 0.05, np.float32))
+        step = TrainStep(model, momentum=0.9, weight_decay=0.0, batch_split=batch_split, jit=jit)
+        model.set_train(True)
+        for s in range(2):
+            micro = [(x[s * batch_split + i], y[s * batch_split + i], y[s * batch_split + i]) for i in range(batch_split)]
+            loss, applied = step(micro, 0.01, 1.0)
+            assert applied and np.isfinite(loss)
+        weights.append({p.name: p.asnumpy() for p in model.trainable_params()})
+    compiled, eager = weights
+    for name, w in compiled.items():
+        np.testing.assert_allclose(eager[name], w, rtol=1e-4, atol=EQUAL_MATHS_ATOL, err_msg=name)
