@@ -11,7 +11,8 @@ pass (the fused ReLU's backward reads the output, which the next convolution kee
 finite check reads the exponent bits of every gradient once; MindSpore's CPU reductions made the
 portable check (a sum per tensor) ~17 % of an R50x1 step. docs/performance.md has the measurements.
 
-Used only where the CPU is MindSpore's only device and a C++ compiler builds them; otherwise the
+Float32 only (models/resnetv2.py sends half-precision models to MindSpore's ops). Used only where
+the CPU is MindSpore's only device and a C++ compiler builds them; otherwise the
 `*_primitive()` functions return None and the callers keep MindSpore's ops (a failed build warns
 once). Set BIT_TRANSFER_CPU_KERNELS=0 to force those. The library is built once per source version
 and machine into paths.home()/kernels (compiled with -march=native, hence per machine).

@@ -181,12 +181,12 @@ def fit(
     )
 
     # --- model
-    model = build_model(recipe.model, num_classes, log=say)
+    net = build_model(recipe.model, num_classes, log=say)
     if tcfg.mode == "linear":
-        model.freeze_backbone()
+        net.freeze_backbone()
     from bit_transfer.step import EvalStep, TrainStep, cast_model
 
-    model = cast_model(model, tcfg.precision)
+    model = cast_model(net, tcfg.precision)  # fp16: a wrapper around `net`, same Parameters
 
     def make_step(split):
         return TrainStep(
@@ -236,7 +236,7 @@ def fit(
             "data_position": step * batch_split,  # global micro-batches consumed
             "world": world.size,
             "seed": tcfg.seed,
-            "model": models.model_config(model),
+            "model": models.model_config(net),
             "class_names": list(dataset.class_names),
             "recipe": recipe.name,
             "plan_steps": plan.steps,

@@ -133,16 +133,17 @@ class StdConv2d(nn.Cell):
         # mean/var/rsqrt composite (benchmarks/model_speed.py --ws composite). The compiled CPU
         # kernel works on the (O, I, kh, kw) weight in place (the reshapes copied ~2 % of a step).
         w = self.weight
-        if self.ws_kernel is None:
-            w = ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, WS_EPS).reshape(w.shape)
-        else:
+        if self.ws_kernel is not None and x.dtype == ms.float32:  # float32 kernels; amp models: the op
             w = self.ws_kernel(w, self.ws_eps)[0]
+        else:
+            w = ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, WS_EPS).reshape(w.shape)
         if self.dynamic:
             top, bottom = _same_pad(x.shape[2], self.kernel, self.stride)
             left, right = _same_pad(x.shape[3], self.kernel, self.stride)
             if top + bottom + left + right > 0:
                 x = zero_pad(x, top, bottom, left, right)
-        return ops.conv2d(x, w, None, self.stride, "pad", self.pad)
+        # fp16 (amp O2) computes the convolution in x's dtype; the standardisation stays float32.
+        return ops.conv2d(x, w.astype(x.dtype), None, self.stride, "pad", self.pad)
 
 
 class GroupNormAct(nn.Cell):
@@ -164,9 +165,14 @@ class GroupNormAct(nn.Cell):
             self.eps = Tensor([GN_EPS], ms.float32)
 
     def construct(self, x):
-        if self.gn_kernel is not None:
+        # The compiled kernels are float32 kernels and serve float32 models: under fp16 (amp O2) on
+        # CPU they trained nothing (zero features; tests/test_train.py::test_fp16_trains...), so
+        # half-precision models use MindSpore's op, as on accelerators.
+        if self.gn_kernel is not None and x.dtype == ms.float32:
             return kernel_group_norm(self.gn_kernel, x, self.groups, self.weight, self.bias, self.eps)
-        x = ops.group_norm(x, self.groups, self.weight, self.bias, GN_EPS)
+        # In float32 under fp16/bf16: GroupNorm's type inference refuses a half-precision input with
+        # float32 weights, and its statistics want the range.
+        x = ops.group_norm(x.astype(ms.float32), self.groups, self.weight, self.bias, GN_EPS).astype(x.dtype)
         return ops.relu(x) if self.act else x
 
 
