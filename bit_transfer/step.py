@@ -62,8 +62,8 @@ def all_finite(grads, kernel=None):
     makes the sum non-finite). `ms.amp.all_finite` launches IsFinite per tensor, ~1 ms each on CPU
     (~20 % of an R50 step), and the sums still cost ~17 % there (profiled, docs/performance.md).
     """
-    if kernel is not None:  # the kernel reads float32
-        return kernel(*(g if g.dtype == ms.float32 else g.astype(ms.float32) for g in grads)).reshape(())
+    if kernel is not None:  # float32 gradients only (TrainStep passes the kernel for float32 parameters)
+        return kernel(*grads).reshape(())
     return ops.isfinite(ops.addn([g.sum() for g in grads]))
 
 

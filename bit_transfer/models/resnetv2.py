@@ -142,8 +142,9 @@ class StdConv2d(nn.Cell):
             left, right = _same_pad(x.shape[3], self.kernel, self.stride)
             if top + bottom + left + right > 0:
                 x = zero_pad(x, top, bottom, left, right)
-        # fp16 (amp O2) computes the convolution in x's dtype; the standardisation stays float32.
-        return ops.conv2d(x, w.astype(x.dtype), None, self.stride, "pad", self.pad)
+        if w.dtype != x.dtype:  # fp16 (amp O2): convolve in x's dtype; standardise in float32
+            w = w.astype(x.dtype)
+        return ops.conv2d(x, w, None, self.stride, "pad", self.pad)
 
 
 class GroupNormAct(nn.Cell):
