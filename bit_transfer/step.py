@@ -113,9 +113,9 @@ class TrainStep:
         def update(grads, scale, lr):
             """The end of every optimizer step: all-reduce, unscale (fp16), check, apply."""
             if all_reduce is not None:
-                grads = tuple(all_reduce(g) / world for g in grads)
+                grads = tuple([all_reduce(g) / world for g in grads])
             if unscale:
-                grads = tuple(g / scale for g in grads)
+                grads = tuple([g / scale for g in grads])
             finite = all_finite(grads, finite_kernel)
             if finite:
                 self.optimizer(grads, lr)
@@ -155,7 +155,7 @@ class TrainStep:
                 # As values: with the Parameters themselves as ApplyMomentum's gradient inside the
                 # `if finite` branch, MindSpore 2.8 silently applied no update (tested:
                 # tests/test_train.py::test_micro_batching_gives_the_same_update).
-                return update(tuple(acc * 1.0 for acc in sums), scale, lr)
+                return update(tuple([acc * 1.0 for acc in sums]), scale, lr)
 
             self._micro = ms.jit(micro) if jit else micro
             self._apply = ms.jit(apply) if jit else apply
