@@ -13,14 +13,10 @@ maximum so far (ru_maxrss), reported after each phase.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import numpy as np
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+from train_step import peak_rss_gb  # benchmarks/ is on sys.path when run as a script
 
 
 def timed(fn, iters: int, warmup: int, batch: int) -> float:
@@ -120,43 +116,13 @@ def bench_mindspore(args) -> None:
 
 
 def bench_torch(args) -> None:
-    """The authors' bit_pytorch model, rebuilt here for reference timings (same maths)."""
+    """The authors' bit_pytorch model (train_step.torch_model: the one definition), same shapes."""
     import torch
     import torch.nn.functional as F
-    from torch import nn
 
-    from bit_transfer.models.resnetv2 import MODELS, canonical_name
+    from train_step import torch_model
 
-    class StdConv(nn.Conv2d):
-        def forward(self, x):
-            v, m = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
-            return F.conv2d(x, (self.weight - m) / torch.sqrt(v + 1e-10), None, self.stride, self.padding)
-
-    class Unit(nn.Module):
-        def __init__(self, cin, cout, cmid, stride):
-            super().__init__()
-            self.gn1, self.gn2, self.gn3 = nn.GroupNorm(32, cin), nn.GroupNorm(32, cmid), nn.GroupNorm(32, cmid)
-            self.conv1 = StdConv(cin, cmid, 1, bias=False)
-            self.conv2 = StdConv(cmid, cmid, 3, stride, 1, bias=False)
-            self.conv3 = StdConv(cmid, cout, 1, bias=False)
-            self.proj = StdConv(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
-
-        def forward(self, x):
-            out = F.relu(self.gn1(x))
-            shortcut = self.proj(out) if self.proj is not None else x
-            out = self.conv2(F.relu(self.gn2(self.conv1(out))))
-            return self.conv3(F.relu(self.gn3(out))) + shortcut
-
-    depths, wf = MODELS[canonical_name(args.model)]
-    layers = [StdConv(3, 64 * wf, 7, 2, 3, bias=False), nn.ConstantPad2d(1, 0), nn.MaxPool2d(3, 2)]
-    cin = 64 * wf
-    for i, depth in enumerate(depths):
-        mid = 64 * 2**i * wf
-        for u in range(depth):
-            layers.append(Unit(cin, 4 * mid, mid, 2 if (i > 0 and u == 0) else 1))
-            cin = 4 * mid
-    layers += [nn.GroupNorm(32, cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, args.classes)]
-    model = nn.Sequential(*layers)
+    model = torch_model(args)
     opt = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
     x = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
     y = torch.randint(0, args.classes, (args.batch,))
