@@ -10,7 +10,8 @@ compiled graph of one run cannot help or hurt the next. bit-transfer runs `step.
 `step.EvalStep` (the code path of `fit`/`evaluate`: jitted value_and_grad of the MixUp loss, fused
 ApplyMomentum). PyTorch, when installed, runs the same architecture built from our own definition
 (`channels_for`, `gn_groups`, the eps constants) with our initial weights copied in, checked to give
-the same logits before timing. Throughput is the median over `--steps` timed steps after
+the same logits before timing. The PyTorch child never imports MindSpore (the parent passes the
+architecture as data), so its peak RSS is PyTorch's alone. Throughput is the median over `--steps` timed steps after
 `--warmup` steps; "compile" is the wall time of the first call (graph build + first run). With
 `--split N` an optimizer step is N micro-batches (bit-transfer's `train.batch_split`; in PyTorch N
 backward passes of loss/N, then one optimizer step) and images/s counts all N.
@@ -93,22 +94,36 @@ def run_ours(args, batch: int, precision: str) -> dict:
     return out
 
 
+def arch_spec(model_name: str) -> dict:
+    """Our definition of the architecture as plain data, so the PyTorch child need not import
+    MindSpore (its import alone adds ~0.33 GB to a process's peak RSS, measured)."""
+    from bit_transfer.models import resnetv2 as r
+
+    depths, width = r.MODELS[r.canonical_name(model_name)]
+    root, mids = r.channels_for(width)
+    return {"depths": list(depths), "root": root, "mids": mids, "strides": list(r.STAGE_STRIDES),
+            "max_groups": r.MAX_GROUPS, "gn_eps": r.GN_EPS, "ws_eps": r.WS_EPS}
+
+
 def torch_model(args, ours=None):
-    """The official bit_pytorch architecture, sized from our definition; weights copied from `ours`."""
+    """The official bit_pytorch architecture, sized from our definition (`args.arch`, see
+    arch_spec); weights copied from `ours`."""
+    import math
+
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    from bit_transfer.models import resnetv2 as r
+    spec = json.loads(args.arch) if getattr(args, "arch", None) else arch_spec(args.model)
 
     class StdConv(nn.Conv2d):
         def forward(self, x):
             v, m = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
-            w = (self.weight - m) / torch.sqrt(v + r.WS_EPS)
+            w = (self.weight - m) / torch.sqrt(v + spec["ws_eps"])
             return F.conv2d(x, w, None, self.stride, self.padding)
 
-    def gn(c):
-        return nn.GroupNorm(r.gn_groups(c), c, eps=r.GN_EPS)
+    def gn(c):  # resnetv2.gn_groups: gcd(32, channels)
+        return nn.GroupNorm(math.gcd(spec["max_groups"], c), c, eps=spec["gn_eps"])
 
     class Unit(nn.Module):
         def __init__(self, cin, cout, cmid, stride):
@@ -125,11 +140,10 @@ def torch_model(args, ours=None):
             out = self.conv2(F.relu(self.norm2(self.conv1(out))))
             return self.conv3(F.relu(self.norm3(out))) + shortcut
 
-    depths, width = r.MODELS[r.canonical_name(args.model)]
-    root, mids = r.channels_for(width)
+    depths, root, mids = spec["depths"], spec["root"], spec["mids"]
     layers = {"root.conv": StdConv(3, root, 7, 2, 3, bias=False)}
     body, cin = [], root
-    for s, (depth, cmid, stride) in enumerate(zip(depths, mids, r.STAGE_STRIDES)):
+    for s, (depth, cmid, stride) in enumerate(zip(depths, mids, spec["strides"])):
         for u in range(depth):
             body.append((f"stages.{s}.units.{u}", Unit(cin, 4 * cmid, cmid, stride if u == 0 else 1)))
             cin = 4 * cmid
@@ -167,6 +181,9 @@ def run_torch(args, batch: int, precision: str) -> dict:
     import torch
     import torch.nn.functional as F
 
+    # Every CPU, as MindSpore uses: PyTorch's default is the physical cores (1 on this 2-vCPU VM;
+    # importing MindSpore first had silently raised it to 2).
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = torch_model(args)
     x, y = make_data(args, batch)
     out = {"framework": f"pytorch {torch.__version__} ({torch.get_num_threads()} threads)",
@@ -220,7 +237,8 @@ def child(args) -> None:
 def spawn(args, which: str, batch: int, precision: str) -> dict | None:
     cmd = [sys.executable, __file__, "--child", which, "--batch", str(batch), "--precision", precision,
            "--model", args.model, "--size", str(args.size), "--classes", str(args.classes),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--split", str(args.split)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--split", str(args.split),
+           "--arch", json.dumps(arch_spec(args.model))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -251,6 +269,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the torch logits cross-check")
     ap.add_argument("--child", choices=["ours", "torch", "check"], help=argparse.SUPPRESS)
+    ap.add_argument("--arch", help=argparse.SUPPRESS)  # arch_spec as JSON, for the children
     args = ap.parse_args()
     if args.child:
         return child(args)
