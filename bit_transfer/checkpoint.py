@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -94,3 +95,22 @@ def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
             raise WeightsError(f"checkpoint {path} has an unreadable '{META_KEY}' entry; re-save it") from None
     params = {name: value.asnumpy() for name, value in raw.items() if isinstance(value, ms.Tensor)}
     return params, meta
+
+
+def find_checkpoint(path) -> tuple[Path, Path]:
+    """(checkpoint, run dir) for a .ckpt file or a run dir (latest checkpoints/*.ckpt by step)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run
+    if not path.is_dir():
+        raise WeightsError(f"{path} not found; pass a run directory or a .ckpt file")
+    ckpts = sorted((path / "checkpoints").glob("*.ckpt")) or sorted(path.glob("*.ckpt"))
+    if not ckpts:
+        raise WeightsError(f"{path} has no checkpoints/*.ckpt; train first or pass a .ckpt file")
+
+    def step(p: Path):
+        numbers = re.findall(r"\d+", p.stem)
+        return (int(numbers[-1]) if numbers else -1, p.stat().st_mtime)
+
+    return max(ckpts, key=step), path

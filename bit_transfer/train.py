@@ -155,7 +155,8 @@ def fit(
 
     # --- run directory: new, or an existing one to resume
     run_dir = Path(run_dir) if run_dir else runlog.new_run_dir(recipe.log.dir, recipe.name)
-    resuming = bool(run_dir.exists() and find_checkpoints(run_dir))
+    ckpts = find_checkpoints(run_dir)  # none for a new run directory
+    resuming = bool(ckpts)
     if resuming:
         saved = recipes.load(run_dir / "recipe.yaml")
         if saved.to_dict() != recipe.to_dict():
@@ -201,7 +202,6 @@ def fit(
 
     # --- batch layout (auto probes the device once, then is fixed for the run and its resumes)
     batch_split = tcfg.batch_split
-    ckpts = find_checkpoints(run_dir)
     state_params, meta = (checkpoint.read_checkpoint(ckpts[-1]) if ckpts else ({}, {}))
     if meta.get("batch_split"):
         batch_split = int(meta["batch_split"])
@@ -434,16 +434,12 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
     from bit_transfer.evaluate import save_report
     from bit_transfer.step import EvalStep
 
-    path = Path(checkpoint_path)
-    if path.is_dir():
-        ckpts = find_checkpoints(path)
-        if not ckpts:
-            raise UsageError(f"{path} has no checkpoints/step-*.ckpt; pass a .ckpt file or a run directory")
-        path = ckpts[-1]
+    path, _ = checkpoint.find_checkpoint(checkpoint_path)  # a .ckpt, or a run's latest
     device = runtime.setup(recipe.train.device, jit=recipe.train.jit)
-    params, meta = checkpoint.read_checkpoint(path)
+    # architecture, padding, head and the checkpoint's meta, from one read of the file
+    model, report = models.create_model_from_weights(path)
+    meta = report.meta
     dataset = data.load(recipe.data)
-    model, _ = models.create_model_from_weights(path)  # architecture, padding and head from the file
     num_classes = model.num_classes
     if num_classes != dataset.num_classes:
         raise UsageError(

@@ -10,7 +10,8 @@ from mindspore import nn
 from bit_transfer.checkpoint import save_checkpoint
 from bit_transfer.errors import WeightsError
 from bit_transfer.models import create_model, create_model_from_weights, model_config
-from bit_transfer.models.export import export_from_checkpoint, export_hf, export_mindir, find_checkpoint
+from bit_transfer.checkpoint import find_checkpoint
+from bit_transfer.models.export import export_from_checkpoint, export_hf, export_mindir
 
 
 def trained(padding="fixed", num_classes=3, seed=0):

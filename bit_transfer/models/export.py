@@ -7,11 +7,11 @@ loads it) or MindIR for MindSpore Lite / serving.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
+from bit_transfer.checkpoint import find_checkpoint
 from bit_transfer.errors import WeightsError
 from bit_transfer.models import hf
 from bit_transfer.models.resnetv2 import ResNetV2, create_model, model_config
@@ -66,25 +66,6 @@ def export_mindir(model: ResNetV2, out_dir, image_size: int, class_names=None) -
     }
     (out / "model.json").write_text(json.dumps(info, indent=2) + "\n")
     return out / "model.mindir"
-
-
-def find_checkpoint(path) -> tuple[Path, Path]:
-    """(checkpoint, run dir) for a .ckpt file or a run dir (latest checkpoints/*.ckpt by step)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return path, run
-    if not path.is_dir():
-        raise WeightsError(f"{path} not found; pass a run directory or a .ckpt file")
-    ckpts = sorted((path / "checkpoints").glob("*.ckpt")) or sorted(path.glob("*.ckpt"))
-    if not ckpts:
-        raise WeightsError(f"{path} has no checkpoints/*.ckpt; train first or pass a .ckpt file")
-
-    def step(p: Path):
-        numbers = re.findall(r"\d+", p.stem)
-        return (int(numbers[-1]) if numbers else -1, p.stat().st_mtime)
-
-    return max(ckpts, key=step), path
 
 
 def export_from_checkpoint(path_or_run_dir, fmt: str, out_dir, image_size: int | None = None) -> Path:
