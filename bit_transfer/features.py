@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import paths
+from bit_transfer import paths, runlog
 
 VERSION = 1
 PART_FIELDS = ("rows", "checks", "readable", "features")
@@ -124,7 +124,7 @@ class FeatureCache:
 
             entry.mkdir(parents=True, exist_ok=True)
             about = dict(key, model={k: v for k, v in model_config(self.model).items() if k != "num_classes"})
-            _atomic_bytes(entry / "meta.json", (json.dumps(about, indent=1) + "\n").encode())
+            runlog.write_atomic(entry / "meta.json", json.dumps(about, indent=1) + "\n")
         return entry
 
     # ------------------------------------------------------------------ storage
@@ -212,9 +212,3 @@ class FeatureCache:
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
         self.model.set_train(False)
         return self._forward(ms.Tensor(x)).asnumpy()[:n]
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -505,12 +506,11 @@ def write_summary(sweep_dir: Path, base: Recipe, shots, seeds, rows: list[dict],
     mode = base.train.mode
     paths = {k: sweep_dir / f"summary.{k}" for k in ("csv", "json", "md")}
     fields = ["shots", "seed", "top1", "top5", "steps", "seconds", "run"]
-    tmp = paths["csv"].with_name("summary.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(paths["csv"])
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    runlog.write_atomic(paths["csv"], text.getvalue())
     runlog.write_json(paths["json"], {
         "recipe": base.name,
         "mode": mode,

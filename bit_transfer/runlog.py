@@ -22,7 +22,9 @@ def new_run_dir(parent: str, name: str) -> Path:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write via a per-process temporary and rename: readers, and other processes writing the same
+    file (the shared feature cache), see the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
