@@ -14,8 +14,9 @@ from bit_transfer import __version__
 from bit_transfer.errors import UsageError
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/cifar10.yaml")
+def add_recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    """The recipe file and its --set overrides (plan, fit, eval, fewshot)."""
+    p.add_argument("recipe", nargs="?" if optional else None, help="YAML recipe, e.g. recipes/cifar10.yaml")
     p.add_argument(
         "--set",
         dest="sets",
@@ -132,15 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("plan", help="print the BiT-HyperRule plan for a recipe (no training)")
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device_args(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("fit", help="fine-tune with the BiT-HyperRule, evaluate, checkpoint (resumable)")
-    p.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/cifar10.yaml")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, typed like YAML (repeatable): --set train.batch_split=8")
+    add_recipe_args(p, optional=True)  # optional with --resume RUN_DIR
     p.add_argument("--run-dir", help="run directory (default runs/<recipe>-<timestamp>); an existing one resumes")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar; a line per log step")
@@ -150,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the recipe's eval split")
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (its latest checkpoint)")
     p.add_argument("--out", help="where to write metrics.json and the confusion matrix (default: <run>/eval)")
     p.set_defaults(func=cmd_eval)

@@ -590,14 +590,14 @@ def add_fewshot_parser(subparsers) -> argparse.ArgumentParser:
         description="Run the recipe on K images per class for every K in --shots and subset seed in --seeds, "
                     "evaluate each on the full eval split, and summarise mean ± std over seeds.",
     )
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/cifar10.yaml")
+    from bit_transfer.cli import add_recipe_args
+
+    add_recipe_args(p)
     p.add_argument("--shots", required=True, help="images per class, e.g. 1,2,5,10")
     p.add_argument("--seeds", default="0,1,2", help="few-shot subset seeds, e.g. 0,1,2 or 0-4 (default 0,1,2)")
     p.add_argument("--mode", choices=MODES,
                    help="finetune: train all weights; linear: frozen backbone, head on cached features "
                         "(default: the recipe's train.mode)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, typed like YAML (repeatable): --set train.batch_split=8")
     p.add_argument("--run-dir", metavar="DIR",
                    help="sweep directory (default runs/<recipe>-fewshot-<timestamp>); an existing one resumes")
     p.add_argument("--feature-cache", metavar="DIR",
