@@ -108,10 +108,10 @@ def _launch_ranks(args, r, run_dir) -> int:
 
 
 def cmd_eval(args) -> int:
-    from bit_transfer import recipe, train
+    from bit_transfer import evalrun, recipe
 
     r = recipe.load(args.recipe, args.sets)
-    train.eval_checkpoint(r, args.checkpoint, out_dir=args.out)
+    evalrun.eval_checkpoint(r, args.checkpoint, out_dir=args.out)
     return 0
 
 

@@ -61,6 +61,22 @@ def evaluate(predict, batches, num_classes: int) -> EvalResult:
     return from_sums(loss_sum, top5, n, confusion, timed / max(seconds, 1e-9))
 
 
+def evaluate_split(eval_step, split, crop: int, batch_size: int, num_classes: int, workers=None, world=None):
+    """Evaluate a split; with several ranks each takes a shard and the counts are summed."""
+    from bit_transfer import distributed
+    from bit_transfer.data import pipeline
+
+    world = world or distributed.World()
+    batches = pipeline.eval_batches(split, crop=crop, batch_size=batch_size, workers=workers, rank=world.rank, world=world.size)
+    if world.size == 1:
+        return evaluate(eval_step, batches, num_classes)
+    try:
+        shard = evaluate(eval_step, batches, num_classes)
+    except ValueError:  # more ranks than eval images: this rank has none
+        shard = None
+    return merge(shard, distributed.all_reduce_sum, num_classes)  # throughput: the sum over ranks
+
+
 def from_sums(loss_sum: float, top5_hits: int, count: int, confusion: np.ndarray, images_per_sec: float) -> EvalResult:
     if count == 0:
         raise ValueError("the eval split is empty")

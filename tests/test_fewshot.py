@@ -243,7 +243,7 @@ def test_subsets_are_those_fit_would_train_on(linear):
 
 
 def test_eval_command_reproduces_a_linear_run(linear, tmp_path):
-    from bit_transfer.train import eval_checkpoint
+    from bit_transfer.evalrun import eval_checkpoint
 
     _, root, _, _ = linear
     run = root / "sweep" / "shots2-seed1"

@@ -165,7 +165,7 @@ def test_tensorboard_holds_the_scalars(learned):
 
 
 def test_eval_command_reproduces_the_final_metrics(learned, tmp_path):
-    from bit_transfer.train import eval_checkpoint
+    from bit_transfer.evalrun import eval_checkpoint
 
     run_dir, metrics = learned
     r = recipes.load(run_dir / "recipe.yaml")
