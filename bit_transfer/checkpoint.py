@@ -60,13 +60,31 @@ def save_checkpoint(path, params: dict, meta: dict) -> Path:
         items.append({"name": name, "data": value})
     tmp_dir = Path(f"{path}.tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    tmp = tmp_dir / "checkpoint.ckpt"
-    ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: text}, crc_check=True)
-    os.chmod(tmp, 0o644)  # MindSpore leaves it read-only, which makes cleanups prompt
-    os.replace(tmp, path)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        tmp_dir.mkdir(parents=True)
+        tmp = tmp_dir / "checkpoint.ckpt"
+        ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: text}, crc_check=True)
+        os.chmod(tmp, 0o644)  # MindSpore leaves it read-only, which makes cleanups prompt
+        with open(tmp, "rb") as f:  # on disk before it gets its name: a power cut keeps the old one
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:  # also on KeyboardInterrupt: never leave a half-written temporary behind
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:

@@ -26,3 +26,47 @@ class RunError(UsageError):
     """A run stopped for a reason the user must act on (diverged, a rank died); exit code 1."""
 
     exit_code = 1
+
+
+class Interrupted(RunError):
+    """A signal stopped the command; what was written is complete and a rerun continues. Exit 130."""
+
+    exit_code = 130
+    label = "interrupted"
+
+
+class StorageError(UsageError):
+    """A place cannot be written: a file where a directory should be, read-only, no space left."""
+
+
+def storage_error(e: OSError, path, needed: int | None = None) -> StorageError:
+    """One line for an OSError met while writing `path`: what happened and what to do."""
+    import errno
+    import shutil
+    from pathlib import Path
+
+    path = Path(path)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(path, shutil)
+        need = f"about {_mb(needed)} needed, " if needed else ""
+        return StorageError(f"no space left writing {path} ({need}{_mb(free)} free); free some space and rerun")
+    if e.errno == errno.EROFS:
+        return StorageError(f"{path} is on a read-only file system; choose a writable place (e.g. --run-dir or --out)")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return StorageError(f"no permission to write {path}; choose a place you can write to")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) or isinstance(e, (NotADirectoryError, FileExistsError)):
+        return StorageError(f"cannot create {path}: a file stands where a directory should be; choose another path")
+    return StorageError(f"cannot write {path}: {e.strerror or e}")
+
+
+def _free_bytes(path, shutil) -> int:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return 0
+
+
+def _mb(n: int | None) -> str:
+    return f"{(n or 0) / 2**20:.1f} MB"

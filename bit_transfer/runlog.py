@@ -1,36 +1,54 @@
-"""What a run writes for people: the run directory, metrics.jsonl, TensorBoard, the progress bar."""
+"""What a run writes for people: atomic files, strict JSON, metrics.jsonl, TensorBoard, the progress bar."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-
-def new_run_dir(parent: str, name: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(parent) / f"{name}-{stamp}"
-    i = 1
-    while path.exists():  # two runs started in the same second
-        i += 1
-        path = Path(parent) / f"{name}-{stamp}-{i}"
-    return path
+from bit_transfer.errors import storage_error
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a per-process temporary and rename: readers, and other processes writing the same
-    file (the shared feature cache), see the old file or the new one, never a part."""
+    """Write via a per-process temporary, fsync and rename: readers, and other processes writing the
+    same file (the shared feature cache), see the old file or the new one, never a part. A failed
+    write (disk full, read-only) removes the temporary and is one line naming the place."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    data = text.encode()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(e, path, needed=len(data)) from None
+
+
+def finite_or_none(obj):
+    """NaN and infinities as None, recursively: JSON has no NaN, and strict readers refuse it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def to_json(obj, indent: int | None = 2) -> str:
+    """Strict JSON (NaN -> null): what every JSON file bit-transfer writes goes through."""
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
 
 
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_atomic(path, to_json(obj) + "\n")
 
 
 def write_yaml(path: Path, obj) -> None:
@@ -42,7 +60,10 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"
-        self.file = open(self.path, "a", buffering=1)
+        try:
+            self.file = open(self.path, "a", buffering=1)
+        except OSError as e:
+            raise storage_error(e, self.path) from None
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -50,7 +71,11 @@ class MetricsLog:
             self.tb = SummaryWriter(logdir=str(run_dir), flush_secs=10)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        try:
+            self.file.write(to_json(row, indent=None) + "\n")
+        except OSError as e:
+            raise storage_error(e, self.path) from None
         if self.tb:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, float(v), step)

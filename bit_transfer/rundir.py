@@ -1,0 +1,250 @@
+"""The run directory: the one owner of every file a run writes (`fit`, `fewshot`, `eval`, `export`).
+
+A directory is a run when bit-transfer made it or found it empty, and wrote its marker
+`.bit-transfer-run`; nothing is written into a directory that holds files but no marker, so
+`--run-dir .` cannot overwrite a user's own `recipe.yaml`. Files are written atomically (temporary,
+fsync, rename); checkpoints keep the previous one until the new one is whole; a corrupt latest
+checkpoint falls back to the one before it with a one-line notice. Ranks other than 0 read, never write.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+from bit_transfer import runlog
+from bit_transfer.errors import StorageError, UsageError, WeightsError, storage_error
+
+MARKER = ".bit-transfer-run"
+CKPT_DIR = "checkpoints"
+CKPT_NAME = re.compile(r"step-(\d+)\.ckpt$")
+# Keys a resumed run may change: they alter what is logged, kept or how fast, never the weights.
+RESUMABLE = ("train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size",
+             "data.skip_corrupt", "data.workers", "data.cache_dir", "log.")
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{'train': {'seed': 0}} -> {'train.seed': 0}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_diff(saved: dict, now: dict) -> list[str]:
+    """The dotted keys whose values differ between two recipe dicts."""
+    a, b = flat(saved), flat(now)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def resumable(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+class RunDir:
+    """One run's directory. `claim` makes or opens it; the writers below are the only ones used."""
+
+    def __init__(self, path: Path, *, kind: str, writer: bool = True, created: bool = False):
+        self.path, self.kind, self.writer, self.created = Path(path), kind, writer, created
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ claiming
+    @classmethod
+    def claim(cls, path, *, kind: str, parent: str = "runs", name: str = "run", writer: bool = True,
+              must_exist: bool = False) -> "RunDir":
+        """A new run (`path` None: `<parent>/<name>-<timestamp>`), or the existing run at `path`.
+
+        `must_exist` (`fit --resume DIR`): a missing or foreign directory is an error, not a fresh run.
+        """
+        if path is None:
+            path = new_run_path(parent, name)
+        path = Path(path).expanduser()
+        if path.exists() and not path.is_dir():
+            raise StorageError(f"{path} is a file; give a directory for the run (e.g. --run-dir runs/my-run)")
+        owned = is_run(path)
+        if must_exist and not owned:
+            what = "does not exist" if not path.exists() else "is not a bit-transfer run"
+            raise UsageError(f"--resume {path}: the directory {what}; pass the run directory that fit printed")
+        if not owned and path.exists() and any(path.iterdir()):
+            raise UsageError(f"{path} exists and holds files but is not a bit-transfer run; "
+                             "choose a new or empty directory for the run (--run-dir)")
+        run = cls(path, kind=kind, writer=writer, created=not path.exists())
+        if writer and not owned:
+            run._mark()
+        if writer:  # what a kill -9 during a checkpoint write left
+            for tmp in (path / CKPT_DIR).glob("*.ckpt.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return run
+
+    def _mark(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, self.path) from None
+        runlog.write_json(self.path / MARKER, {"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def discard_if_unused(self) -> None:
+        """After a failure before anything worth keeping: remove what this process made (no checkpoint)."""
+        if not self.writer or self.checkpoints() or self.finished():
+            return
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for child in self.path.iterdir():  # it was empty, or a run with nothing to resume
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ recipe and results
+    def check_recipe(self, recipe_dict: dict, sets_hint: str = "") -> list[str]:
+        """Refuse to continue a run of another recipe; returns the resumable keys that changed."""
+        saved_path = self.path / "recipe.yaml"
+        if not saved_path.is_file():
+            return []
+        import yaml
+
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        diff = recipe_diff(saved, recipe_dict)
+        fixed = [k for k in diff if not resumable(k)]
+        if fixed:
+            a, b = flat(saved), flat(recipe_dict)
+            shown = ", ".join(f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)" for k in fixed[:3])
+            more = f" and {len(fixed) - 3} more" if len(fixed) > 3 else ""
+            raise UsageError(
+                f"{self.path} holds a run of a different recipe: {shown}{more}; rerun with the run's own settings "
+                f"to resume it, or start a new run with another --run-dir (only train.eval_every, "
+                f"train.checkpoint_every, train.keep_checkpoints, data.skip_corrupt, data.workers and log.* may change)"
+            )
+        return diff
+
+    def finished(self) -> dict | None:
+        """metrics.json of a completed run, else None."""
+        try:
+            m = json.loads((self.path / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return m if isinstance(m, dict) and m.get("completed") else None
+
+    def write_json(self, name: str, obj) -> Path:
+        return self._write(name, runlog.write_json, obj)
+
+    def write_yaml(self, name: str, obj) -> Path:
+        return self._write(name, runlog.write_yaml, obj)
+
+    def _write(self, name, writer, obj) -> Path:
+        path = self.path / name
+        if self.writer:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer(path, obj)
+        return path
+
+    def write_final(self, result, class_names: list[str], fields: dict, report_dir: str = "eval") -> dict:
+        """metrics.json and the eval report (per-class accuracy, confusion), built in one place."""
+        from bit_transfer.evaluate import save_report
+
+        final = {"top1": result.top1, "top5": result.top5, "loss": result.loss, "eval_images": result.count,
+                 "eval_images_per_sec": result.images_per_sec, **fields}
+        if self.writer:
+            try:
+                save_report(result, list(class_names), self.path / report_dir)
+            except OSError as e:
+                raise storage_error(e, self.path / report_dir) from None
+            self.write_json("metrics.json", final)
+        return runlog.finite_or_none(final)
+
+    def metrics_log(self, tensorboard: bool):
+        return runlog.MetricsLog(self.path, tensorboard=tensorboard) if self.writer else runlog.NullLog()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, step: int) -> Path:
+        return self.path / CKPT_DIR / f"step-{step:06d}.ckpt"
+
+    def checkpoints(self) -> list[Path]:
+        """Finished checkpoints, oldest first (by step)."""
+        found = [p for p in (self.path / CKPT_DIR).glob("step-*.ckpt") if CKPT_NAME.search(p.name) and p.is_file()]
+        return sorted(found, key=lambda p: int(CKPT_NAME.search(p.name).group(1)))
+
+    def save_checkpoint(self, step: int, params: dict, meta: dict, keep: int) -> Path:
+        """Write step-NNNNNN.ckpt atomically, then drop all but the newest `keep`."""
+        from bit_transfer import checkpoint
+
+        path = self.checkpoint_path(step)
+        if not self.writer:
+            return path
+        needed = sum(int(getattr(v, "nbytes", 0) or 0) for v in params.values())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.save_checkpoint(path, params, meta)
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(f"{path}.tmp", ignore_errors=True)
+            if isinstance(e, RuntimeError):  # MindSpore's writer wraps the OSError
+                e = _os_error_in(e, path)
+            raise _with_kept(storage_error(e, path, needed), self.checkpoints()) from None
+        for old in self.checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest_checkpoint(self, log=print):
+        """(path, params, meta) of the newest readable checkpoint, or None; a corrupt newer one is
+        named in one line and set aside (renamed *.corrupt), and the one before it is used."""
+        from bit_transfer import checkpoint
+
+        for path in reversed(self.checkpoints()):
+            try:
+                params, meta = checkpoint.read_checkpoint(path)
+            except WeightsError:
+                aside = path.with_name(path.name + ".corrupt")
+                if self.writer:
+                    path.rename(aside)
+                log(f"notice: {path.name} is truncated or corrupt (moved to {aside.name}); using the checkpoint before it")
+                continue
+            return path, params, meta
+        return None
+
+    def kept_checkpoint(self) -> str:
+        """What a stopped run leaves to resume from, for its one-line message."""
+        ckpts = self.checkpoints()
+        return f"the last good checkpoint {ckpts[-1]} is kept" if ckpts else "no checkpoint had been written"
+
+
+def new_run_path(parent: str, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(parent).expanduser() / f"{name}-{stamp}"
+    i = 1
+    while path.exists():  # two runs started in the same second
+        i += 1
+        path = Path(parent).expanduser() / f"{name}-{stamp}-{i}"
+    return path
+
+
+def is_run(path: Path) -> bool:
+    """A directory bit-transfer owns: its marker, or (runs made before the marker) its checkpoints."""
+    if (path / MARKER).is_file():
+        return True
+    return (path / "recipe.yaml").is_file() and any((path / CKPT_DIR).glob("step-*.ckpt"))
+
+
+def _os_error_in(e: RuntimeError, path: Path) -> OSError:
+    """MindSpore reports a failed write as RuntimeError; recover the cause from the free space."""
+    import errno
+
+    text = str(e).lower()
+    if "no space" in text or shutil.disk_usage(path.parent).free < 2**20:
+        return OSError(errno.ENOSPC, "No space left on device")
+    if "read-only" in text:
+        return OSError(errno.EROFS, "Read-only file system")
+    return OSError(errno.EIO, str(e).splitlines()[0][:120])
+
+
+def _with_kept(err: StorageError, ckpts: list[Path]) -> StorageError:
+    kept = f"; the previous checkpoint {ckpts[-1].name} is kept" if ckpts else ""
+    return StorageError(f"{err}{kept}")
