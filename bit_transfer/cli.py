@@ -7,11 +7,55 @@ heavy imports (MindSpore) happen inside the subcommands that need them.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 
 from bit_transfer import __version__
 from bit_transfer.errors import UsageError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors keep the CLI's promise: one line on stderr, exit code 2, no usage block."""
+
+    def error(self, message):
+        hint = "" if message.startswith("argument ") else f"; see {self.prog} --help"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, but an unknown flag is reported by the subcommand it was given to, with did-you-mean."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = _chosen_subparser(self, ns)
+            flags = [f for f in sub._option_string_actions if f.startswith("--")]
+            close = [difflib.get_close_matches(x.split("=")[0], flags, n=1) for x in extras if x.startswith("-")]
+            hint = next((f" (did you mean {c[0]}?)" for c in close if c), "")
+            sub.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return ns
+
+
+def _chosen_subparser(parser: argparse.ArgumentParser, ns) -> argparse.ArgumentParser:
+    """The subcommand's parser (for its name in error messages), else the parser itself."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(getattr(ns, action.dest, None), parser)
+    return parser
+
+
+def int_at_least(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi]; 0 devices, nodes or steps is never meant, so refuse it early."""
+
+    def parse(text: str) -> int:
+        span = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}, got {n}")
+        return n
+
+    return parse
 
 
 def add_recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -29,12 +73,15 @@ def add_recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 def _add_device_args(p: argparse.ArgumentParser, launch: bool = False) -> None:
     """Data-parallel ranks: --devices per machine (x --nodes machines); msrun does the launching."""
-    p.add_argument("--devices", type=int, default=1, metavar="N", help="data-parallel ranks on this machine (msrun)")
-    p.add_argument("--nodes", type=int, default=1, metavar="K", help="machines taking part (each runs this command)")
+    p.add_argument("--devices", type=int_at_least(1), default=1, metavar="N",
+                   help="data-parallel ranks on this machine (msrun)")
+    p.add_argument("--nodes", type=int_at_least(1), default=1, metavar="K",
+                   help="machines taking part (each runs this command)")
     if launch:
-        p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 .. nodes-1")
+        p.add_argument("--node-rank", type=int_at_least(0), default=0, help="this machine's index, 0 .. nodes-1")
         p.add_argument("--master-addr", default="127.0.0.1", help="address of the node with node-rank 0")
-        p.add_argument("--master-port", type=int, default=None, help="a free port on the master (default: any free port)")
+        p.add_argument("--master-port", type=int_at_least(1, 65535), default=None,
+                       help="a free port on the master (default: any free port)")
 
 
 def cmd_plan(args) -> int:
@@ -124,12 +171,12 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="bit-transfer",
         description="Fine-tune Big Transfer (BiT) models with the BiT-HyperRule on MindSpore.",
     )
     parser.add_argument("--version", action="version", version=f"bit-transfer {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
 
     p = sub.add_parser("plan", help="print the BiT-HyperRule plan for a recipe (no training)")
@@ -143,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default runs/<recipe>-<timestamp>); an existing one resumes")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar; a line per log step")
-    p.add_argument("--stop-after", type=int, metavar="N",
+    p.add_argument("--stop-after", type=int_at_least(1), metavar="N",
                    help="stop after step N of the plan as if interrupted (rerun to continue)")
     _add_device_args(p, launch=True)
     p.set_defaults(func=cmd_fit)
@@ -162,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_or_ckpt", help="run directory (its latest checkpoints/*.ckpt) or a .ckpt file")
     p.add_argument("--format", choices=["hf", "mindir"], required=True)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--image-size", type=int, default=None, help="MindIR input size (default: the run's plan.json crop)")
+    p.add_argument("--image-size", type=int_at_least(1), default=None,
+                   help="MindIR input size (default: the run's plan.json crop)")
     p.set_defaults(func=cmd_export)
     return parser
 

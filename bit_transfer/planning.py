@@ -103,6 +103,8 @@ class BatchLayout:
 
 
 def batch_layout(batch_size: int, batch_split: int | str, world: int = 1) -> BatchLayout:
+    if world < 1:  # the CLI refuses --devices/--nodes below 1; this guards other callers
+        raise RecipeError(f"{world} ranks cannot train; use --devices and --nodes of at least 1")
     per_rank, rem = divmod(batch_size, world)
     if rem:
         raise RecipeError(f"batch {batch_size} does not split evenly over {world} ranks; use a device count that divides it")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from bit_transfer.errors import RecipeError
+from bit_transfer.archs import canonical_name
+from bit_transfer.errors import RecipeError, UsageError
 
 
 # ---------------------------------------------------------------- converters (value -> typed value)
@@ -30,12 +32,27 @@ class Conv:
         raise NotImplementedError
 
 
+_NUMERAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(v):
+    """A string that is wholly a decimal number -> that number; anything else unchanged.
+
+    PyYAML reads YAML 1.1, where `1e-3` (no dot) is a string, not a float; users mean the number.
+    Words (`inf`, `nan`, `many`) stay strings and are refused by the converters.
+    """
+    if isinstance(v, str) and _NUMERAL.fullmatch(v.strip()):
+        return int(v) if re.fullmatch(r"\s*[+-]?\d+\s*", v) else float(v)
+    return v
+
+
 class Int(Conv):
     def __init__(self, lo=None, hi=None):
         self.lo, self.hi = lo, hi
         self.describe = "int" + _range(lo, hi)
 
     def __call__(self, v):
+        v = _number(v)
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
@@ -51,9 +68,12 @@ class Float(Conv):
         self.describe = "float" + _range(lo, hi, lo_open, hi_open)
 
     def __call__(self, v):
+        v = _number(v)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"expected a number, got {v!r}")
         v = float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"expected a finite number, got {v}")
         _check_range(v, self.lo, self.hi, self.lo_open, self.hi_open)
         return v
 
@@ -275,6 +295,22 @@ class Recipe:
 
 # ---------------------------------------------------------------- loading
 TOP_KEYS = ["name", *SECTIONS]
+# Names users bring from other trainers -> the recipe key that means the same.
+ALIASES = {
+    "lr": "rule.base_lr",
+    "learning_rate": "rule.base_lr",
+    "epochs": "rule.steps",
+    "iterations": "rule.steps",
+    "batch": "train.batch_size",
+    "mixup": "rule.mixup_alpha",
+    "wd": "train.weight_decay",
+    "arch": "model.name",
+    "resolution": "rule.crop",
+}
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def _did_you_mean(word: str, options) -> str:
@@ -282,67 +318,156 @@ def _did_you_mean(word: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _key_hint(dotted: str) -> str:
+    """Did-you-mean for an unknown key: the same key in another section, a known alias, a near spelling."""
+    keys = _all_keys()
+    leaf = dotted.rpartition(".")[2]
+    same = [k for k in keys if k.rpartition(".")[2] == leaf]
+    if same:
+        return f" (did you mean '{difflib.get_close_matches(dotted, same, n=1, cutoff=0)[0]}'?)"
+    if leaf.lower() in ALIASES:
+        return f" (did you mean '{ALIASES[leaf.lower()]}'?)"
+    return _did_you_mean(dotted, keys)
+
+
 def _where(path) -> str:
     return f"{path}: " if path else ""
 
 
-def from_dict(raw: dict, path: str | None = None, name: str | None = None) -> Recipe:
-    """Validate a plain dict (parsed YAML) into a `Recipe`; raise `RecipeError` naming the bad key."""
-    where = _where(path)
+def _blamer(path, origins: dict | None):
+    """`where(*keys)`: the error prefix naming who gave those keys, the `--set` flag or the file."""
+
+    def where(*keys) -> str:
+        for k in keys:
+            if origins and k in origins:
+                return f"--set {origins[k]}: "
+        return _where(path)
+
+    return where
+
+
+def from_dict(raw: dict, path: str | None = None, name: str | None = None, origins: dict | None = None) -> Recipe:
+    """Validate a plain dict (parsed YAML) into a `Recipe`; raise `RecipeError` naming the bad key.
+
+    `origins` maps keys set by `--set` to the flag's text, so that errors blame the flag, not the file.
+    """
+    where = _blamer(path, origins)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}a recipe is a mapping of sections (data, model, train, rule, log), got {type(raw).__name__}")
-    all_keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+        raise RecipeError(f"{where()}a recipe is a mapping of sections (data, model, train, rule, log), got {type(raw).__name__}")
     for k in raw:
         if k not in TOP_KEYS:
-            raise RecipeError(f"{where}unknown key '{k}'{_did_you_mean(str(k), TOP_KEYS + all_keys)}; sections are {', '.join(TOP_KEYS)}")
-    sections = {}
-    for s, cls in SECTIONS.items():
-        given = raw.get(s) or {}
-        if not isinstance(given, dict):
-            raise RecipeError(f"{where}'{s}' must be a mapping of keys, got {given!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for k, v in given.items():
-            if k not in fields:
-                hint = _did_you_mean(f"{s}.{k}", all_keys) or _did_you_mean(str(k), fields)
-                raise RecipeError(f"{where}unknown key '{s}.{k}'{hint}; see docs/recipes.md for the keys of '{s}'")
-            try:
-                values[k] = fields[k].metadata["conv"](v)
-            except ValueError as e:
-                raise RecipeError(f"{where}bad value for '{s}.{k}': {e} ({fields[k].metadata['doc']})") from None
-        sections[s] = cls(**values)
+            hint = _did_you_mean(str(k), TOP_KEYS + _all_keys())
+            raise RecipeError(f"{where(k)}unknown key '{k}'{hint}; sections are {', '.join(TOP_KEYS)}")
+    sections = {s: _section(s, cls, raw.get(s), where) for s, cls in SECTIONS.items()}
     rname = raw.get("name", name or (Path(path).stem if path else "recipe"))
     if not isinstance(rname, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", rname):
-        raise RecipeError(f"{where}bad value for 'name': use letters, digits, '.', '_', '+' or '-', got {rname!r}")
+        raise RecipeError(f"{where('name')}bad value for 'name': use letters, digits, '.', '_', '+' or '-', got {rname!r}")
     recipe = Recipe(name=rname, path=str(path) if path else None, **sections)
     _cross_check(recipe, where)
     return recipe
 
 
-def _cross_check(r: Recipe, where: str) -> None:
-    """Constraints between keys, each with its fix."""
+def _section(s: str, cls: type, given, where):
+    """One section's dataclass from its mapping, each value through its key's converter."""
+    given = given or {}
+    if not isinstance(given, dict):
+        raise RecipeError(f"{where(s)}'{s}' must be a mapping of keys, got {given!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for k, v in given.items():
+        if k not in fields:
+            hint = _key_hint(f"{s}.{k}")
+            raise RecipeError(f"{where(f'{s}.{k}')}unknown key '{s}.{k}'{hint}; see docs/recipes.md for the keys of '{s}'")
+        try:
+            values[k] = fields[k].metadata["conv"](v)
+        except ValueError as e:
+            doc = fields[k].metadata["doc"]
+            raise RecipeError(f"{where(f'{s}.{k}')}bad value for '{s}.{k}': {e} ({doc})") from None
+    return cls(**values)
+
+
+def _cross_check(r: Recipe, where) -> None:
+    """Constraints between keys, each with its fix; `where(*keys)` names who set them."""
     d = r.data
     if d.source == "hf" and not (d.name or d.path):
-        raise RecipeError(f"{where}data.source is hf but neither data.name nor data.path is set; add e.g. 'name: cifar10'")
+        raise RecipeError(
+            f"{where('data.source', 'data.name', 'data.path')}data.source is hf but neither data.name nor data.path "
+            "is set; add e.g. 'name: cifar10'"
+        )
     if d.source in ("imagefolder", "cifar") and not d.path:
-        raise RecipeError(f"{where}data.source is {d.source} but data.path is not set; point it at the dataset directory")
-    m = r.model
-    if (m.depths is None) != (m.width is None) and m.name.lower() in ("custom", "bit-custom"):
-        raise RecipeError(f"{where}model.name custom needs both model.depths and model.width")
+        raise RecipeError(
+            f"{where('data.source', 'data.path')}data.source is {d.source} but data.path is not set; "
+            "point it at the dataset directory"
+        )
+    _check_model(r.model, where)
     rule, t = r.rule, r.train
     if rule.precrop and rule.crop and rule.crop > rule.precrop:
-        raise RecipeError(f"{where}rule.crop ({rule.crop}) is larger than rule.precrop ({rule.precrop}); lower rule.crop")
+        raise RecipeError(
+            f"{where('rule.crop', 'rule.precrop')}rule.crop ({rule.crop}) is larger than rule.precrop "
+            f"({rule.precrop}); lower rule.crop"
+        )
     if rule.schedule is not None:
         if len(rule.schedule) < 2 or rule.schedule != sorted(rule.schedule):
-            raise RecipeError(f"{where}rule.schedule must be at least 2 increasing steps, got {rule.schedule}")
+            raise RecipeError(f"{where('rule.schedule')}rule.schedule must be at least 2 increasing steps, got {rule.schedule}")
         if rule.steps is not None and rule.steps != rule.schedule[-1]:
-            raise RecipeError(f"{where}rule.steps ({rule.steps}) differs from the last rule.schedule boundary ({rule.schedule[-1]}); drop one")
+            raise RecipeError(
+                f"{where('rule.steps', 'rule.schedule')}rule.steps ({rule.steps}) differs from the last "
+                f"rule.schedule boundary ({rule.schedule[-1]}); drop one"
+            )
     if isinstance(t.batch_split, int) and t.batch_size is not None and t.batch_size % t.batch_split:
         raise RecipeError(
-            f"{where}train.batch_size {t.batch_size} is not divisible by train.batch_split {t.batch_split}; pick a divisor"
+            f"{where('train.batch_size', 'train.batch_split')}train.batch_size {t.batch_size} is not divisible by "
+            f"train.batch_split {t.batch_split}; pick a divisor"
         )
+
+
+def _check_model(m: ModelConfig, where) -> None:
+    """model.name must be a registry name or custom (which needs depths and width): caught at plan time."""
+    try:
+        name = canonical_name(m.name)
+    except UsageError as e:
+        raise RecipeError(f"{where('model.name')}bad value for 'model.name': {e}") from None
+    if name == "BiT-custom" and (m.depths is None or m.width is None):
+        raise RecipeError(
+            f"{where('model.name', 'model.depths', 'model.width')}model.name custom needs both model.depths "
+            "(e.g. [1, 1, 1, 1]) and model.width (e.g. 0.25)"
+        )
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping."""
+
+
+def _refuse_duplicates(node, prefix: str = "", seen=None) -> None:
+    """Raise DuplicateKeyError for a key repeated in one mapping (PyYAML silently keeps the last)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(item, prefix, seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                continue
+            name, line = prefix + k.value, k.start_mark.line + 1
+            if k.value in first:
+                fix = f"merge the two '{name}' sections" if isinstance(v, yaml.MappingNode) else "keep one of them"
+                raise DuplicateKeyError(f"duplicate key '{name}' at line {line} (first at line {first[k.value]}); {fix}")
+            first[k.value] = line
+            _refuse_duplicates(v, name + ".", seen)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, e.g. two `train:` sections or `steps:` twice in `rule:`."""
+
+    def construct_document(self, node):
+        _refuse_duplicates(node)
+        return super().construct_document(node)
 
 
 def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
@@ -352,7 +477,9 @@ def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
         hint = "" if p.suffix else " (recipes are .yaml files, e.g. recipes/cifar10.yaml)"
         raise RecipeError(f"recipe file not found: {p}{hint}")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=StrictLoader)
+    except DuplicateKeyError as e:
+        raise RecipeError(f"{p}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""
@@ -361,11 +488,16 @@ def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
         raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
     if raw is not None and not isinstance(raw, dict):
         raise RecipeError(f"{p}: a recipe is a mapping of sections (data, model, train, rule, log)")
-    return from_dict(apply_sets(raw or {}, sets or []), path=str(p))
+    origins: dict[str, str] = {}
+    raw = apply_sets(raw or {}, sets or [], origins)
+    return from_dict(raw, path=str(p), origins=origins)
 
 
-def apply_sets(raw: dict, sets: list[str]) -> dict:
-    """Apply `section.key=value` overrides; values parse as YAML (`8` int, `null`, `[1,1,1,1]`)."""
+def apply_sets(raw: dict, sets: list[str], origins: dict | None = None) -> dict:
+    """Apply `section.key=value` overrides; values parse as YAML (`8` int, `null`, `[1,1,1,1]`).
+
+    `origins`, if given, receives {key: the --set text} so that later errors can blame the flag.
+    """
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for s in sets:
         k, eq, v = s.partition("=")
@@ -373,16 +505,17 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
         if not eq or not k:
             raise RecipeError(f"--set expects section.key=value, got {s!r} (e.g. --set train.batch_split=8)")
         try:
-            value = yaml.safe_load(v) if v.strip() else None
+            value = yaml.load(v, Loader=StrictLoader) if v.strip() else None
         except yaml.YAMLError:
             value = v
+        if origins is not None:
+            origins[k] = s.strip()
         if k == "name":
             raw["name"] = value
             continue
         section, dot, leaf = k.partition(".")
         if not dot or section not in SECTIONS:
-            all_keys = [f"{s2}.{f.name}" for s2, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-            raise RecipeError(f"--set: unknown key '{k}'{_did_you_mean(k, all_keys)}; use section.key=value")
+            raise RecipeError(f"--set {s.strip()}: unknown key '{k}'{_key_hint(k)}; use section.key=value")
         sec = raw.get(section)
         raw[section] = dict(sec) if isinstance(sec, dict) else {}
         raw[section][leaf] = value

@@ -3,6 +3,8 @@
 import http.server
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -140,8 +142,30 @@ def test_hf_spec_offline_message(tmp_path, monkeypatch):
     with pytest.raises(WeightsError) as e:
         resolve_weights("hf:google/bit-50", "BiT-M-R50x1", cache_dir=tmp_path)
     msg = str(e.value)
-    assert "cannot fetch config.json of hf:google/bit-50 (offline and not in the cache)" in msg and "\n" not in msg
-    assert "https://huggingface.co/google/bit-50" in msg
+    assert f"cannot fetch config.json of hf:google/bit-50 (not in the cache {tmp_path / 'hf'} and HF_HUB_OFFLINE=1 is set)" in msg
+    assert "https://huggingface.co/google/bit-50" in msg and "\n" not in msg
+
+
+def test_hf_spec_without_network_fails_fast_offline(tmp_path):
+    """No monkeypatching: on a machine without network the hub check switches to offline at once."""
+    from bit_transfer import hub
+
+    if hub.reachable(hub.endpoint()):
+        pytest.skip("the hub is reachable here")
+    code = (
+        "import time; t = time.time()\n"
+        "from bit_transfer.models import resolve_weights\n"
+        "try:\n"
+        f"    resolve_weights('hf:google/bit-50', 'BiT-M-R50x1', cache_dir={str(tmp_path)!r})\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, round(time.time() - t, 1), e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    name, seconds, msg = out.stdout.strip().split(" ", 2)
+    assert name == "WeightsError" and float(seconds) < 5, out.stdout + out.stderr
+    assert f"not in the cache {tmp_path / 'hf'} and {hub.host()} cannot be reached, so it ran with HF_HUB_OFFLINE=1" in msg
+    assert "Retrying" not in out.stderr
 
 
 def test_load_weights_resolves_remote_specs(server, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from bit_transfer import paths
+from bit_transfer import hub, paths
 from bit_transfer.errors import WeightsError
 
 OFFICIAL_URL = "https://storage.googleapis.com/bit_models/{}.npz"
@@ -147,11 +147,14 @@ def _hf_snapshot(repo: str, cache: Path) -> Path:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise WeightsError(f"hf: weights need huggingface_hub (pip install huggingface_hub), or {hint}") from None
+    offline = hub.offline()  # no network: read the cache at once instead of ~25 s of retries
     path = None
     for filename in ("config.json", "model.safetensors"):
         try:
             path = hf_hub_download(repo, filename, revision=revision or None, cache_dir=str(cache))
         except Exception as e:  # offline, missing repo/file, auth: all end the same way for the user
             why = _HF_REASONS.get(type(e).__name__, type(e).__name__)
+            if offline and type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+                why = f"not in the cache {cache} and {hub.why_offline()}"
             raise WeightsError(f"cannot fetch {filename} of hf:{repo} ({why}); {hint}") from None
     return Path(path).parent

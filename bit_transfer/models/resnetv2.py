@@ -26,6 +26,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from bit_transfer.errors import UsageError
 from bit_transfer import cpu_kernels
+from bit_transfer.archs import ARCHS, CUSTOM, MODELS, canonical_name, list_models  # noqa: F401 (re-exported)
 
 WS_EPS = 1e-10  # official bit_pytorch StdConv2d; transformers/timm use 1e-8 (immaterial)
 GN_EPS = 1e-5
@@ -307,36 +308,7 @@ class ResNetV2(nn.Cell):
         return self.head(self.forward_features(x))
 
 
-# Registry: name -> (depths, width). BiT-S (ILSVRC-2012) and BiT-M (ImageNet-21k) share architectures.
-ARCHS = {
-    "R50x1": ([3, 4, 6, 3], 1),
-    "R50x3": ([3, 4, 6, 3], 3),
-    "R101x1": ([3, 4, 23, 3], 1),
-    "R101x3": ([3, 4, 23, 3], 3),
-    "R152x2": ([3, 8, 36, 3], 2),
-    "R152x4": ([3, 8, 36, 3], 4),
-}
-MODELS = {f"BiT-{s}-{a}": arch for s in ("S", "M") for a, arch in ARCHS.items()}
-CUSTOM = "BiT-custom"
-
-
-def list_models() -> list[str]:
-    """Registry names accepted by `create_model` (plus "custom" with explicit depths and width)."""
-    return list(MODELS)
-
-
-def canonical_name(name: str) -> str:
-    """Case-insensitive registry lookup; "custom" and "BiT-custom" map to BiT-custom."""
-    lookup = {n.lower(): n for n in MODELS}
-    lookup.update({"custom": CUSTOM, CUSTOM.lower(): CUSTOM})
-    try:
-        return lookup[str(name).lower()]
-    except KeyError:
-        raise UsageError(
-            f"unknown model {name!r}; use one of {', '.join(MODELS)} or 'custom' with model.depths and model.width"
-        ) from None
-
-
+# Registry: name -> (depths, width) lives in bit_transfer/archs.py (MindSpore-free, for recipe checks).
 def create_model(name: str, num_classes: int, *, depths=None, width=None, padding: str = "fixed") -> ResNetV2:
     """Build a BiT model with a zero-initialised head; depths/width override the registry entry."""
     name = canonical_name(name)
