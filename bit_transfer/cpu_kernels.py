@@ -15,7 +15,8 @@ Float32 only (models/resnetv2.py sends half-precision models to MindSpore's ops)
 the CPU is MindSpore's only device and a C++ compiler builds them; otherwise the
 `*_primitive()` functions return None and the callers keep MindSpore's ops (a failed build warns
 once). Set BIT_TRANSFER_CPU_KERNELS=0 to force those. The library is built once per source version
-and machine into paths.home()/kernels (compiled with -march=native, hence per machine).
+and compiler target (-march=native: keyed by the instruction sets the compiler enables here, not the
+host name) into paths.home()/kernels.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -63,13 +63,17 @@ static void gn_forward(const float *x, const float *gamma, const float *beta, fl
     rstd_out[r] = rstd;
     const int64_t c0 = (r % G) * Cg;
     float *yr = y + r * K;
+    // (x - mean) * a + beta, not x * a + (beta - mean * a): the folded form cancels two products
+    // of size |mean| * a, so an element equal to its group mean (a one-element group, a 1x1 map
+    // with one channel per group) came out as FMA rounding noise (~1e-4 for a = 1/sqrt(eps)),
+    // not beta, and that noise changed with the batch size (tests/test_cpu_kernels.py).
     for (int64_t j = 0; j < Cg; ++j) {
-      const float a = rstd * (gamma ? gamma[c0 + j] : 1.f), b = (beta ? beta[c0 + j] : 0.f) - mf * a;
+      const float a = rstd * (gamma ? gamma[c0 + j] : 1.f), b = beta ? beta[c0 + j] : 0.f;
       const float *xs = xr + j * HW;
       float *ys = yr + j * HW;
 #pragma omp simd
       for (int64_t i = 0; i < HW; ++i) {
-        const float z = xs[i] * a + b;
+        const float z = (xs[i] - mf) * a + b;
         ys[i] = RELU ? (z > 0.f ? z : 0.f) : z;
       }
     }
@@ -212,11 +216,34 @@ extern "C" int all_finite(int nparam, void **params, int *ndims, int64_t **shape
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
 
 
-def _library_path() -> Path:
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+@functools.cache
+def target_features(cxx: str) -> str:
+    """What `-march=native` means to this compiler on this CPU: its predefined macros under CXX_FLAGS
+    (__AVX512F__, __AVX2__, ..., __VERSION__). ~15 ms, so once per process; "" if the query fails
+    (the build then fails with the compiler's own message)."""
+    try:
+        out = subprocess.run([cxx, *CXX_FLAGS, "-E", "-dM", "-x", "c++", "-"], input="", capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "\n".join(sorted(out.splitlines()))
+
+
+def library_key(target: str) -> str:
+    """Source, flags and the compiler's target features: not the host name, so a shared home or a
+    re-provisioned host with another CPU never loads a library built for instructions it lacks
+    (an illegal-instruction crash), and one CPU model shares one build."""
+    return hashlib.sha256("\n".join([SOURCE, " ".join(CXX_FLAGS), target]).encode()).hexdigest()[:16]
+
+
+def _library_path(cxx: str) -> Path:
     from bit_transfer import paths
 
-    key = hashlib.sha256(SOURCE.encode() + " ".join(CXX_FLAGS + [platform.node()]).encode()).hexdigest()[:16]
-    return paths.home() / "kernels" / f"cpu_kernels-{key}.so"
+    return paths.home() / "kernels" / f"cpu_kernels-{library_key(target_features(cxx))}.so"
 
 
 def build() -> Path | None:
@@ -224,12 +251,12 @@ def build() -> Path | None:
 
     None when there is no C++ compiler; RuntimeError (with the compiler's message) when it fails.
     """
-    lib = _library_path()
-    if lib.exists():
-        return lib
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = _compiler()
     if not cxx:
         return None
+    lib = _library_path(cxx)
+    if lib.exists():
+        return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         src, out = Path(tmp) / "cpu_kernels.cc", Path(tmp) / "cpu_kernels.so"

@@ -1,5 +1,7 @@
 """The compiled CPU GroupNorm kernel gives the built-in op's values and gradients (bit_transfer/cpu_kernels.py)."""
 
+import platform
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -65,6 +67,45 @@ def test_weight_standardisation_kernel_matches_group_norm_on_the_flat_view(shape
         got = wrap(ms.value_and_grad(compiled))(w)
         np.testing.assert_allclose(got[0].asnumpy(), want[0].asnumpy(), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(got[1].asnumpy(), want[1].asnumpy(), rtol=1e-4, atol=1e-4 * np.abs(want[1].asnumpy()).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("relu", [False, True], ids=["gn", "gn_relu"])
+@pytest.mark.parametrize("cg,hw", [(1, 1), (2, 3)], ids=["one_value", "constant_group"])
+def test_a_group_equal_to_its_mean_gives_exactly_beta(relu, cg, hw):
+    """x - mean = 0, so y = beta, bit for bit: one value per group is what narrow models meet on 1x1
+    maps. The folded form x*a + (beta - mean*a) gave FMA rounding noise instead (~1e-4 at
+    a = 1/sqrt(eps)) that changed with the batch size, and later GroupNorms scaled it up."""
+    rng = np.random.default_rng(2)
+    groups, n = 32, 5
+    x = np.repeat(rng.standard_normal((n * groups, 1, 1)) * 30, cg, 1).repeat(hw, 2).astype(np.float32)
+    gamma, beta = rng.standard_normal(groups * cg).astype(np.float32), rng.standard_normal(groups * cg).astype(np.float32)
+    y = cpu_kernels.group_norm_primitive(relu)(Tensor(x), Tensor(gamma), Tensor(beta), Tensor([1e-5], ms.float32))[0]
+    want = np.broadcast_to(np.tile(beta.reshape(groups, cg, 1), (n, 1, hw)), x.shape)
+    np.testing.assert_array_equal(y.asnumpy(), np.maximum(want, 0) if relu else want)
+
+
+def test_library_key_follows_the_compilers_target_features(monkeypatch):
+    """Not the host name: a shared home or a re-provisioned host with another CPU must not load a
+    library built for instructions it lacks."""
+    avx2, avx512 = "#define __AVX2__ 1", "#define __AVX2__ 1\n#define __AVX512F__ 1"
+    assert cpu_kernels.library_key(avx2) != cpu_kernels.library_key(avx512)
+    assert cpu_kernels.library_key(avx2) == cpu_kernels.library_key(avx2)
+    cxx = cpu_kernels._compiler()
+    if not cxx:
+        pytest.skip("no C++ compiler")
+    path = cpu_kernels._library_path(cxx)
+    monkeypatch.setattr("platform.node", lambda: "another-host")
+    assert cpu_kernels._library_path(cxx) == path
+    native = cpu_kernels.target_features(cxx)
+    assert "__VERSION__" in native  # the compiler's version is part of the key too
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = [f.replace("native", "haswell") for f in cpu_kernels.CXX_FLAGS]
+        monkeypatch.setattr(cpu_kernels, "CXX_FLAGS", flags)
+        haswell = cpu_kernels.target_features.__wrapped__(cxx)  # uncached: these flags, not the process's
+        assert "__AVX2__" in haswell and "__AVX512F__" not in haswell
+        if "__AVX512F__" in native:  # an AVX-512 host must not share a library with an AVX2 one
+            assert cpu_kernels.library_key(native) != cpu_kernels.library_key(haswell)
 
 
 def test_kernels_build_wherever_a_compiler_is_present(monkeypatch):
