@@ -20,6 +20,7 @@ import urllib.request
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT = 2.0  # seconds for name resolution and TCP connect together
 _TRUE = {"1", "ON", "YES", "TRUE"}
+_switched = []  # non-empty once `offline()` turned offline mode on because the hub was unreachable
 
 
 def endpoint() -> str:
@@ -71,6 +72,7 @@ def offline() -> bool:
     if reachable(endpoint()):
         return False
     os.environ["HF_HUB_OFFLINE"] = "1"
+    _switched.append(host())
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True
@@ -82,6 +84,6 @@ def offline() -> bool:
 
 def why_offline() -> str:
     """For messages: why the hub was not asked."""
-    if reachable.cache_info().currsize and not reachable(endpoint()):
-        return f"{host()} cannot be reached, so it ran with HF_HUB_OFFLINE=1"
+    if _switched:
+        return f"{_switched[0]} cannot be reached, so it ran with HF_HUB_OFFLINE=1"
     return "HF_HUB_OFFLINE=1 is set"
