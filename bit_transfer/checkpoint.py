@@ -87,6 +87,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def training_meta(*, step: int, batch_split: int, micro_batch: int, world: int, seed: int, model, class_names,
+                  recipe: str, plan_steps: int, **extra) -> dict:
+    """The meta of a training checkpoint (fit and the linear probe): what resume, eval and export read."""
+    from bit_transfer.models import model_config
+
+    return {
+        "step": step,
+        "batch_split": batch_split,
+        "micro_batch": micro_batch,
+        "data_position": step * batch_split,  # global micro-batches consumed
+        "world": world,
+        "seed": seed,
+        "model": model_config(model),
+        "class_names": list(class_names),
+        "recipe": recipe,
+        "plan_steps": plan_steps,
+        **extra,
+    }
+
+
 def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     """(params as numpy arrays, meta dict); a one-line WeightsError if the file is missing or broken."""
     import mindspore as ms

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import sys
 
 from bit_transfer import __version__
@@ -107,12 +108,11 @@ def _recipe_for_run(args):
     if args.resume:
         saved = Path(args.resume) / "recipe.yaml"
         if args.recipe and Path(args.recipe).resolve() != saved.resolve():
-            r = recipe.load(args.recipe, args.sets)
-        elif not saved.is_file():
-            raise UsageError(f"--resume {args.resume}: no recipe.yaml there; pass the run directory that fit printed")
-        else:
-            r = recipe.load(saved, args.sets)
-        return r, args.resume
+            return recipe.load(args.recipe, args.sets), args.resume
+        if not saved.is_file():
+            what = "does not exist" if not Path(args.resume).exists() else "has no recipe.yaml"
+            raise UsageError(f"--resume {args.resume}: the directory {what}; pass the run directory that fit printed")
+        return recipe.load(saved, args.sets), args.resume
     if not args.recipe:
         raise UsageError("fit needs a recipe (e.g. recipes/cifar10.yaml) or --resume RUN_DIR")
     return recipe.load(args.recipe, args.sets), args.run_dir
@@ -125,18 +125,23 @@ def cmd_fit(args) -> int:
     if (args.devices > 1 or args.nodes > 1) and not distributed.launched_by_msrun():
         return _launch_ranks(args, r, run_dir)
     # --quiet is how this process prints, not part of the recipe (a resume must match the recipe)
-    train.fit(r, run_dir=run_dir, quiet=True if args.quiet else None, stop_after=args.stop_after)
-    return 0
+    m = train.fit(r, run_dir=run_dir, quiet=True if args.quiet else None, stop_after=args.stop_after,
+                  resume=bool(args.resume))
+    return 130 if m.get("stopped_by_signal") else 0
 
 
 def _launch_ranks(args, r, run_dir) -> int:
-    """`fit --devices N`: start msrun with N workers running this same fit, and wait."""
+    """`fit --devices N`: check the data here (a bad image is one line, not N stack traces), claim the
+    run directory, then start msrun with N workers running this same fit, and wait."""
     from pathlib import Path
 
-    from bit_transfer import distributed, runlog
+    from bit_transfer import data, distributed
+    from bit_transfer.rundir import RunDir
 
-    run_dir = Path(run_dir) if run_dir else runlog.new_run_dir(r.log.dir, r.name)
-    fit_args = [str(Path(args.recipe).resolve())] if args.recipe else []
+    data.check_readable(data.load(r.data))
+    run = RunDir.claim(run_dir, kind="fit", parent=r.log.dir, name=r.name, must_exist=bool(args.resume))
+    run.check_recipe(r.to_dict())
+    fit_args = [str(Path(args.recipe or run.path / "recipe.yaml").resolve())]
     fit_args += [f"--set={s}" for s in args.sets]
     if args.quiet:
         fit_args.append("--quiet")
@@ -144,7 +149,7 @@ def _launch_ranks(args, r, run_dir) -> int:
         fit_args.append(f"--stop-after={args.stop_after}")
     distributed.launch(
         fit_args,
-        run_dir.resolve(),
+        run.path.resolve(),
         devices=args.devices,
         nodes=args.nodes,
         node_rank=args.node_rank,
@@ -168,6 +173,67 @@ def cmd_export(args) -> int:
     out = export_from_checkpoint(args.run_or_ckpt, args.format, args.out, image_size=args.image_size)
     print(f"exported {args.format}: {out}")
     return 0
+
+
+def parse_ints(text: str, option: str, minimum: int) -> list[int]:
+    """'1,2,5,10' or '0-4' (an inclusive range) -> sorted distinct ints; one-line UsageError else."""
+    example = "1,2,5,10" if minimum > 0 else "0,1,2 or 0-4"
+    values: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if m:
+            lo, hi = int(m[1]), int(m[2])
+            if lo > hi:
+                raise UsageError(f"{option} {text!r}: range {part!r} runs backwards; write it as {hi}-{lo}")
+            values.update(range(lo, hi + 1))
+        elif re.fullmatch(r"[+-]?\d+", part):
+            values.add(int(part))
+        else:
+            raise UsageError(f"{option} {text!r}: {part!r} is not an integer; give a list like {example}")
+    low = min(values)
+    if low < minimum:
+        raise UsageError(f"{option} {text!r}: {low} is below {minimum}; give a list like {example}")
+    return sorted(values)
+
+
+
+
+def add_fewshot_parser(subparsers) -> argparse.ArgumentParser:
+    from bit_transfer.fewshot import MODES  # no MindSpore import
+
+    p = subparsers.add_parser(
+        "fewshot",
+        help="few-shot sweep: a run per (shots, seed), mean ± std table, plot (resumable)",
+        description="Run the recipe on K images per class for every K in --shots and subset seed in --seeds, "
+                    "evaluate each on the full eval split, and summarise mean ± std over seeds.",
+    )
+    add_recipe_args(p)
+    p.add_argument("--shots", required=True, help="images per class, e.g. 1,2,5,10")
+    p.add_argument("--seeds", default="0,1,2", help="few-shot subset seeds, e.g. 0,1,2 or 0-4 (default 0,1,2)")
+    p.add_argument("--mode", choices=MODES,
+                   help="finetune: train all weights; linear: frozen backbone, head on cached features "
+                        "(default: the recipe's train.mode)")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="sweep directory (default runs/<recipe>-fewshot-<timestamp>); an existing one resumes")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="linear mode: feature cache (default $BIT_TRANSFER_HOME/features, "
+                        "else ~/.cache/bit-transfer/features)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; a line per log step")
+    p.set_defaults(func=cmd_fewshot)
+    return p
+
+
+def cmd_fewshot(args) -> int:
+    from bit_transfer import recipe as recipes
+    from bit_transfer.fewshot import sweep
+
+    shots = parse_ints(args.shots, "--shots", minimum=1)
+    seeds = parse_ints(args.seeds, "--seeds", minimum=0)
+    r = recipes.load(args.recipe, args.sets)
+    result = sweep(r, shots, seeds, mode=args.mode, sweep_dir=args.run_dir, quiet=args.quiet or None,
+                   feature_root=args.feature_cache)
+    return 0 if result.complete else 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,8 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write metrics.json and the confusion matrix (default: <run>/eval)")
     p.set_defaults(func=cmd_eval)
 
-    from bit_transfer.fewshot import add_fewshot_parser  # no MindSpore import
-
     add_fewshot_parser(sub)
 
     p = sub.add_parser("export", help="export a run's latest checkpoint (or a .ckpt) to Hugging Face or MindIR")
@@ -221,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except UsageError as e:
-        print(f"bit-transfer {args.command}: error: {e}", file=sys.stderr)
+        print(f"bit-transfer {args.command}: {getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         print(f"bit-transfer {args.command}: interrupted", file=sys.stderr)

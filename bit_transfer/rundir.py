@@ -62,23 +62,29 @@ class RunDir:
     # ------------------------------------------------------------------ claiming
     @classmethod
     def claim(cls, path, *, kind: str, parent: str = "runs", name: str = "run", writer: bool = True,
-              must_exist: bool = False) -> "RunDir":
+              must_exist: bool = False, flag: str = "--run-dir") -> "RunDir":
         """A new run (`path` None: `<parent>/<name>-<timestamp>`), or the existing run at `path`.
 
         `must_exist` (`fit --resume DIR`): a missing or foreign directory is an error, not a fresh run.
+        `flag` is the option the messages name (`--out` for eval and export, whose kind they also name).
         """
         if path is None:
             path = new_run_path(parent, name)
         path = Path(path).expanduser()
+        noun = kind if kind in ("export", "eval") else "run"
         if path.exists() and not path.is_dir():
-            raise StorageError(f"{path} is a file; give a directory for the run (e.g. --run-dir runs/my-run)")
+            example = "runs/my-run" if flag == "--run-dir" else f"{path.with_suffix('')}-{noun}"
+            raise StorageError(f"{path} is a file; give a directory for the {noun} (e.g. {flag} {example})")
         owned = is_run(path)
         if must_exist and not owned:
             what = "does not exist" if not path.exists() else "is not a bit-transfer run"
             raise UsageError(f"--resume {path}: the directory {what}; pass the run directory that fit printed")
         if not owned and path.exists() and any(path.iterdir()):
-            raise UsageError(f"{path} exists and holds files but is not a bit-transfer run; "
-                             "choose a new or empty directory for the run (--run-dir)")
+            raise UsageError(f"{path} exists and holds files but is not a bit-transfer {noun}; "
+                             f"choose a new or empty directory for the {noun} ({flag})")
+        if owned and noun != "run" and marker_kind(path) != kind:  # eval/export never write into a run
+            raise UsageError(f"{path} is a bit-transfer {marker_kind(path) or 'run'} directory, not an {noun} output; "
+                             f"choose a new or empty directory for the {noun} ({flag})")
         run = cls(path, kind=kind, writer=writer, created=not path.exists())
         if writer and not owned:
             run._mark()
@@ -103,6 +109,14 @@ class RunDir:
             return
         for child in self.path.iterdir():  # it was empty, or a run with nothing to resume
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+    def restart(self) -> None:
+        """Empty the run, marker kept: for runs that restart rather than resume (a linear probe: seconds)."""
+        if not self.writer:
+            return
+        for child in self.path.iterdir():
+            if child.name != MARKER:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ recipe and results
     def check_recipe(self, recipe_dict: dict, sets_hint: str = "") -> list[str]:
@@ -226,9 +240,18 @@ def new_run_path(parent: str, name: str) -> Path:
     return path
 
 
+def marker_kind(path: Path) -> str | None:
+    """The kind ("fit", "eval", "export", ...) a directory's marker records, else None."""
+    try:
+        kind = json.loads((Path(path) / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 def is_run(path: Path) -> bool:
     """A directory bit-transfer owns: its marker, or (runs made before the marker) its checkpoints."""
-    if (path / MARKER).is_file():
+    if (path / MARKER).is_file() or (path / "sweep.yaml").is_file():  # sweeps made before the marker
         return True
     return (path / "recipe.yaml").is_file() and any((path / CKPT_DIR).glob("step-*.ckpt"))
 

@@ -85,7 +85,7 @@ class TrainStep:
         batch_split: int,
         precision: str = "fp32",
         jit: bool = True,
-        world: int = 1,
+        ranks: int = 1,
     ):
         self.model = model
         self.batch_split = batch_split
@@ -108,12 +108,12 @@ class TrainStep:
 
         # Data parallel: the mean over ranks of each rank's (accumulated) gradient, once per
         # optimizer step, inside the compiled graph; every rank then applies the same update.
-        all_reduce = ops.AllReduce() if world > 1 else None
+        all_reduce = ops.AllReduce() if ranks > 1 else None
 
         def update(grads, scale, lr):
             """The end of every optimizer step: all-reduce, unscale (fp16), check, apply."""
             if all_reduce is not None:
-                grads = tuple([all_reduce(g) / world for g in grads])
+                grads = tuple([all_reduce(g) / ranks for g in grads])
             if unscale:
                 grads = tuple([g / scale for g in grads])
             finite = all_finite(grads, finite_kernel)

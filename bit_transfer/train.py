@@ -1,57 +1,470 @@
-"""`bit-transfer fit` and `eval`: fine-tune a BiT with the HyperRule, evaluate, checkpoint, resume.
+"""`bit-transfer fit`: fine-tune a BiT with the HyperRule, evaluate, checkpoint, resume.
 
-Read it top to bottom: set up the device, the data and the plan; build the model; then the loop
-(one optimizer step = `batch_split` micro-batches), with logging, evaluation and checkpoints.
-Everything random derives from (train.seed, step): data order, augmentation and MixUp, so a
-resumed run continues exactly where the interrupted one stopped.
+Read it top to bottom: `fit` claims the run directory (`rundir.RunDir` owns every file), `prepare`
+sets up the data, the plan and the model, `train_loop` runs the optimizer steps (one step =
+`batch_split` micro-batches) with logging, evaluation and checkpoints, and `finish` writes the last
+checkpoint, evaluates and writes metrics.json. Everything random derives from (train.seed, step):
+data order, augmentation and MixUp, so a resumed run continues exactly where the stopped one ended.
+A signal at any moment leaves a whole checkpoint (`signals.StopFlag`); rerunning the command resumes.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import distributed, planning, recipe as recipes, runlog, runtime
-from bit_transfer.errors import RecipeError, RunError, UsageError, WeightsError
+from bit_transfer import distributed, planning, recipe as recipes, runtime
+from bit_transfer.errors import RunError, UsageError, WeightsError
+from bit_transfer.rundir import RunDir
+from bit_transfer.signals import StopFlag
 
-CKPT_DIR = "checkpoints"
+RESUME_HINT = "rerun the same command to continue"
+DIVERGED_FACTOR = 10.0  # a final loss this many times the first one is flagged as divergence
 
 
 class TrainingDiverged(RunError):
-    """The loss became NaN/Inf; the last good checkpoint is kept."""
+    """The loss or the gradients became NaN/Inf; the last good checkpoint is kept."""
 
 
-# ----------------------------------------------------------------------------- building blocks
+@dataclass
+class Session:
+    """What the loop needs, built once by `prepare`."""
+
+    recipe: recipes.Recipe
+    run: RunDir
+    world: distributed.World
+    device: str
+    dataset: object
+    info: planning.TaskInfo
+    plan: object
+    layout: planning.BatchLayout
+    net: object  # the model (its Parameters are what checkpoints hold)
+    model: object  # `net`, or its fp16 wrapper
+    step_fn: object
+    eval_step: object
+    metrics: object
+    say: object
+    step: int = 0
+    evaluated_at: int | None = None
+    saved_at: int | None = None
+    last_eval: object = None
+    losses: list = field(default_factory=list)  # (step, loss) at log points, for the divergence flag
+    stopped: str | None = None  # what ended the loop early: a signal's name or --stop-after
+    progress: object = None
+    timer: object = None
+
+
+# ----------------------------------------------------------------------------- fit
+def fit(recipe: recipes.Recipe, *, run_dir=None, quiet: bool | None = None, stop_after: int | None = None,
+        resume: bool = False) -> dict:
+    """Fine-tune the recipe's model with its plan; returns the final metrics (also in metrics.json).
+
+    `stop_after` ends the run after that many steps as if interrupted; `resume` (`--resume DIR`)
+    requires `run_dir` to be an existing run. A finished run is reported, not rerun.
+    """
+    t_start = time.time()
+    with StopFlag() as stop:  # from the first moment: data loading and compiling are covered too
+        device = runtime.setup(recipe.train.device, jit=recipe.train.jit)
+        world = distributed.world()
+        _check_ranks(recipe, run_dir, world)
+        run = RunDir.claim(run_dir, kind="fit", parent=recipe.log.dir, name=recipe.name, writer=world.is_main,
+                           must_exist=resume)
+        say = print if world.is_main else _silent
+        done = _finished_or_changed(run, recipe, say)
+        if done:
+            return done
+        try:
+            s = prepare(recipe, run, world, device, stop, say)
+            try:
+                train_loop(s, stop, stop_after, quiet)
+                return finish(s, stop, t_start)
+            finally:
+                s.metrics.close()
+        except BaseException:
+            run.discard_if_unused()  # a run that failed before its first checkpoint leaves nothing
+            raise
+
+
+def _check_ranks(recipe, run_dir, world) -> None:
+    if world.size > 1 and not run_dir:
+        raise UsageError("under msrun pass --run-dir DIR so that every rank uses the same run directory")
+    if world.size > 1 and recipe.train.batch_split == "auto":
+        raise UsageError(f"train.batch_split: auto probes one device; with {world.size} ranks set a number")
+
+
+def _finished_or_changed(run: RunDir, recipe, say) -> dict | None:
+    """A finished run's metrics (nothing is rewritten); else check and record what a resume changes."""
+    changed = run.check_recipe(recipe.to_dict())
+    done = run.finished()
+    if done:
+        say(f"{run} is finished: top-1 {_pct(done.get('top1'))} after {done.get('steps')} steps; nothing to do "
+            "(start a new run with another --run-dir)", flush=True)
+        return done
+    if changed:
+        say(f"resuming with changed settings: {', '.join(changed)}", flush=True)
+        run.write_yaml("recipe.yaml", recipe.to_dict())
+    return None
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+# ----------------------------------------------------------------------------- set-up
+def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Session:
+    """Data (both splits checked), plan, model, steps and the checkpoint to resume from."""
+    from bit_transfer.step import EvalStep, cast_model
+
+    tcfg = recipe.train
+    latest = run.latest_checkpoint(log=say)
+    say(f"run directory: {run}" + (" (resuming)" if latest else ""), flush=True)
+    runtime.seed_everything(tcfg.seed)
+    dataset, info, plan = load_task(recipe, world, device, say)
+    stop.check("loading the data", f"nothing was trained; {RESUME_HINT}")
+    net = build_model(recipe.model, dataset.num_classes, log=say)
+    if tcfg.mode == "linear":
+        net.freeze_backbone()
+    model = cast_model(net, tcfg.precision)  # fp16: a wrapper around `net`, same Parameters
+    meta = latest[2] if latest else {}
+    batch_split = int(meta.get("batch_split") or 0) or _batch_split(tcfg, plan, model, dataset.num_classes, say)
+    # batch_split is kept from the checkpoint on resume: the global micro-batch (batch / batch_split)
+    # and so the data stream stay the same whatever the number of ranks now.
+    layout = planning.batch_layout(plan.batch_size, batch_split, world=world.size)
+    step_fn = _train_step(model, plan, tcfg, batch_split, world.size)
+    s = Session(recipe, run, world, device, dataset, info, plan, layout, net, model, step_fn,
+                EvalStep(model, tcfg.eval_batch_size or layout.micro_batch, jit=tcfg.jit), None, say)
+    if latest:
+        _restore(model, step_fn, latest[1], latest[0])
+        s.step = s.saved_at = int(meta["step"])
+        say(f"resumed from {latest[0].name} at step {s.step}", flush=True)
+    else:
+        run.write_yaml("recipe.yaml", recipe.to_dict())
+        run.write_json("plan.json", planning.plan_json(info, plan, layout))
+    say(f"batch {layout.describe()}", flush=True)
+    stop.check("building the model", f"nothing was trained in this process; {RESUME_HINT}")
+    s.metrics = run.metrics_log(recipe.log.tensorboard)
+    if not latest:
+        s.metrics.text("plan", "\n".join(plan.explain()))
+    return s
+
+
+def load_task(recipe, world, device: str, say):
+    """The dataset (train and eval images checked before any training), what the rule sees, the plan."""
+    from bit_transfer import data
+
+    dataset = data.load(recipe.data)
+    _check_images(dataset, say)
+    info = planning.task_info(recipe)
+    plan = planning.make_plan(recipe, info)
+    ranks = f" x {world.size} ranks" if world.size > 1 else ""
+    say(f"device {device}{ranks}; {len(dataset.train)} training / "
+        f"{len(dataset.eval)} eval images, {dataset.num_classes} classes; {plan.steps} steps at {plan.crop}px "
+        f"(precrop {plan.precrop}), MixUp {plan.mixup_alpha}", flush=True)
+    return dataset, info, plan
+
+
+def _check_images(dataset, say) -> None:
+    """Read every image header of both splits now, not at the final evaluation hours later."""
+    from bit_transfer import data
+
+    check = getattr(data, "check_readable", None)
+    if check is None:
+        return
+    skipped = check(dataset)
+    if skipped and any(skipped.values()):
+        say("skipping unreadable images (data.skip_corrupt): "
+            + ", ".join(f"{n} in {split}" for split, n in skipped.items() if n), flush=True)
+
+
 def build_model(model_cfg, num_classes: int, *, log=print):
-    """Create the recipe's model and load its weights ('none' trains from scratch)."""
+    """The recipe's architecture with its weights loaded (one read of the file); 'none' trains from scratch."""
     from bit_transfer import models
+    from bit_transfer.models.weights import assign, check, read_weights
 
     def create(padding="fixed"):
-        return models.create_model(model_cfg.name, num_classes, depths=model_cfg.depths, width=model_cfg.width, padding=padding)
+        return models.create_model(model_cfg.name, num_classes, depths=model_cfg.depths, width=model_cfg.width,
+                                   padding=padding)
 
     if model_cfg.weights.lower() == "none":
         log("weights: none (training from scratch; the head is zero-initialised)")
         return create()
     path = models.resolve_weights(model_cfg.weights, model_cfg.name)
-    model = create(models.weights_padding(path))  # google/bit-* HF checkpoints need TF "SAME" padding
-    report = models.load_weights(model, path, head=model_cfg.head)
+    wf = read_weights(path)
+    model = create(wf.padding or "fixed")  # google/bit-* HF checkpoints need TF "SAME" padding
+    report = check(model, wf, model_cfg.head)
+    assign(model, wf, report)
     log(f"weights: {path} ({report})")
     return model
 
 
-def find_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / CKPT_DIR).glob("step-*.ckpt"))
+def _train_step(model, plan, tcfg, batch_split: int, ranks: int):
+    from bit_transfer.step import TrainStep
+
+    return TrainStep(model, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=batch_split,
+                     precision=tcfg.precision, jit=tcfg.jit, ranks=ranks)
 
 
-def kept_checkpoint(run_dir: Path) -> str:
-    """What a stopped run leaves to resume from, for its one-line message."""
-    ckpts = find_checkpoints(run_dir)
-    return f"the last good checkpoint {ckpts[-1]} is kept" if ckpts else "no checkpoint had been written"
+def _restore(model, step_fn, params: dict, path: Path) -> None:
+    """Model weights and optimizer momentum from a training checkpoint."""
+    missing = [p.name for p in model.get_parameters() if p.name not in params]
+    if missing:
+        raise WeightsError(f"{path} lacks {len(missing)} model tensors (e.g. {missing[0]}); it is not from this run")
+    for p in model.get_parameters():
+        runtime.assign(p, params[p.name])
+    try:
+        step_fn.optimizer.load_state(params)
+    except KeyError as e:
+        raise WeightsError(f"{path} lacks the optimizer state {e}; it is not a training checkpoint of this run") from None
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool | None) -> None:
+    """Optimizer steps until the plan's last one, a signal, or `stop_after`."""
+    from bit_transfer import runlog
+
+    recipe, plan, tcfg = s.recipe, s.plan, s.recipe.train
+    quiet = (recipe.log.quiet if quiet is None else quiet) or not s.world.is_main
+    split = s.layout.batch_split
+    stream = _train_stream(s)
+    progress = s.progress = runlog.Progress(plan.steps, s.step, quiet)
+    timer = s.timer = Throughput(plan.batch_size, s.step)
+    skips = 0
+    s.model.set_train(True)
+    try:
+        while s.step < plan.steps:
+            lr = plan.lr(s.step)
+            batches, lam = mixup_micro_batches(stream, split, plan.mixup_alpha, tcfg.seed, s.step)
+            loss, applied = s.step_fn(batches, lr, lam)
+            stop.rearm()  # MindSpore turns Ctrl-C into SIGTERM once it has run a graph
+            loss = _mean_over_ranks(loss, s.world)
+            skips = _check_update(s, loss, applied, lr, skips)
+            s.step += 1
+            timer.tick(s.step)
+            _log_step(s, loss, lr, timer)
+            if _should_stop(s, stop, stop_after):
+                break
+            if _due(tcfg.eval_every, s.step, plan.steps):
+                run_eval(s, stop)
+                s.model.set_train(True)
+            if _due(tcfg.checkpoint_every or tcfg.eval_every, s.step, plan.steps):
+                save(s, stop)
+    finally:
+        progress.close()
+
+
+def _train_stream(s: Session):
+    from bit_transfer.data import pipeline
+
+    d, plan, split = s.recipe.data, s.plan, s.layout.batch_split
+    return pipeline.train_batches(
+        s.dataset.train, precrop=plan.precrop, crop=plan.crop, micro_batch=s.layout.micro_batch,
+        seed=s.recipe.train.seed, random_crop=d.random_crop, random_flip=d.random_flip, workers=d.workers,
+        start=s.step * split, rank=s.world.rank, world=s.world.size,
+    )
+
+
+def mixup_micro_batches(stream, split: int, alpha: float, seed: int, step: int):
+    """The step's micro-batches as (x, y_a, y_b), MixUp applied; λ ~ Beta(α, α) once per step."""
+    rng = np.random.default_rng([seed, step, 1])  # MixUp randomness of this step
+    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
+    batches = []
+    for _ in range(split):
+        x, y = next(stream)
+        if alpha > 0:
+            perm = rng.permutation(len(x))
+            batches.append(((lam * x + (1.0 - lam) * x[perm]).astype(np.float32), y, y[perm]))
+        else:
+            batches.append((x, y, y))
+    return batches, lam
+
+
+def _mean_over_ranks(loss: float, world) -> float:
+    """The loss of the whole logical batch (each rank saw a shard)."""
+    if world.size == 1:
+        return loss
+    return float(distributed.all_reduce_sum(np.array([loss]))[0]) / world.size
+
+
+def _check_update(s: Session, loss: float, applied: bool, lr: float, skips: int) -> int:
+    """Stop on a non-finite loss or gradients; fp16 overflows skip the update as PyTorch's GradScaler does."""
+    if math.isfinite(loss) and applied:
+        return 0
+    if s.recipe.train.precision == "fp16" and skips + 1 < 10:
+        return skips + 1  # the loss scale was halved; the data position stays step * batch_split
+    what = f"the loss became {loss:g}" if not math.isfinite(loss) else f"the gradients became NaN/Inf (loss {loss:g})"
+    raise TrainingDiverged(
+        f"{what} at step {s.step + 1} (lr {lr:g}); the update was not applied and {s.run.kept_checkpoint()}; "
+        "lower rule.base_lr or check the data"
+    )
+
+
+class Throughput:
+    """Images/s over the last log window, and an ETA from the steps this process ran (not the resumed ones)."""
+
+    def __init__(self, batch: int, step: int):
+        self.batch, self.first = batch, step
+        self.window_t, self.window_steps, self.ips = time.perf_counter(), 0, float("nan")
+        self.t1 = None  # after this process's first step, which carries the compile
+
+    def tick(self, step: int) -> None:
+        self.window_steps += 1
+        if self.t1 is None:
+            self.t1 = time.perf_counter()
+
+    def window(self) -> float:
+        now = time.perf_counter()
+        self.ips = self.window_steps * self.batch / max(now - self.window_t, 1e-9)
+        self.window_t, self.window_steps = now, 0
+        return self.ips
+
+    def eta(self, step: int, total: int) -> float | None:
+        done = step - self.first - 1  # steps timed since the first one
+        if done < 1:
+            return None
+        return (total - step) * (time.perf_counter() - self.t1) / done
+
+
+def _log_step(s: Session, loss: float, lr: float, timer: Throughput) -> None:
+    if s.step % s.recipe.log.every and s.step != s.plan.steps:
+        s.progress.update(s.step, loss, lr, timer.ips)
+        return
+    ips = timer.window()
+    s.metrics.log(s.step, {"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips})
+    s.losses.append((s.step, loss))
+    s.progress.update(s.step, loss, lr, ips, timer.eta(s.step, s.plan.steps), force_line=True)
+
+
+def _should_stop(s: Session, stop: StopFlag, stop_after: int | None) -> bool:
+    if s.world.size > 1:  # a signal reaches the ranks at different steps: stop them together
+        if distributed.all_reduce_sum(np.array([bool(stop)]))[0] and not stop:
+            stop.count, stop.signal = 1, 15
+    if not stop and not (stop_after is not None and s.plan.steps > s.step >= stop_after):
+        return False
+    s.stopped = stop.name if stop else f"--stop-after {stop_after}"
+    hint = " (checkpoint, then evaluation; signal again to skip the evaluation)" if stop else ""
+    s.progress.write(f"{s.stopped}: stopping after step {s.step}{hint}")
+    return True
+
+
+def _due(every: int | None, step: int, total: int) -> bool:
+    return bool(every) and step % every == 0 and step < total
+
+
+# ----------------------------------------------------------------------------- evaluation, checkpoints
+def run_eval(s: Session, stop: StopFlag):
+    """Evaluate the eval split, log it; a second signal abandons it (the checkpoint is already whole)."""
+    from bit_transfer.errors import Interrupted
+    from bit_transfer.evaluate import evaluate_split
+
+    if stop and not stop.hard and not s.stopped:
+        s.progress.write(f"{stop.name}: finishing the evaluation at step {s.step}; signal again to skip it")
+
+    def predict(x):
+        if stop.hard:
+            raise Interrupted(f"{stop.name} during the evaluation at step {s.step}; {_resume_line(s)}")
+        out = s.eval_step(x)
+        stop.rearm()
+        return out
+
+    d = s.recipe.data
+    result = evaluate_split(predict, s.dataset.eval, s.plan.crop, s.eval_step.batch_size, s.dataset.num_classes,
+                            d.workers, s.world)
+    s.metrics.log(s.step, result.scalars())
+    s.evaluated_at, s.last_eval = s.step, result
+    s.progress.write(
+        f"step {s.step}: val loss {result.loss:.4f} top-1 {100 * result.top1:.2f}% top-5 {100 * result.top5:.2f}% "
+        f"({result.count} images, {result.images_per_sec:.1f} img/s)"
+    )
+    return result
+
+
+def _resume_line(s: Session) -> str:
+    ckpts = s.run.checkpoints()
+    where = f"checkpoint {ckpts[-1].name} is complete; " if ckpts else ""
+    return f"{where}{RESUME_HINT}"
+
+
+def save(s: Session, stop: StopFlag) -> Path:
+    """Checkpoint the model and optimizer (rank 0 writes); never written when the weights are not finite."""
+    from bit_transfer import checkpoint
+
+    params = {p.name: p.asnumpy() for p in s.model.get_parameters()}
+    bad = [k for k, v in params.items() if not np.isfinite(v).all()]
+    if bad:  # finite loss and gradients can still overflow the weights (a huge lr)
+        raise TrainingDiverged(
+            f"weights became non-finite at step {s.step} (e.g. {bad[0]}); {s.run.kept_checkpoint()}; "
+            "lower rule.base_lr or check the data"
+        )
+    params.update(s.step_fn.optimizer.state())
+    meta = checkpoint.training_meta(
+        step=s.step, batch_split=s.layout.batch_split, micro_batch=s.layout.micro_batch, world=s.world.size,
+        seed=s.recipe.train.seed, model=s.net, class_names=s.dataset.class_names, recipe=s.recipe.name,
+        plan_steps=s.plan.steps,
+    )
+    with stop.critical():
+        path = s.run.save_checkpoint(s.step, params, meta, keep=s.recipe.train.keep_checkpoints)
+    s.saved_at = s.step
+    return path
+
+
+def finish(s: Session, stop: StopFlag, t_start: float) -> dict:
+    """The last checkpoint, the final evaluation and metrics.json; the one summary line."""
+    if s.saved_at != s.step:
+        save(s, stop)
+    if s.evaluated_at != s.step:
+        run_eval(s, stop)
+    stopped = s.stopped
+    diverged = _diverged(s.losses)
+    fields = {
+        "steps": s.step, "planned_steps": s.plan.steps, "completed": s.step >= s.plan.steps,
+        "stopped_by_signal": bool(stopped) and stopped.startswith("SIG"), "stopped_early": bool(stopped),
+        "diverged": diverged is not None, "images_per_sec": s.timer.ips if s.timer else None,
+        "seconds": time.time() - t_start,
+        "device": s.device, "world": s.world.size, "checkpoint": str(s.run.checkpoint_path(s.step)),
+        "skipped_corrupt": _skipped(s.dataset),
+    }
+    final = s.run.write_final(s.last_eval, s.dataset.class_names, fields)
+    s.metrics.hparams(
+        {k: v for k, v in s.plan.to_dict().items() if k != "decisions"}
+        | {"model": s.recipe.model.name, "batch_split": s.layout.batch_split},
+        {"top1": s.last_eval.top1, "top5": s.last_eval.top5, "loss": s.last_eval.loss},
+    )
+    status = "stopped early; rerun the same command to resume" if stopped else "done"
+    if diverged:
+        status += f", but the loss diverged ({diverged}): lower rule.base_lr"
+    s.say(f"{status}: top-1 {_pct(s.last_eval.top1)} top-5 {_pct(s.last_eval.top5)} after {s.step} steps "
+          f"({fields['seconds']:.0f} s). Curves: tensorboard --logdir {s.run.path.parent}", flush=True)
+    return final
+
+
+def _diverged(losses: list) -> str | None:
+    """'2.3 at step 1 -> 6e+36 at step 20' when the last logged loss is far above the first."""
+    if len(losses) < 2:
+        return None
+    (s0, first), (s1, last) = losses[0], losses[-1]
+    if math.isfinite(last) and last <= DIVERGED_FACTOR * max(first, 1e-8):
+        return None
+    return f"{first:.3g} at step {s0} -> {last:.3g} at step {s1}"
+
+
+def _skipped(dataset) -> dict | None:
+    counts = getattr(dataset, "corrupt_counts", None)
+    return counts() if counts else None
+
+
+# ----------------------------------------------------------------------------- batch_split: auto
+def _batch_split(tcfg, plan, model, num_classes: int, say) -> int:
+    if tcfg.batch_split != "auto":
+        return tcfg.batch_split
+    return choose_batch_split(plan.batch_size, lambda m: _probe(model, m, plan.crop, tcfg), log=say)
 
 
 def choose_batch_split(batch_size: int, try_micro_batch, world: int = 1, log=print) -> int:
@@ -89,321 +502,7 @@ def is_out_of_memory(e: BaseException) -> bool:
     return any(s in text for s in ("out of memory", "malloc", "memory not enough", "alloc", "oom"))
 
 
-class StopFlag:
-    """SIGINT/SIGTERM finish the current step, checkpoint, evaluate and exit cleanly."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: no handlers, no graceful stop
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-    def __bool__(self):
-        return self.signal is not None
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    evaluated_at: int | None = None  # the step of the last evaluation
-
-
-# ----------------------------------------------------------------------------- fit
-def fit(
-    recipe: recipes.Recipe,
-    *,
-    run_dir: str | Path | None = None,
-    quiet: bool | None = None,
-    stop_after: int | None = None,
-) -> dict:
-    """Fine-tune the recipe's model with its plan; returns the final metrics (also in metrics.json).
-
-    `stop_after` ends the run after that many steps of the plan as if interrupted (checkpoint,
-    final eval); rerunning on the same run directory continues it.
-    """
-    from bit_transfer import checkpoint, data, models
-    from bit_transfer.data import pipeline
-
-    t_start = time.time()
-    quiet = recipe.log.quiet if quiet is None else quiet
-    tcfg = recipe.train
-
-    # --- device and ranks (under msrun every rank runs this; rank 0 alone writes)
-    device = runtime.setup(tcfg.device, jit=tcfg.jit)
-    world = distributed.world()
-    if world.size > 1 and not run_dir:
-        raise UsageError("under msrun pass --run-dir DIR so that every rank uses the same run directory")
-    if world.size > 1 and tcfg.batch_split == "auto":
-        raise UsageError(f"train.batch_split: auto probes one device; with {world.size} ranks set a number")
-    quiet = quiet or not world.is_main
-    say = print if world.is_main else (lambda *a, **k: None)
-
-    # --- run directory: new, or an existing one to resume
-    run_dir = Path(run_dir) if run_dir else runlog.new_run_dir(recipe.log.dir, recipe.name)
-    ckpts = find_checkpoints(run_dir)  # none for a new run directory
-    resuming = bool(ckpts)
-    if resuming:
-        saved = recipes.load(run_dir / "recipe.yaml")
-        if saved.to_dict() != recipe.to_dict():
-            raise RecipeError(
-                f"{run_dir} holds a run of a different recipe; resume it with `bit-transfer fit --resume {run_dir}` "
-                "or start a new one with another --run-dir"
-            )
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    say(f"run directory: {run_dir}" + (" (resuming)" if resuming else ""), flush=True)
-
-    # --- data, plan
-    runtime.seed_everything(tcfg.seed)
-    dataset = data.load(recipe.data)
-    info = planning.task_info(recipe)
-    plan = planning.make_plan(recipe, info)
-    num_classes = dataset.num_classes
-    ranks = f" x {world.size} ranks" if world.size > 1 else ""
-    say(
-        f"device {device}{ranks}; {len(dataset.train)} training / {len(dataset.eval)} eval images, {num_classes} classes; "
-        f"{plan.steps} steps at {plan.crop}px (precrop {plan.precrop}), MixUp {plan.mixup_alpha}",
-        flush=True,
-    )
-
-    # --- model
-    net = build_model(recipe.model, num_classes, log=say)
-    if tcfg.mode == "linear":
-        net.freeze_backbone()
-    from bit_transfer.step import EvalStep, TrainStep, cast_model
-
-    model = cast_model(net, tcfg.precision)  # fp16: a wrapper around `net`, same Parameters
-
-    def make_step(split):
-        return TrainStep(
-            model,
-            momentum=plan.momentum,
-            weight_decay=plan.weight_decay,
-            batch_split=split,
-            precision=tcfg.precision,
-            jit=tcfg.jit,
-            world=world.size,
-        )
-
-    # --- batch layout (auto probes the device once, then is fixed for the run and its resumes)
-    batch_split = tcfg.batch_split
-    state_params, meta = (checkpoint.read_checkpoint(ckpts[-1]) if ckpts else ({}, {}))
-    if meta.get("batch_split"):
-        batch_split = int(meta["batch_split"])
-    elif batch_split == "auto":
-        batch_split = choose_batch_split(plan.batch_size, lambda m: _probe(model, m, plan.crop, num_classes, tcfg), log=say)
-    # batch_split is kept from the checkpoint on resume: the global micro-batch (batch / batch_split)
-    # and so the data stream stay the same whatever the number of ranks now.
-    layout = planning.batch_layout(plan.batch_size, batch_split, world=world.size)
-    micro = layout.micro_batch
-    step_fn = make_step(batch_split)
-    eval_step = EvalStep(model, tcfg.eval_batch_size or micro, jit=tcfg.jit)
-
-    state = RunState()
-    if ckpts:
-        _restore(model, step_fn, state_params, ckpts[-1])
-        state.step = int(meta["step"])
-        say(f"resumed from {ckpts[-1].name} at step {state.step}", flush=True)
-    elif world.is_main:
-        runlog.write_yaml(run_dir / "recipe.yaml", recipe.to_dict())
-        runlog.write_json(run_dir / "plan.json", planning.plan_json(info, plan, layout))
-    say(f"batch {layout.describe()}", flush=True)
-
-    metrics = runlog.MetricsLog(run_dir, tensorboard=recipe.log.tensorboard) if world.is_main else runlog.NullLog()
-    if not resuming:
-        metrics.text("plan", "\n".join(plan.explain()))
-
-    def checkpoint_meta(step):
-        return {
-            "step": step,
-            "batch_split": batch_split,
-            "micro_batch": micro,
-            "data_position": step * batch_split,  # global micro-batches consumed
-            "world": world.size,
-            "seed": tcfg.seed,
-            "model": models.model_config(net),
-            "class_names": list(dataset.class_names),
-            "recipe": recipe.name,
-            "plan_steps": plan.steps,
-        }
-
-    def save(step):
-        path = run_dir / CKPT_DIR / f"step-{step:06d}.ckpt"
-        path.parent.mkdir(exist_ok=True)
-        params = {p.name: p.asnumpy() for p in model.get_parameters()}
-        bad = [k for k, v in params.items() if not np.isfinite(v).all()]
-        if bad:  # finite loss and gradients can still overflow the weights (a huge lr)
-            raise TrainingDiverged(
-                f"weights became non-finite at step {step} (e.g. {bad[0]}); {kept_checkpoint(run_dir)}; "
-                "lower rule.base_lr or check the data"
-            )
-        if not world.is_main:
-            return path
-        params.update(step_fn.optimizer.state())
-        checkpoint.save_checkpoint(path, params, checkpoint_meta(step))
-        for old in find_checkpoints(run_dir)[: -tcfg.keep_checkpoints]:
-            old.unlink()
-        return path
-
-    def run_eval(step):
-        result = evaluate_split(
-            eval_step, dataset.eval, plan.crop, eval_step.batch_size, num_classes, recipe.data.workers, world
-        )
-        metrics.log(step, result.scalars())
-        state.evaluated_at = step
-        progress.write(
-            f"step {step}: val loss {result.loss:.4f} top-1 {100 * result.top1:.2f}% top-5 {100 * result.top5:.2f}% "
-            f"({result.count} images, {result.images_per_sec:.1f} img/s)"
-        )
-        return result
-
-    # --- the loop
-    stream = pipeline.train_batches(
-        dataset.train,
-        precrop=plan.precrop,
-        crop=plan.crop,
-        micro_batch=micro,
-        seed=tcfg.seed,
-        random_crop=recipe.data.random_crop,
-        random_flip=recipe.data.random_flip,
-        workers=recipe.data.workers,
-        start=state.step * batch_split,
-        rank=world.rank,
-        world=world.size,
-    )
-    progress = runlog.Progress(plan.steps, state.step, quiet)
-    try:
-        eval_every, ckpt_every = tcfg.eval_every, tcfg.checkpoint_every or tcfg.eval_every
-        window_t, window_steps, train_ips = time.perf_counter(), 0, float("nan")
-        last_eval, stopped, last_saved = None, None, None
-        consecutive_skips = 0
-        model.set_train(True)
-        with StopFlag() as stop:
-            while state.step < plan.steps:
-                step = state.step
-                lr = plan.lr(step)
-                rng = np.random.default_rng([tcfg.seed, step, 1])  # MixUp randomness of this step
-                lam = float(rng.beta(plan.mixup_alpha, plan.mixup_alpha)) if plan.mixup_alpha > 0 else 1.0
-                batches = []
-                for _ in range(batch_split):
-                    x, y = next(stream)
-                    if plan.mixup_alpha > 0:
-                        perm = rng.permutation(len(x))
-                        x, yb = (lam * x + (1.0 - lam) * x[perm]).astype(np.float32), y[perm]
-                    else:
-                        yb = y
-                    batches.append((x, y, yb))
-                loss, applied = step_fn(batches, lr, lam)
-                if world.size > 1:  # log the loss of the whole logical batch
-                    loss = float(distributed.all_reduce_sum(np.array([loss]))[0]) / world.size
-                if not math.isfinite(loss) or not applied:
-                    # fp16: an overflow skips this update (the loss scale was halved) and training moves
-                    # on, as with PyTorch's GradScaler; the data position stays step * batch_split.
-                    consecutive_skips += 1
-                    if tcfg.precision != "fp16" or consecutive_skips >= 10:
-                        raise TrainingDiverged(
-                            f"loss became {loss} at step {step} (lr {lr:g}); the update was not applied and "
-                            f"{kept_checkpoint(run_dir)}; lower rule.base_lr or check the data"
-                        )
-                else:
-                    consecutive_skips = 0
-                state.step = step = step + 1
-                window_steps += 1
-
-                if step % recipe.log.every == 0 or step == plan.steps:
-                    now = time.perf_counter()
-                    train_ips = window_steps * plan.batch_size / (now - window_t)
-                    window_t, window_steps = now, 0
-                    metrics.log(step, {"train/loss": loss, "train/lr": lr, "train/images_per_sec": train_ips})
-                    eta = (plan.steps - step) * plan.batch_size / train_ips
-                    progress.update(step, loss, lr, train_ips, eta, force_line=True)
-                else:
-                    progress.update(step, loss, lr, train_ips)
-
-                if world.size > 1:  # a signal reaches the ranks at different steps: stop them together
-                    stop.signal = stop.signal or (signal.SIGTERM if distributed.all_reduce_sum(np.array([bool(stop)]))[0] else None)
-                if stop or (stop_after is not None and step >= stop_after and step < plan.steps):
-                    stopped = signal.Signals(stop.signal).name if stop else f"--stop-after {stop_after}"
-                    progress.write(f"{stopped}: stopping after step {step}")
-                    break
-                if eval_every and step % eval_every == 0 and step < plan.steps:
-                    last_eval = run_eval(step)
-                    model.set_train(True)
-                if ckpt_every and step % ckpt_every == 0 and step < plan.steps:
-                    last_saved = save(step)
-
-        # --- the end: checkpoint, final evaluation, metrics.json
-        last_saved = save(state.step)
-        if state.evaluated_at != state.step:
-            last_eval = run_eval(state.step)
-        from bit_transfer.evaluate import save_report
-
-        if world.is_main:
-            save_report(last_eval, list(dataset.class_names), run_dir / "eval")
-        final = {
-            "top1": last_eval.top1,
-            "top5": last_eval.top5,
-            "loss": last_eval.loss,
-            "steps": state.step,
-            "planned_steps": plan.steps,
-            "completed": state.step >= plan.steps,
-            "stopped_by_signal": bool(stopped) and stopped.startswith("SIG"),
-            "stopped_early": bool(stopped),
-            "images_per_sec": train_ips,
-            "eval_images_per_sec": last_eval.images_per_sec,
-            "eval_images": last_eval.count,
-            "seconds": time.time() - t_start,
-            "device": device,
-            "world": world.size,
-            "checkpoint": str(last_saved),
-        }
-        if world.is_main:
-            runlog.write_json(run_dir / "metrics.json", final)
-        metrics.hparams(
-            {k: v for k, v in plan.to_dict().items() if k != "decisions"} | {"model": recipe.model.name, "batch_split": batch_split},
-            {"top1": last_eval.top1, "top5": last_eval.top5, "loss": last_eval.loss},
-        )
-        status = "stopped early; rerun the same command to resume" if stopped else "done"
-        say(
-            f"{status}: top-1 {100 * last_eval.top1:.2f}% top-5 {100 * last_eval.top5:.2f}% after {state.step} steps "
-            f"({final['seconds']:.0f} s). Curves: tensorboard --logdir {run_dir.parent}",
-            flush=True,
-        )
-        return final
-    finally:
-        progress.close()
-        metrics.close()
-
-
-def _restore(model, step_fn, params: dict, path: Path) -> None:
-    """Model weights and optimizer momentum from a training checkpoint."""
-    missing = [p.name for p in model.get_parameters() if p.name not in params]
-    if missing:
-        raise WeightsError(f"{path} lacks {len(missing)} model tensors (e.g. {missing[0]}); it is not from this run")
-    for p in model.get_parameters():
-        runtime.assign(p, params[p.name])
-    try:
-        step_fn.optimizer.load_state(params)
-    except KeyError as e:
-        raise WeightsError(f"{path} lacks the optimizer state {e}; it is not a training checkpoint of this run") from None
-
-
-def _probe(model, micro: int, crop: int, num_classes: int, tcfg) -> None:
+def _probe(model, micro: int, crop: int, tcfg) -> None:
     """Run one compiled micro-step at this size (for batch_split auto); raises when it does not fit."""
     from bit_transfer.step import TrainStep
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_transfer import features, fewshot
+from bit_transfer import cli, features, fewshot, sweep_summary
 from bit_transfer import recipe as recipes
 from bit_transfer.errors import UsageError
 
@@ -82,7 +82,7 @@ def task(tmp_path_factory):
     ("0,5-6", 0, [0, 5, 6]),
 ])
 def test_parse_ints(text, minimum, expected):
-    assert fewshot.parse_ints(text, "--x", minimum) == expected
+    assert cli.parse_ints(text, "--x", minimum) == expected
 
 
 @pytest.mark.parametrize("text,minimum,match", [
@@ -95,7 +95,7 @@ def test_parse_ints(text, minimum, expected):
 ])
 def test_parse_ints_rejects_with_one_line(text, minimum, match):
     with pytest.raises(UsageError, match=match) as e:
-        fewshot.parse_ints(text, "--shots", minimum)
+        cli.parse_ints(text, "--shots", minimum)
     assert "\n" not in str(e.value)
 
 
@@ -106,12 +106,12 @@ def test_summarise_mean_and_sample_std():
         {"shots": 1, "seed": 2, "top1": 0.80, "top5": 1.0},
         {"shots": 5, "seed": 0, "top1": 0.70, "top5": 1.0},
     ]
-    one, five = fewshot.summarise(rows, [1, 5])
+    one, five = sweep_summary.summarise(rows, [1, 5])
     assert one["n"] == 3 and one["top1_mean"] == pytest.approx(19 / 30)
     assert one["top1_std"] == pytest.approx(statistics.stdev([0.5, 0.6, 0.8]))  # ddof=1
     assert one["top1_std"] != pytest.approx(float(np.std([0.5, 0.6, 0.8])))  # not the population std
     assert five == {"shots": 5, "n": 1, "top1_mean": 0.7, "top1_std": None, "top5_mean": 1.0, "top5_std": None}
-    md = fewshot.summary_markdown("t", [one, five])
+    md = sweep_summary.summary_markdown("t", [one, five])
     assert "| 1 | 3 | 63.33 ± 15.28 |" in md and "| 5 | 1 | 70.00 |" in md and "ddof=1" in md
 
 
@@ -120,7 +120,7 @@ def test_without_matplotlib_the_plot_is_skipped_and_said(tmp_path, monkeypatch):
     base = tiny_recipe(tmp_path, tmp_path)
     said = []
     rows = [{"shots": 1, "seed": 0, "top1": 0.5, "top5": 1.0, "steps": 500, "seconds": 1.0, "run": "shots1-seed0"}]
-    paths = fewshot.write_summary(tmp_path, base, [1], [0], rows, log=said.append)
+    paths = sweep_summary.write_summary(tmp_path, base, [1], [0], rows, log=said.append)
     assert "png" not in paths and not (tmp_path / "summary.png").exists()
     assert any("matplotlib is not installed" in s for s in said)
     assert (tmp_path / "summary.md").is_file()
@@ -433,8 +433,9 @@ def test_a_sweep_directory_refuses_another_recipe(task, tmp_path):
         fewshot.sweep(tiny_recipe(task, tmp_path), [1], [0], mode="finetune", sweep_dir=sweep, log=quiet)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="not a few-shot sweep"):
+    with pytest.raises(UsageError, match="holds files but is not a bit-transfer run"):
         fewshot.sweep(tiny_recipe(task, tmp_path), [1], [0], sweep_dir=tmp_path / "other", log=quiet)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "other").iterdir())) == 1
 
 
 @pytest.mark.parametrize("argv,message", [
