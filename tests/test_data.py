@@ -399,6 +399,38 @@ def test_describe_measures_median_resolution_and_caches(tmp_path):
     assert "cached" not in fresh.source_of["dataset_size"]
 
 
+def test_describe_sees_images_replaced_in_place(tmp_path):
+    """Same names, same folders (whose mtimes do not change): only the files' sizes and mtimes do."""
+    root = datagen.image_folder(tmp_path / "d", {"a": 3, "b": 3}, size=(16, 16))
+    cfg = datagen.data_cfg(source="imagefolder", path=str(root), cache_dir=str(tmp_path / "cache"))
+    assert data.describe(cfg).image_size == (16, 16)
+    assert data.describe(cfg).source_of["image_size"].endswith("(cached)")
+    folders = {p: p.stat().st_mtime_ns for p in (root / "train").rglob("*") if p.is_dir()}
+    for i, path in enumerate(sorted((root / "train").rglob("*.png"))):
+        old = path.stat().st_mtime_ns
+        datagen.save_image(path, i % 2, size=(200, 180 + i))  # overwritten in place
+        os.utime(path, ns=(old + 10**9, old + 10**9))  # a new mtime even on coarse-clock file systems
+    assert {p: p.stat().st_mtime_ns for p in folders} == folders
+    fresh = data.describe(cfg)
+    assert fresh.image_size == (200, 182)  # median of widths 180..185
+    assert "cached" not in fresh.source_of["image_size"]
+    assert data.describe(cfg).source_of["image_size"].endswith("(cached)")
+
+
+def test_fingerprint_covers_every_level_and_no_hidden_files(tmp_path):
+    from bit_transfer.data.measure import fingerprint
+
+    deep = datagen.save_image(tmp_path / "d" / "train" / "a" / "x" / "y" / "1.png", 0)
+    datagen.save_image(tmp_path / "d" / "train" / "b" / "1.png", 1)
+    before = fingerprint(tmp_path / "d")
+    assert before.startswith("2 files ") and fingerprint(tmp_path / "d") == before
+    (tmp_path / "d" / ".DS_Store").write_bytes(b"finder")
+    assert fingerprint(tmp_path / "d") == before
+    deep.write_bytes(deep.read_bytes() + b"\0")  # one byte more, four levels down
+    assert fingerprint(tmp_path / "d") != before
+    assert fingerprint(tmp_path / "missing") == "missing"
+
+
 def test_describe_counts_the_fewshot_subset_and_holdout(tmp_path):
     d = datagen.cifar_dir(tmp_path, "cifar10", per_batch=20)
     info = data.describe(datagen.data_cfg(source="cifar", path=str(d), examples_per_class=5))

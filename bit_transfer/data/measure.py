@@ -1,7 +1,8 @@
 """What the rule needs from the data: the training-set size and the image resolution.
 
 Both are measured from the data unless the recipe states them, and cached per dataset so that
-`bit-transfer plan` answers at once the second time. The resolution is the median height and
+`bit-transfer plan` answers at once the second time (a local dataset is keyed by a fingerprint of its
+whole tree, see `fingerprint`, so edited data is measured again). The resolution is the median height and
 median width of a seeded sample of up to 1 000 training images, read from file headers only.
 """
 
@@ -95,34 +96,56 @@ def measure(cfg) -> dict:
     }
 
 
-def _stamp(path: Path, depth: int = 2) -> list:
-    """Cheap change detector for a local dataset: names, sizes and mtimes of entries up to `depth`
-    levels down (a folder's mtime changes when files are added to or removed from it)."""
-    out = []
+def fingerprint(path: Path) -> str:
+    """A digest of a local dataset's whole tree: every file's relative path, size and mtime_ns, and
+    the file count. Images replaced in place change it, at any depth; no file is read (one stat per
+    file: ~seconds for ImageNet's 1.3 M files). Hashed one folder at a time, so memory stays small.
+    Hidden entries are left out, as the image-folder reader does; linked folders are followed once."""
     try:
-        st = path.stat()
+        if not path.is_dir():
+            st = path.stat()
+            return f"file {st.st_size} {st.st_mtime_ns}"
     except OSError:
-        return ["missing"]
-    out.append(["", st.st_size, st.st_mtime_ns])
-    if depth and path.is_dir():
-        with os.scandir(path) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for e in entries:
-            if e.is_dir():
-                out += [[e.name + "/" + r[0], *r[1:]] for r in _stamp(Path(e.path), depth - 1)]
-            else:
-                st = e.stat()
-                out.append([e.name, st.st_size, st.st_mtime_ns])
-    return out
+        return "missing"
+    h, count, seen, stack = hashlib.blake2b(digest_size=16), 0, set(), [(str(path), "")]
+    while stack:
+        folder, rel = stack.pop()
+        real = os.path.realpath(folder)
+        if real not in seen:
+            seen.add(real)
+            lines = _folder_lines(folder, rel, stack)
+            count += len(lines)
+            h.update("".join(lines).encode(errors="surrogateescape"))
+    return f"{count} files {h.hexdigest()}"
+
+
+def _folder_lines(folder: str, rel: str, subfolders: list) -> list[str]:
+    """'path\\0size\\0mtime_ns' per file of `folder`, sorted by name; its subfolders go on `subfolders`."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError:  # unreadable: the loader says so; here it only has to change the digest
+        return [f"{rel}\0unreadable\n"]
+    lines = []
+    for e in entries:
+        if e.is_dir():
+            subfolders.append((e.path, f"{rel}{e.name}/"))
+            continue
+        try:
+            st = e.stat()
+            lines.append(f"{rel}{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+        except OSError:  # a dangling link
+            lines.append(f"{rel}{e.name}\0missing\n")
+    return lines
 
 
 def cache_key(cfg) -> str:
-    """Everything the measurement depends on: source, name, path (and its contents' stamp), splits,
-    columns, holdout and few-shot settings."""
+    """Everything the measurement depends on: source, name, path (and its contents' fingerprint),
+    splits, columns, holdout and few-shot settings."""
     if cfg.source == "demo":
-        where = _stamp(DEMO_FILE, 0)
+        where = fingerprint(DEMO_FILE)
     elif cfg.path:
-        where = _stamp(Path(cfg.path).expanduser().resolve())
+        where = fingerprint(Path(cfg.path).expanduser().resolve())
     else:
         where = None  # a hub dataset: its name is the key (delete the cache to re-measure)
     fields = (
