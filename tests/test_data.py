@@ -146,12 +146,65 @@ def test_fewshot_with_skip_corrupt_takes_k_readable_images(tmp_path):
     assert np.bincount(ds.train.labels).tolist() == [3, 3]
     assert chosen[0] not in [ds.train.where(i) for i in range(len(ds.train))]
     assert ds.skipped_corrupt == 1 and "skipped 1 unreadable" in ds.corrupt_report()
+    assert ds.corrupt_counts() == {"train": 1, "eval": 0}  # passed over while choosing the subset
     for i in range(len(ds.train)):
         ds.train.image(i)  # all readable
     # without skip_corrupt the broken image stays chosen and fails when read
     ds = data.load(cfg)
     with pytest.raises(DataError, match="cannot read image"):
         [ds.train.image(i) for i in range(len(ds.train))]
+
+
+def test_check_readable_names_a_bad_eval_image_before_training(tmp_path):
+    root = datagen.image_folder(tmp_path / "d", {"a": 3, "b": 3}, eval_count=2)
+    cfg = datagen.data_cfg(source="imagefolder", path=str(root))
+    assert data.load(cfg).check_readable() == {"train": 0, "eval": 0}
+    datagen.corrupt(root / "val" / "b" / "001.png")  # the eval split: met only at the final evaluation
+    datagen.corrupt(root / "val" / "b" / "000.png", how="truncate")  # valid header: decoding finds it
+    with pytest.raises(DataError, match=r"val/b/001.png \(.*\); .*--set data.skip_corrupt=true") as e:
+        data.load(cfg).check_readable()
+    assert "\n" not in str(e.value)
+
+
+def test_check_readable_with_skip_corrupt_counts_per_split(tmp_path):
+    root = datagen.image_folder(tmp_path / "d", {"a": 3, "b": 3}, eval_count=2)
+    for bad in ("train/a/000.png", "train/b/002.png", "val/a/001.png"):
+        (root / bad).write_bytes(b"")
+    ds = data.load(datagen.data_cfg(source="imagefolder", path=str(root), skip_corrupt=True))
+    assert ds.corrupt_counts() == {"train": 0, "eval": 0}
+    assert ds.check_readable(workers=2) == {"train": 2, "eval": 1}
+    assert ds.check_readable() == {"train": 2, "eval": 1}  # known ones are not opened again
+    assert sorted(ds.train.store.where(j) for j in ds.train.store.corrupt) == [
+        str(root / "train/a/000.png"), str(root / "train/b/002.png")]
+    assert ds.skipped_corrupt == 3 and "skipped 3 unreadable" in ds.corrupt_report()
+
+
+def test_corrupt_counts_split_a_shared_store_between_holdout_and_train(tmp_path):
+    root = datagen.image_folder(tmp_path / "d", {"a": 4, "b": 4}, splits=None)
+    ds = data.load(datagen.data_cfg(source="imagefolder", path=str(root), holdout=0.25, skip_corrupt=True))
+    assert ds.train.store is ds.eval.store
+    for path in (ds.train.where(0), ds.train.where(3), ds.eval.where(1)):
+        datagen.corrupt(tmp_path / path)
+    assert ds.check_readable() == {"train": 2, "eval": 1}
+
+
+def test_check_readable_on_hf_rows_and_arrays(tmp_path):
+    import io
+
+    import datasets
+
+    good = io.BytesIO()
+    Image.fromarray(datagen.pattern(0)).save(good, "PNG")
+    feats = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    cells = [{"bytes": good.getvalue(), "path": None}] * 5 + [{"bytes": b"<html>404</html>", "path": None}]
+    split = datasets.Dataset.from_dict({"img": cells, "label": [0, 1] * 3}, features=feats)
+    datasets.DatasetDict(train=split, test=split.select(range(4))).save_to_disk(str(tmp_path / "hf"))
+    cfg = datagen.data_cfg(source="hf", path=str(tmp_path / "hf"))
+    with pytest.raises(DataError, match=r"row 5 of .* split train \(cannot identify image"):
+        data.load(cfg).check_readable()
+    ds = data.load(datagen.data_cfg(**{**vars(cfg), "skip_corrupt": True}))
+    assert ds.check_readable() == {"train": 1, "eval": 0} and ds.train.store.corrupt == {5}
+    assert data.from_arrays(*datagen.arrays(6, 2)).check_readable() == {"train": 0, "eval": 0}
 
 
 # ---------------------------------------------------------------- CIFAR pickles

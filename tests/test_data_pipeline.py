@@ -211,6 +211,17 @@ def test_skip_corrupt_replaces_deterministically_and_counts(tmp_path):
     evals = list(pipeline.eval_batches(ds.eval, crop=16, batch_size=4))
     assert sum(len(y) for _, y in evals) == len(ds.eval) - 1
     assert ds.skipped_corrupt == 2 and "skipped 2 unreadable image(s)" in ds.corrupt_report()
+    assert ds.corrupt_counts() == {"train": 1, "eval": 1}
+
+
+def test_images_found_by_the_header_check_are_skipped_and_counted_per_split(tmp_path):
+    ds, bad = corrupt_one(tmp_path, skip=True)  # train: garbage; eval: truncated after a valid header
+    assert ds.check_readable() == {"train": 1, "eval": 0}  # the truncated one passes the header check
+    a = take(pipeline.train_batches(ds.train, precrop=20, crop=16, micro_batch=4, seed=0), 4)
+    assert all(len(y) == 4 for _, y in a)
+    evals = list(pipeline.eval_batches(ds.eval, crop=16, batch_size=4))
+    assert sum(len(y) for _, y in evals) == len(ds.eval) - 1
+    assert ds.corrupt_counts() == {"train": 1, "eval": 1}  # the truncated one, met when decoded
 
 
 def test_num_workers_is_capped_by_cpus(monkeypatch):

@@ -1,6 +1,8 @@
 """Image-classification data for BiT fine-tuning: sources, measurement, few-shot subsets.
 
     load(cfg)        -> Dataset (.train, .eval Splits; holdout and few-shot applied; lazy)
+      .check_readable() -> {"train": n, "eval": m}: every image's header checked before training
+      .corrupt_counts() -> {"train": n, "eval": m}: unreadable images met so far (skip_corrupt)
     from_arrays(...) -> Dataset from numpy arrays (notebooks)
     describe(cfg)    -> DataInfo: training-set size and image resolution for the rule (cached)
     fewshot_indices  -> the seeded, class-balanced K-per-class subset

@@ -105,7 +105,7 @@ def _fail(split: Split, i: int):
     if split.skip_corrupt:
         raise DataError(f"no readable image left in {split.name} (last tried {split.where(i)})")
     split.image(i)  # raises, naming the file or row
-    raise DataError(f"cannot read image {split.where(i)}; set data.skip_corrupt: true to skip it")
+    raise DataError(f"cannot read image {split.where(i)}; replace or delete it, or --set data.skip_corrupt=true")
 
 
 def train_batches(

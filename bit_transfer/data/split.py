@@ -9,12 +9,16 @@ images need no special case downstream; an unreadable one raises `DataError` nam
 from __future__ import annotations
 
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from bit_transfer.errors import DataError
+
+HEADER_CHUNK = 256  # rows per header-check task
 
 
 class ArrayStore:
@@ -32,6 +36,9 @@ class ArrayStore:
 
     def header_size(self, j: int) -> tuple[int, int]:
         return tuple(self.images.shape[1:3])
+
+    def unreadable(self, rows) -> list[tuple[int, Exception]]:
+        return []  # pixels already in memory: nothing can fail to open
 
     def where(self, j: int) -> str:
         return f"row {j} of {self.name}"
@@ -54,6 +61,10 @@ class FileStore:
         with Image.open(self.paths[j]) as im:  # PIL reads only the header until pixels are asked for
             return im.size[::-1]
 
+    def unreadable(self, rows) -> list[tuple[int, Exception]]:
+        """(row, error) for each of `rows` whose header PIL cannot parse."""
+        return _failures(rows, lambda j: self.header_size(j))
+
     def where(self, j: int) -> str:
         return self.paths[j]
 
@@ -70,7 +81,9 @@ class HFStore:
         return len(self.ds)
 
     def open(self, j: int) -> Image.Image:
-        value = self.ds[int(j)][self.column]
+        return self._image(self.ds[int(j)][self.column], j)
+
+    def _image(self, value, j: int) -> Image.Image:
         if isinstance(value, dict):  # an Image feature: {"bytes": ..., "path": ...}
             if value.get("bytes") is not None:
                 return Image.open(io.BytesIO(value["bytes"]))
@@ -86,8 +99,31 @@ class HFStore:
         im = self.open(j)
         return im.size[::-1]
 
+    def unreadable(self, rows) -> list[tuple[int, Exception]]:
+        """(row, error) for each of `rows` whose cell does not open; the cells are read in one go."""
+        rows = [int(j) for j in rows]
+        cell = dict(zip(rows, self.ds[rows][self.column]))
+        return _failures(rows, lambda j: self._image(cell[j], j).close())
+
     def where(self, j: int) -> str:
         return f"row {j} of {self.name}"
+
+
+def _failures(rows, check) -> list[tuple[int, Exception]]:
+    """(row, error) of each row that `check` raises on, in order."""
+    bad = []
+    for j in rows:
+        try:
+            check(int(j))
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
+            bad.append((int(j), e))
+    return bad
+
+
+def _corrupt_rows(store) -> np.ndarray:
+    """`store.corrupt` as an array; list() copies the set in one step under the GIL, so a stream's
+    worker threads adding to it meanwhile cannot break the iteration."""
+    return np.array(list(store.corrupt), dtype=np.int64)
 
 
 def check_rgb(a: np.ndarray, what: str) -> np.ndarray:
@@ -163,6 +199,32 @@ class Split:
         """
         return np.asarray(self._decode(i, size))
 
+    def check_headers(self, workers: int | None = None) -> int:
+        """Open every image's header (no pixel decoding) and return how many fail. Unreadable images
+        are added to `store.corrupt`, which the stream, evaluation and feature cache then skip;
+        without `skip_corrupt` the first one (in split order) raises its one-line DataError instead.
+
+        Catches what is not an image at all (garbage, empty, HTML error pages, wrong extension), not
+        a file truncated after a valid header: that still fails when decoded, as before. Chunks of
+        rows go to `workers` threads (default min(4, CPUs), like the pipeline's): on 2 cores, 2000 small
+        PNGs took 16-18 us each with a warm page cache (1-2 threads; 8 threads up to 34 us, the GIL),
+        and with their pages dropped 90-117 us with 1 thread, 72-75 us with 2-4.
+        """
+        todo = np.flatnonzero(~np.isin(self.rows, _corrupt_rows(self.store)))
+        chunks = [todo[k : k + HEADER_CHUNK] for k in range(0, len(todo), HEADER_CHUNK)]
+        found = 0
+        pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1))
+        try:
+            for bad in pool.map(lambda c: self.store.unreadable(self.rows[c]), chunks):
+                for j, e in bad:
+                    self.store.corrupt.add(j)
+                    if not self.skip_corrupt:
+                        raise (e if isinstance(e, DataError) else self._error_at(j, e)) from None
+                found += len(bad)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return found
+
     def readable(self, i: int) -> bool:
         """True if image i decodes; failures are recorded in `store.corrupt`."""
         try:
@@ -191,10 +253,13 @@ class Split:
             raise self._error(i, e) from None
 
     def _error(self, i: int, e: Exception) -> DataError:
+        return self._error_at(int(self.rows[i]), e)
+
+    def _error_at(self, j: int, e: Exception) -> DataError:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return DataError(
-            f"cannot read image {self.where(i)} ({reason}); replace or delete it, "
-            "or set data.skip_corrupt: true to skip unreadable images"
+            f"cannot read image {self.store.where(j)} ({reason}); replace or delete it, or skip unreadable "
+            "images with data.skip_corrupt: true (--set data.skip_corrupt=true)"
         )
 
 
@@ -217,6 +282,27 @@ class Dataset:
         """Unreadable images found so far (at load for few-shot subsets, else as the stream meets them)."""
         stores = {id(s.store): s.store for s in (self.train, self.eval)}
         return sum(len(s.corrupt) for s in stores.values())
+
+    def corrupt_counts(self) -> dict[str, int]:
+        """Unreadable images met so far, per split: {"train": n, "eval": m}. Train includes those a
+        few-shot subset passed over; when eval is a holdout of train (one store), its rows count as eval."""
+        evaluated = int(np.isin(self.eval.rows, _corrupt_rows(self.eval.store)).sum())
+        train = len(self.train.store.corrupt) - (evaluated if self.train.store is self.eval.store else 0)
+        return {"train": train, "eval": evaluated}
+
+    def check_readable(self, workers: int | None = None) -> dict[str, int]:
+        """Check the headers of every train and eval image before training (`Split.check_headers`),
+        so a bad eval image fails now, not at the final evaluation; returns `corrupt_counts()`.
+
+        Raises DataError (one line: the first unreadable file and the fix) unless `skip_corrupt`.
+        Every image is checked, local files and Hugging Face rows alike: measured 16 us per small PNG
+        (warm cache: ~20-25 s for ImageNet's 1.33 M), 12 us per Hugging Face row (cells read in chunks of
+        256 from the memory-mapped arrow files; one `ds[j]` per row was 28 us), i.e. ~10 s per million
+        rows on top of reading them once from disk. In-memory arrays (CIFAR, numpy) need no check.
+        """
+        for split in (self.train, self.eval):
+            split.check_headers(workers)
+        return self.corrupt_counts()
 
     def corrupt_report(self) -> str | None:
         """One line for the run log, or None when every image read so far was fine."""
