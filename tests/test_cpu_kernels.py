@@ -79,7 +79,7 @@ def test_a_group_equal_to_its_mean_gives_exactly_beta(relu, cg, hw):
     rng = np.random.default_rng(2)
     groups, n = 32, 5
     x = np.repeat(rng.standard_normal((n * groups, 1, 1)) * 30, cg, 1).repeat(hw, 2).astype(np.float32)
-    gamma, beta = rng.standard_normal(groups * cg).astype(np.float32), rng.standard_normal(groups * cg).astype(np.float32)
+    gamma, beta = rng.standard_normal((2, groups * cg)).astype(np.float32)
     y = cpu_kernels.group_norm_primitive(relu)(Tensor(x), Tensor(gamma), Tensor(beta), Tensor([1e-5], ms.float32))[0]
     want = np.broadcast_to(np.tile(beta.reshape(groups, cg, 1), (n, 1, hw)), x.shape)
     np.testing.assert_array_equal(y.asnumpy(), np.maximum(want, 0) if relu else want)
