@@ -115,14 +115,14 @@ def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} not found; check the path (runs keep them in <run>/checkpoints/)")
     if path.stat().st_size == 0:
-        raise WeightsError(f"checkpoint {path} is empty (an interrupted save?); delete it and use an earlier one")
+        raise WeightsError(f"checkpoint {path} is empty (an interrupted save?); {_use_earlier(path)}")
     try:
         with quiet_mindspore():
             raw = ms.load_checkpoint(str(path), crc_check=True)
     except Exception:
         raise WeightsError(
-            f"checkpoint {path} is truncated or corrupt (MindSpore cannot parse it or its CRC fails); "
-            "delete it and use an earlier checkpoint"
+            f"checkpoint {path} is unreadable: truncated or corrupt (MindSpore cannot parse it or its CRC fails); "
+            f"{_use_earlier(path)}"
         ) from None
     meta = {}
     text = raw.pop(META_KEY, None)
@@ -130,25 +130,54 @@ def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
         try:
             meta = json.loads(str(text))
         except ValueError:
-            raise WeightsError(f"checkpoint {path} has an unreadable '{META_KEY}' entry; re-save it") from None
+            raise WeightsError(
+                f"checkpoint {path} has an unreadable '{META_KEY}' entry (damaged, or not written by bit-transfer); "
+                f"{_use_earlier(path)}"
+            ) from None
     params = {name: value.asnumpy() for name, value in raw.items() if isinstance(value, ms.Tensor)}
     return params, meta
 
 
-def find_checkpoint(path) -> tuple[Path, Path]:
-    """(checkpoint, run dir) for a .ckpt file or a run dir (latest checkpoints/*.ckpt by step)."""
+def _step_of(p: Path) -> int:
+    numbers = re.findall(r"\d+", p.stem)
+    return int(numbers[-1]) if numbers else -1
+
+
+def _use_earlier(path: Path) -> str:
+    """What to do about an unreadable checkpoint: the run's checkpoint before it, when there is one."""
+    earlier = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p != path and p.stat().st_size > 0
+               and _step_of(p) < _step_of(path)]
+    if earlier:
+        return f"use the run's earlier checkpoint {max(earlier, key=_step_of)}"
+    return "use an earlier checkpoint of the run, or rerun fit to write a new one"
+
+
+ACCEPTED = "a run directory (runs/<name>-<time>) or its checkpoints/step-*.ckpt, written by bit-transfer fit or fewshot"
+_KINDS = {".yaml": "a YAML file", ".yml": "a YAML file", ".json": "a JSON file",
+          ".npz": "a .npz weights file", ".safetensors": "a safetensors weights file", ".bin": "a .bin weights file",
+          ".mindir": "a MindIR export", ".corrupt": "a checkpoint fit set aside as corrupt"}
+
+
+def find_checkpoint(path, command: str = "") -> tuple[Path, Path]:
+    """(checkpoint, run dir) for a .ckpt file or a run dir (latest checkpoints/*.ckpt by step).
+
+    `command` ("export", "eval --checkpoint") names who is asking in the one-line errors.
+    """
+    takes = f"{command} takes" if command else "pass"
     path = Path(path).expanduser()
     if path.is_file():
+        if path.suffix.lower() != ".ckpt":
+            kind = _KINDS.get(path.suffix.lower(), f"a '{path.suffix}' file" if path.suffix else "a file")
+            raise WeightsError(f"{path} is {kind}, not a checkpoint; {takes} {ACCEPTED}")
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return path, run
+    if not path.exists():
+        raise WeightsError(f"{path} not found; {takes} {ACCEPTED}")
     if not path.is_dir():
-        raise WeightsError(f"{path} not found; pass a run directory or a .ckpt file")
-    ckpts = sorted((path / "checkpoints").glob("*.ckpt")) or sorted(path.glob("*.ckpt"))
+        raise WeightsError(f"{path} is not a file or directory; {takes} {ACCEPTED}")
+    ckpts = [p for p in (path / "checkpoints").glob("*.ckpt") if p.is_file()] or [
+        p for p in path.glob("*.ckpt") if p.is_file()]
     if not ckpts:
-        raise WeightsError(f"{path} has no checkpoints/*.ckpt; train first or pass a .ckpt file")
-
-    def step(p: Path):
-        numbers = re.findall(r"\d+", p.stem)
-        return (int(numbers[-1]) if numbers else -1, p.stat().st_mtime)
-
-    return max(ckpts, key=step), path
+        raise WeightsError(f"{path} has no checkpoints/*.ckpt (train first with bit-transfer fit); "
+                           f"{takes} {ACCEPTED}")
+    return max(ckpts, key=lambda p: (_step_of(p), p.stat().st_mtime)), path
