@@ -98,7 +98,10 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise storage_error(e, self.path) from None
-        runlog.write_json(self.path / MARKER, {"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        try:
+            runlog.write_json(self.path / MARKER, {"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        except OSError as e:  # write_atomic's own cleanup can fail too on a read-only file system
+            raise storage_error(e, self.path) from None
 
     def discard_if_unused(self) -> None:
         """After a failure before anything worth keeping: remove what this process made (no checkpoint)."""
