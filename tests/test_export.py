@@ -1,6 +1,7 @@
 """Export to the Hugging Face layout and to MindIR, directly and from a run's checkpoint."""
 
 import json
+import stat
 
 import mindspore as ms
 import numpy as np
@@ -8,10 +9,11 @@ import pytest
 from mindspore import nn
 
 from bit_transfer.checkpoint import save_checkpoint
-from bit_transfer.errors import WeightsError
+from bit_transfer.errors import UsageError, WeightsError
 from bit_transfer.models import create_model, create_model_from_weights, model_config
 from bit_transfer.checkpoint import find_checkpoint
 from bit_transfer.models.export import export_from_checkpoint, export_hf, export_mindir
+from bit_transfer.rundir import MARKER, RunDir
 
 
 def trained(padding="fixed", num_classes=3, seed=0):
@@ -96,9 +98,80 @@ def test_export_errors(tmp_path):
     with pytest.raises(WeightsError, match="no checkpoints"):
         export_from_checkpoint(tmp_path, "hf", tmp_path / "o")
     save_checkpoint(tmp_path / "bare.ckpt", {"a": np.zeros(1, np.float32)}, {})
-    with pytest.raises(WeightsError, match="no model config in its meta"):
+    with pytest.raises(WeightsError, match="not a BiT checkpoint"):
         export_from_checkpoint(tmp_path / "bare.ckpt", "hf", tmp_path / "o")
     model = trained()
-    save_checkpoint(tmp_path / "m.ckpt", {p.name: p for p in model.get_parameters()}, {"model": model_config(model)})
-    with pytest.raises(WeightsError, match="no eval resolution"):
+    params = {p.name: p for p in model.get_parameters()}
+    save_checkpoint(tmp_path / "nometa.ckpt", params, {})  # BiT weights, but no record of the model's padding
+    with pytest.raises(WeightsError, match="no model config in its meta; export takes checkpoints written by"):
+        export_from_checkpoint(tmp_path / "nometa.ckpt", "hf", tmp_path / "o")
+    save_checkpoint(tmp_path / "m.ckpt", params, {"model": model_config(model)})
+    with pytest.raises(WeightsError, match=r"no image size for .*m\.ckpt: there is no .*plan\.json and the "
+                                           r"checkpoint's meta records none; pass --image-size N"):
         export_from_checkpoint(tmp_path / "m.ckpt", "mindir", tmp_path / "o")
+    with pytest.raises(UsageError, match="--image-size must be a whole number of pixels >= 1 .* got 0"):
+        export_from_checkpoint(tmp_path / "m.ckpt", "mindir", tmp_path / "o", image_size=0)
+    assert not (tmp_path / "o").exists()  # a failed export leaves no directory behind
+
+
+def test_export_refuses_files_that_are_not_checkpoints(tmp_path):
+    (tmp_path / "some.yaml").write_text("name: mine\n")
+    np.savez(tmp_path / "weights.npz", a=np.zeros(3, np.float32))
+    for name, kind in [("some.yaml", "a YAML file"), ("weights.npz", "a .npz weights file")]:
+        with pytest.raises(WeightsError) as e:
+            export_from_checkpoint(tmp_path / name, "hf", tmp_path / "o")
+        assert str(e.value) == (f"{tmp_path / name} is {kind}, not a checkpoint; export takes a run directory "
+                                "(runs/<name>-<time>) or its checkpoints/step-*.ckpt, written by bit-transfer fit "
+                                "or fewshot")
+    assert (tmp_path / "some.yaml").read_text() == "name: mine\n" and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        ("{not json", r"plan\.json is not a readable plan \(not valid JSON\); pass --image-size N"),
+        ('{"crop": 0}', r"plan\.json has crop 0, not a whole number of pixels >= 1; pass --image-size N"),
+        ('{"crop": "big"}', r"plan\.json has crop 'big', not a whole number"),
+        ('{"steps": 10}', r"no image size for .*: .*plan\.json has no 'crop' and the checkpoint's meta records none"),
+    ],
+)
+def test_export_names_what_is_wrong_with_the_plan(tmp_path, plan, message):
+    run = make_run(tmp_path, trained(), steps=(5,))
+    (run / "plan.json").write_text(plan)
+    with pytest.raises(WeightsError, match=message) as e:
+        export_from_checkpoint(run, "mindir", tmp_path / "mi")
+    assert "missing" not in str(e.value)
+    # an explicit size needs no plan
+    path = export_from_checkpoint(run, "mindir", tmp_path / "mi", image_size=32)
+    assert json.loads((path.parent / "model.json").read_text())["input"]["shape"] == [1, 3, 32, 32]
+
+
+def test_exported_files_are_0644_and_a_rerun_updates_the_export(tmp_path):
+    run = make_run(tmp_path, trained(), steps=(5,))
+    for fmt, files in [("hf", {"model.safetensors", "config.json", "preprocessor_config.json"}),
+                       ("mindir", {"model.mindir", "model.json"})]:
+        out = tmp_path / fmt
+        for _ in range(2):  # the second export replaces the first's files in its own directory
+            export_from_checkpoint(run, fmt, out)
+            names = {p.name for p in out.iterdir()}
+            assert names == files | {MARKER}, names  # no temporaries left
+            for name in names:
+                assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, (fmt, name)
+
+
+def test_export_refuses_a_foreign_directory_a_file_and_a_run(tmp_path):
+    RunDir.claim(tmp_path / "run", kind="fit")  # a fit run (its marker)
+    run = make_run(tmp_path, trained(), steps=(5,))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (tmp_path / "file.txt").write_text("keep me too")
+    with pytest.raises(UsageError, match="mine exists and holds files but is not a bit-transfer export; choose a new"):
+        export_from_checkpoint(run, "hf", mine)
+    with pytest.raises(UsageError, match=r"file\.txt is a file; give a directory for the export \(e\.g\. --out "):
+        export_from_checkpoint(run, "hf", tmp_path / "file.txt")
+    with pytest.raises(UsageError, match="is a bit-transfer fit directory, not an export output"):
+        export_from_checkpoint(run, "hf", run)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "file.txt").read_text() == "keep me too"
+    assert not (run / "config.json").exists()

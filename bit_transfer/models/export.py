@@ -2,21 +2,27 @@
 loads it) or MindIR for MindSpore Lite / serving.
 
 `export_from_checkpoint` is what `bit-transfer export RUN_OR_CKPT --format hf|mindir --out DIR` calls.
+The output directory is claimed like a run (`rundir.RunDir`, kind "export"): a new or empty directory,
+or an earlier export, which is updated; a directory of someone else's files, or a file, is refused.
+Every file is written under a temporary name and renamed into place (an interrupted export keeps the
+previous one), with mode 0644 (MindSpore's and safetensors' writers leave theirs owner-only).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from bit_transfer.checkpoint import find_checkpoint
-from bit_transfer.errors import WeightsError
+from bit_transfer.errors import UsageError, WeightsError, storage_error
 from bit_transfer.models import hf
-from bit_transfer.models.resnetv2 import ResNetV2, create_model, model_config
+from bit_transfer.models.resnetv2 import ResNetV2, model_config
 
 FORMATS = ("hf", "mindir")
+MODE = 0o644
 
 
 def export_hf(model: ResNetV2, out_dir, class_names=None, image_size: int | None = None) -> Path:
@@ -24,78 +30,186 @@ def export_hf(model: ResNetV2, out_dir, class_names=None, image_size: int | None
     from safetensors.numpy import save_file
 
     config = hf.build_config(model, class_names)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    image_size = _check_size(image_size, "image_size") if image_size is not None else None
     tensors = {hf.to_hf_name(p.name): np.ascontiguousarray(p.asnumpy()) for p in model.get_parameters()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers wants "pt"
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if image_size:
-        # BiT evaluation: square resize to the crop, then (x - 0.5) / 0.5, i.e. inputs in [-1, 1].
-        processor = {
-            "image_processor_type": "BitImageProcessor",
-            "do_resize": True,
-            "size": {"height": int(image_size), "width": int(image_size)},
-            "resample": 2,  # bilinear
-            "do_center_crop": False,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5],
-            "do_convert_rgb": True,
-        }
-        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    return out
+    out = _claim(out_dir)
+    with _cleanup_on_failure(out):
+        needed = sum(t.nbytes for t in tensors.values())
+        # transformers wants metadata format "pt"
+        _write(out.path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
+               needed)
+        _write_json(out.path / "config.json", config)
+        if image_size:
+            # BiT evaluation: square resize to the crop, then (x - 0.5) / 0.5, i.e. inputs in [-1, 1].
+            processor = {
+                "image_processor_type": "BitImageProcessor",
+                "do_resize": True,
+                "size": {"height": image_size, "width": image_size},
+                "resample": 2,  # bilinear
+                "do_center_crop": False,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "do_convert_rgb": True,
+            }
+            _write_json(out.path / "preprocessor_config.json", processor)
+        else:  # an earlier export's, for another resolution: not this model's
+            _remove(out.path / "preprocessor_config.json")
+    return out.path
 
 
 def export_mindir(model: ResNetV2, out_dir, image_size: int, class_names=None) -> Path:
     """model.mindir with input (batch, 3, image_size, image_size) float32 in [-1, 1], plus model.json."""
     import mindspore as ms
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.set_train(False)
-    example = ms.Tensor(np.zeros((1, 3, int(image_size), int(image_size)), np.float32))
-    ms.export(model, example, file_name=str(out / "model"), file_format="MINDIR")
+    size = _check_size(image_size, "image_size")
     info = {
         "file": "model.mindir",
-        "input": {"shape": [1, 3, int(image_size), int(image_size)], "layout": "NCHW", "dtype": "float32",
+        "input": {"shape": [1, 3, size, size], "layout": "NCHW", "dtype": "float32",
                   "preprocess": "resize to image_size x image_size, x / 255, then (x - 0.5) / 0.5"},
         "class_names": list(class_names) if class_names else None,
         "model": model_config(model),
     }
-    (out / "model.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out / "model.mindir"
+    out = _claim(out_dir)
+    model.set_train(False)
+    example = ms.Tensor(np.zeros((1, 3, size, size), np.float32))
+    needed = sum(p.asnumpy().nbytes for p in model.get_parameters())
+
+    def write(tmp: Path) -> None:
+        # MindSpore appends ".mindir" to the name it is given
+        ms.export(model, example, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
+
+    with _cleanup_on_failure(out):
+        _write(out.path / "model.mindir", write, needed, suffix=".mindir")
+        _write_json(out.path / "model.json", info)
+    return out.path / "model.mindir"
 
 
 def export_from_checkpoint(path_or_run_dir, fmt: str, out_dir, image_size: int | None = None) -> Path:
-    """Rebuild the model from a checkpoint's meta, load it with its head, export to out_dir.
+    """Rebuild the model a checkpoint holds (with its head), export it to out_dir.
 
-    image_size defaults to the run's plan.json `crop` (the eval resolution); MindIR needs one.
-    Returns the directory (hf) or the .mindir file written.
+    image_size defaults to the run's plan.json `crop` (the eval resolution), else the checkpoint
+    meta's; MindIR needs one. Returns the directory (hf) or the .mindir file written.
     """
-    from bit_transfer.models.weights import WeightsFile, assign, check
-    from bit_transfer.checkpoint import read_checkpoint
+    from bit_transfer.models.weights import create_model_from_weights
 
     if fmt not in FORMATS:
         raise WeightsError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    ckpt, run = find_checkpoint(path_or_run_dir)
-    params, meta = read_checkpoint(ckpt)
-    cfg = meta.get("model")
-    if not cfg:
-        raise WeightsError(f"{ckpt} has no model config in its meta; export checkpoints written by bit-transfer")
-    model = create_model(**cfg)
-    tensors = {k: v for k, v in params.items() if not k.startswith("optimizer.")}
-    wf = WeightsFile(str(ckpt), "ckpt", tensors, padding=cfg.get("padding"), meta=meta)
-    assign(model, wf, check(model, wf, "keep"))
-    if image_size is None:
-        plan = run / "plan.json"
-        if plan.is_file():
-            image_size = json.loads(plan.read_text()).get("crop")
-        image_size = image_size or meta.get("crop")
-    names = meta.get("class_names")
-    if fmt == "hf":
-        return export_hf(model, out_dir, names, image_size)
-    if not image_size:
-        raise WeightsError(f"no eval resolution for {ckpt}: {run / 'plan.json'} is missing; pass image_size (e.g. 128)")
-    return export_mindir(model, out_dir, int(image_size), names)
+    ckpt, run = find_checkpoint(path_or_run_dir, command="export")
+    if image_size is not None:
+        image_size = _check_size(image_size, "--image-size")
+    out = _claim(out_dir)  # a file, someone's directory or a run: refused before the work
+    with _cleanup_on_failure(out):
+        model, report = create_model_from_weights(ckpt)  # architecture, padding and head from the checkpoint
+        meta = report.meta
+        if not meta.get("model"):
+            raise WeightsError(f"{ckpt} has no model config in its meta; export takes checkpoints written by "
+                               "bit-transfer fit or fewshot (a run directory or its checkpoints/step-*.ckpt)")
+        if image_size is None:
+            image_size, why = _run_image_size(run, meta)
+            if image_size is None and fmt == "mindir":
+                raise WeightsError(f"no image size for {ckpt}: {why}; pass --image-size N (e.g. 128, the crop it "
+                                   "was trained at)")
+        names = meta.get("class_names")
+        if fmt == "hf":
+            return export_hf(model, out, names, image_size)
+        return export_mindir(model, out, image_size, names)
+
+
+# ---------------------------------------------------------------- image size
+def _check_size(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UsageError(f"{what} must be a whole number of pixels >= 1 (e.g. 128), got {value!r}")
+    return int(value)
+
+
+def _run_image_size(run: Path, meta: dict) -> tuple[int | None, str]:
+    """(the run's eval crop from plan.json or the checkpoint meta, or None and why there is none)."""
+    plan = run / "plan.json"
+    if plan.is_file():
+        try:
+            crop = json.loads(plan.read_text()).get("crop")
+        except (OSError, ValueError, AttributeError):
+            raise WeightsError(f"{plan} is not a readable plan (not valid JSON); pass --image-size N "
+                               "(e.g. 128, the crop it was trained at)") from None
+        if crop is not None:
+            if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
+                raise WeightsError(f"{plan} has crop {crop!r}, not a whole number of pixels >= 1; "
+                                   "pass --image-size N (e.g. 128)")
+            return crop, ""
+        why = f"{plan} has no 'crop'"
+    else:
+        why = f"there is no {plan}"
+    crop = meta.get("crop")
+    if crop is not None:
+        return _check_size(crop, f"the 'crop' in the checkpoint meta of {run}"), ""
+    return None, f"{why} and the checkpoint's meta records none"
+
+
+# ---------------------------------------------------------------- writing
+def _claim(out_dir):
+    from bit_transfer.rundir import RunDir
+
+    if isinstance(out_dir, RunDir):
+        return out_dir
+    return RunDir.claim(out_dir, kind="export", flag="--out")
+
+
+class _cleanup_on_failure:
+    """A failed (or interrupted) export into a directory it created removes the directory: nothing to keep."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def __enter__(self):
+        return self.out
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and self.out.created:
+            import shutil
+
+            shutil.rmtree(self.out.path, ignore_errors=True)
+        return False
+
+
+def _write(path: Path, write, needed: int | None = None, suffix: str = "") -> None:
+    """write(temporary) then mode 0644, fsync and rename over `path`; one line if the place fails."""
+    import errno
+
+    from bit_transfer.rundir import _os_error_in
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        write(tmp)
+        os.chmod(tmp, MODE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C: no temporary is left behind
+        _remove(tmp)
+        if isinstance(e, OSError):
+            raise storage_error(e, path, needed) from None
+        if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
+            cause = _os_error_in(RuntimeError(str(e)), path)  # the writers wrap the OSError in their own error
+            if cause.errno in (errno.ENOSPC, errno.EROFS):
+                raise storage_error(cause, path, needed) from None
+        raise  # not the place: a bug worth its traceback
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only file system refuses even this
+        pass
+
+
+def _write_json(path: Path, obj) -> None:
+    from bit_transfer import runlog
+
+    try:
+        runlog.write_json(path, obj)  # atomic, strict JSON; a StorageError line when the place fails
+        os.chmod(path, MODE)
+    except OSError as e:
+        raise storage_error(e, path) from None
