@@ -36,3 +36,25 @@ def test_throughput_leaves_out_the_first_batch_which_compiles():
     assert r.images_per_sec > 100  # 20 images in ~0.05 s: ~400; with the first batch it would be < 50
     one = evaluate(predict, batches[:1], num_classes=3)  # a single batch is timed whole
     assert one.images_per_sec > 0
+
+
+def test_eval_refuses_data_whose_classes_differ_from_the_checkpoints():
+    import pytest
+
+    from bit_transfer.errors import DataError
+    from bit_transfer.evalrun import check_class_names
+
+    check_class_names("c.ckpt", ["cat", "dog"], ["cat", "dog"])
+    check_class_names("c.ckpt", None, ["ant", "bee"])  # no names recorded: evaluated as it is
+    check_class_names("c.ckpt", [], ["ant", "bee"])
+    with pytest.raises(DataError) as e:
+        check_class_names("c.ckpt", ["cat", "dog"], ["ant", "bee"])
+    assert str(e.value) == ("c.ckpt: checkpoint classes ['cat', 'dog'] differ from the data's ['ant', 'bee']; "
+                            "evaluate it on the data it was trained for")
+    with pytest.raises(DataError, match="the same classes in another order: its labels would be misread"):
+        check_class_names("c.ckpt", ["cat", "dog"], ["dog", "cat"])
+    many = [f"c{i}" for i in range(100)]
+    other = many[:50] + ["x50"] + many[51:]
+    with pytest.raises(DataError, match=r"differ from the data's at 1 of 100 positions \(checkpoint vs data: "
+                                        r"#50 'c50' vs 'x50'\)"):
+        check_class_names("c.ckpt", many, other)
