@@ -1,0 +1,243 @@
+"""`bit-transfer eval` and `export` through the real command on real files: a bad input is one line on
+stderr and exit code 2, no traceback, and nothing the user (or `fit`) wrote changes."""
+
+import json
+import pickle
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_train import pattern_task, tiny_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "bit_transfer", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def one_line_error(out, command: str) -> str:
+    """The single stderr line of a usage error, after checking the promise."""
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"bit-transfer {command}: error: "), lines[0]
+    return lines[0]
+
+
+def ok(out):
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    return out.stdout
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root (or root itself): its bytes and mode."""
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)) if p != root else ".": (p.read_bytes(), p.stat().st_mode) for p in files}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return pattern_task(tmp_path_factory.mktemp("patterns") / "cifar-10-batches-py", n_train=20, n_test=8)
+
+
+@pytest.fixture(scope="module")
+def fitted(task, tmp_path_factory):
+    """A real `fit` run of 2 steps (a tiny model): recipe.yaml, checkpoints, metrics.json, eval/."""
+    from bit_transfer.train import fit
+
+    runs = tmp_path_factory.mktemp("runs")
+    fit(tiny_recipe(task, runs, rule__steps=2), run_dir=runs / "tiny-run")
+    return runs / "tiny-run"
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    """A run whose model Hugging Face can express (width 0.5), written as fit writes it: steps 1 and 2."""
+    from bit_transfer.models import create_model, model_config
+    from bit_transfer.rundir import RunDir
+
+    run = RunDir.claim(tmp_path_factory.mktemp("hf") / "run", kind="fit")
+    run.write_json("plan.json", {"crop": 32})
+    model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.5)
+    for step in (1, 2):
+        run.save_checkpoint(step, {p.name: p for p in model.get_parameters()},
+                            {"model": model_config(model), "class_names": ["a", "b", "c"], "step": step}, keep=2)
+    return run.path
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(options) -> a fresh tmpfs directory; skipped where mounting is not allowed."""
+    mounted = []
+
+    def make(options: str) -> Path:
+        where = tmp_path / f"mnt{len(mounted)}"
+        where.mkdir()
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.decode().strip()})")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+# ---------------------------------------------------------------- export
+def test_export_of_a_file_that_is_not_a_checkpoint_says_what_export_takes(tmp_path):
+    (tmp_path / "some.yaml").write_text("name: mine\n")
+    np.savez(tmp_path / "weights.npz", a=np.zeros(3, np.float32))
+    before = snapshot(tmp_path)
+    for name, kind in [("some.yaml", "a YAML file"), ("weights.npz", "a .npz weights file")]:
+        line = one_line_error(run("export", name, "--format", "hf", "--out", "X", cwd=tmp_path), "export")
+        assert line.endswith(f"error: {name} is {kind}, not a checkpoint; export takes a run directory "
+                             "(runs/<name>-<time>) or its checkpoints/step-*.ckpt, written by bit-transfer fit or fewshot")
+    assert snapshot(tmp_path) == before  # and no X
+
+
+def test_export_of_a_corrupt_checkpoint_names_the_earlier_one(hf_run, tmp_path):
+    run_dir = shutil.copytree(hf_run, tmp_path / "run")
+    latest = run_dir / "checkpoints" / "step-000002.ckpt"
+    latest.write_bytes(latest.read_bytes()[:5000])
+    before = snapshot(run_dir)
+    line = one_line_error(run("export", run_dir, "--format", "hf", "--out", tmp_path / "hf"), "export")
+    assert f"checkpoint {latest} is unreadable: truncated or corrupt" in line
+    assert line.endswith(f"use the run's earlier checkpoint {run_dir / 'checkpoints' / 'step-000001.ckpt'}")
+    assert "delete" not in line
+    assert snapshot(run_dir) == before and not (tmp_path / "hf").exists()
+    ok(run("export", run_dir / "checkpoints" / "step-000001.ckpt", "--format", "hf", "--out", tmp_path / "hf"))
+
+
+def test_export_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(hf_run, tmp_path):
+    (tmp_path / "model.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine too")
+    before, run_before = snapshot(tmp_path), snapshot(hf_run)
+    cases = {
+        tmp_path / "model.txt": f"{tmp_path / 'model.txt'} is a file; give a directory for the export "
+                                f"(e.g. --out {tmp_path / 'model'}-export)",
+        tmp_path / "mine": f"{tmp_path / 'mine'} exists and holds files but is not a bit-transfer export; "
+                           "choose a new or empty directory for the export (--out)",
+        hf_run: f"{hf_run} is a bit-transfer fit directory, not an export output; "
+                "choose a new or empty directory for the export (--out)",
+    }
+    for out, message in cases.items():
+        line = one_line_error(run("export", hf_run, "--format", "hf", "--out", out), "export")
+        assert line.endswith(f"error: {message}"), line
+    assert snapshot(tmp_path) == before and snapshot(hf_run) == run_before
+
+
+def test_export_into_a_read_only_place_is_one_line(hf_run, mount):
+    ro = mount("size=1m,ro")
+    for out in (ro, ro / "export"):
+        line = one_line_error(run("export", hf_run, "--format", "mindir", "--out", out), "export")
+        assert "is on a read-only file system; choose a writable place" in line, line
+    assert list(ro.iterdir()) == []
+
+
+def test_export_without_space_is_one_line_and_leaves_nothing(hf_run, mount):
+    small = mount("size=1m")  # the model's weights are 8 MB
+    line = one_line_error(run("export", hf_run, "--format", "hf", "--out", small / "hf"), "export")
+    assert f"no space left writing {small / 'hf' / 'model.safetensors'}" in line, line
+    assert list(small.iterdir()) == []
+
+
+def test_exported_files_are_0644_and_a_rerun_updates_its_own_export(hf_run, tmp_path):
+    for fmt, files in [("hf", ["config.json", "model.safetensors", "preprocessor_config.json"]),
+                       ("mindir", ["model.json", "model.mindir"])]:
+        out = tmp_path / fmt
+        said = ok(run("export", hf_run, "--format", fmt, "--out", out))
+        assert said.strip() == f"exported {fmt}: {out if fmt == 'hf' else out / 'model.mindir'}"
+        first = snapshot(out)
+        ok(run("export", hf_run, "--format", fmt, "--out", out))  # its own directory: updated, not refused
+        assert sorted(p.name for p in out.iterdir()) == sorted([*files, ".bit-transfer-run"])  # no temporaries
+        for name in files:
+            assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, (fmt, name)
+        assert snapshot(out).keys() == first.keys()
+    config = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert config["size"] == {"height": 32, "width": 32}  # plan.json's crop
+
+
+# ---------------------------------------------------------------- eval
+def test_eval_writes_its_own_directory_and_keeps_what_fit_wrote(fitted):
+    before = snapshot(fitted)
+    said = ok(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted))
+    out = fitted / "evals" / "step-000002-tiny"
+    assert f"wrote metrics.json, per_class.json and confusion.json to {out}" in said
+    after = snapshot(fitted)
+    assert {k: after[k] for k in before} == before  # fit's metrics.json and eval/ untouched
+    assert all(k.startswith("evals/step-000002-tiny/") for k in set(after) - set(before))
+
+    def no_nan(token):
+        raise ValueError(f"non-strict JSON: {token}")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=no_nan)
+    fit_metrics = json.loads((fitted / "metrics.json").read_text())
+    assert metrics["top1"] == pytest.approx(fit_metrics["top1"]) and metrics["step"] == 2
+    assert metrics["checkpoint"] == str(fitted / "checkpoints" / "step-000002.ckpt")
+    assert set(json.loads((out / "per_class.json").read_text())) == {"horizontal", "vertical", "checker", "flat"}
+    assert json.loads((out / "confusion.json").read_text())["class_names"][0] == "horizontal"
+    ok(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted))  # again: its own directory, updated
+
+
+def test_eval_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(fitted, tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    before, run_before = snapshot(tmp_path), snapshot(fitted)
+    cases = {
+        tmp_path / "metrics.json": "is a file; give a directory for the eval (e.g. --out ",
+        tmp_path / "mine": "exists and holds files but is not a bit-transfer eval; choose a new or empty directory",
+        fitted / "eval": "exists and holds files but is not a bit-transfer eval",  # fit's report: no marker
+        fitted: "is a bit-transfer fit directory, not an eval output",
+    }
+    for out, message in cases.items():
+        line = one_line_error(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--out", out), "eval")
+        assert f"error: {out} {message}" in line, line
+    line = one_line_error(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted / "recipe.yaml"), "eval")
+    assert "recipe.yaml is a YAML file, not a checkpoint; eval --checkpoint takes a run directory" in line
+    assert snapshot(tmp_path) == before and snapshot(fitted) == run_before
+
+
+def test_eval_into_a_read_only_place_is_one_line(fitted, mount):
+    ro = mount("size=1m,ro")
+    line = one_line_error(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--out", ro / "ev"), "eval")
+    assert f"{ro / 'ev'} is on a read-only file system; choose a writable place" in line, line
+
+
+def test_eval_refuses_data_whose_class_names_differ(fitted, task, tmp_path):
+    other = shutil.copytree(task, tmp_path / "cifar-10-batches-py")
+    with open(other / "batches.meta", "wb") as f:  # same 4 classes by count, other names
+        pickle.dump({b"label_names": [b"ant", b"bee", b"cat", b"dog"]}, f)
+    before = snapshot(fitted)
+    line = one_line_error(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--set", f"data.path={other}"),
+                          "eval")
+    assert line.endswith(
+        f"error: {fitted / 'checkpoints' / 'step-000002.ckpt'}: checkpoint classes ['horizontal', 'vertical', "
+        "'checker', 'flat'] differ from the data's ['ant', 'bee', 'cat', 'dog']; "
+        "evaluate it on the data it was trained for"
+    )
+    assert snapshot(fitted) == before  # no evals/ directory left behind
+
+
+def test_eval_of_a_loose_checkpoint_without_class_names_writes_under_log_dir(fitted, tmp_path):
+    from bit_transfer.checkpoint import read_checkpoint, save_checkpoint
+
+    params, meta = read_checkpoint(fitted / "checkpoints" / "step-000002.ckpt")
+    del meta["class_names"]  # older checkpoints: evaluated as they are
+    save_checkpoint(tmp_path / "loose.ckpt", params, meta)
+    said = ok(run("eval", fitted / "recipe.yaml", "--checkpoint", tmp_path / "loose.ckpt",
+                  "--set", f"log.dir={tmp_path / 'runs'}"))
+    (out,) = (tmp_path / "runs").glob("tiny-eval-*")
+    assert f"to {out}" in said and (out / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loose.ckpt", "runs"]
