@@ -63,7 +63,8 @@ def save_checkpoint(path, params: dict, meta: dict) -> Path:
     try:
         tmp_dir.mkdir(parents=True)
         tmp = tmp_dir / "checkpoint.ckpt"
-        ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: text}, crc_check=True)
+        with quiet_mindspore():  # a failed write becomes one line from the caller, not MindSpore's CRITICAL log
+            ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: text}, crc_check=True)
         os.chmod(tmp, 0o644)  # MindSpore leaves it read-only, which makes cleanups prompt
         with open(tmp, "rb") as f:  # on disk before it gets its name: a power cut keeps the old one
             os.fsync(f.fileno())

@@ -138,7 +138,7 @@ def _launch_ranks(args, r, run_dir) -> int:
     from bit_transfer import data, distributed
     from bit_transfer.rundir import RunDir
 
-    data.check_readable(data.load(r.data))
+    data.load(r.data).check_readable(r.data.workers)
     run = RunDir.claim(run_dir, kind="fit", parent=r.log.dir, name=r.name, must_exist=bool(args.resume))
     run.check_recipe(r.to_dict())
     fit_args = [str(Path(args.recipe or run.path / "recipe.yaml").resolve())]

@@ -178,8 +178,10 @@ class RunDir:
             self.write_json("metrics.json", final)
         return runlog.finite_or_none(final)
 
-    def metrics_log(self, tensorboard: bool):
-        return runlog.MetricsLog(self.path, tensorboard=tensorboard) if self.writer else runlog.NullLog()
+    def metrics_log(self, tensorboard: bool, resume_step: int | None = None):
+        if not self.writer:
+            return runlog.NullLog()
+        return runlog.MetricsLog(self.path, tensorboard=tensorboard, resume_step=resume_step)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> Path:

@@ -58,8 +58,12 @@ def write_yaml(path: Path, obj) -> None:
 class MetricsLog:
     """One JSON line per logged step in metrics.jsonl, the same scalars in TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: rows logged after it belong to steps a killed process ran but never
+        checkpointed; they are dropped (and purged from TensorBoard) so each step is logged once."""
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate_after(resume_step)
         try:
             self.file = open(self.path, "a", buffering=1)
         except OSError as e:
@@ -68,7 +72,17 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(logdir=str(run_dir), flush_secs=10)
+            purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
+            self.tb = SummaryWriter(logdir=str(run_dir), flush_secs=10, **purge)
+
+    def _truncate_after(self, step: int) -> None:
+        try:
+            lines = self.path.read_text().splitlines(keepends=True)
+        except OSError:
+            return
+        keep = [ln for ln in lines if _row_step(ln) <= step]
+        if len(keep) < len(lines):
+            write_atomic(self.path, "".join(keep))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
@@ -94,6 +108,13 @@ class MetricsLog:
         if self.tb:
             self.tb.close()
             self.tb = None
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line from a kill: dropped too
 
 
 class NullLog:

@@ -150,7 +150,7 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
         run.write_json("plan.json", planning.plan_json(info, plan, layout))
     say(f"batch {layout.describe()}", flush=True)
     stop.check("building the model", f"nothing was trained in this process; {RESUME_HINT}")
-    s.metrics = run.metrics_log(recipe.log.tensorboard)
+    s.metrics = run.metrics_log(recipe.log.tensorboard, resume_step=s.step)
     if not latest:
         s.metrics.text("plan", "\n".join(plan.explain()))
     return s
@@ -161,7 +161,7 @@ def load_task(recipe, world, device: str, say):
     from bit_transfer import data
 
     dataset = data.load(recipe.data)
-    _check_images(dataset, say)
+    _check_images(dataset, recipe.data.workers, say)
     info = planning.task_info(recipe)
     plan = planning.make_plan(recipe, info)
     ranks = f" x {world.size} ranks" if world.size > 1 else ""
@@ -171,15 +171,10 @@ def load_task(recipe, world, device: str, say):
     return dataset, info, plan
 
 
-def _check_images(dataset, say) -> None:
+def _check_images(dataset, workers, say) -> None:
     """Read every image header of both splits now, not at the final evaluation hours later."""
-    from bit_transfer import data
-
-    check = getattr(data, "check_readable", None)
-    if check is None:
-        return
-    skipped = check(dataset)
-    if skipped and any(skipped.values()):
+    skipped = dataset.check_readable(workers)
+    if any(skipped.values()):
         say("skipping unreadable images (data.skip_corrupt): "
             + ", ".join(f"{n} in {split}" for split, n in skipped.items() if n), flush=True)
 
@@ -429,7 +424,7 @@ def finish(s: Session, stop: StopFlag, t_start: float) -> dict:
         "diverged": diverged is not None, "images_per_sec": s.timer.ips if s.timer else None,
         "seconds": time.time() - t_start,
         "device": s.device, "world": s.world.size, "checkpoint": str(s.run.checkpoint_path(s.step)),
-        "skipped_corrupt": _skipped(s.dataset),
+        "skipped_corrupt": s.dataset.corrupt_counts(),
     }
     final = s.run.write_final(s.last_eval, s.dataset.class_names, fields)
     s.metrics.hparams(
@@ -438,6 +433,9 @@ def finish(s: Session, stop: StopFlag, t_start: float) -> dict:
         {"top1": s.last_eval.top1, "top5": s.last_eval.top5, "loss": s.last_eval.loss},
     )
     status = "stopped early; rerun the same command to resume" if stopped else "done"
+    skipped = {k: n for k, n in fields["skipped_corrupt"].items() if n}
+    if skipped:
+        status += " (skipped unreadable images: " + ", ".join(f"{n} in {k}" for k, n in skipped.items()) + ")"
     if diverged:
         status += f", but the loss diverged ({diverged}): lower rule.base_lr"
     s.say(f"{status}: top-1 {_pct(s.last_eval.top1)} top-5 {_pct(s.last_eval.top5)} after {s.step} steps "
@@ -453,11 +451,6 @@ def _diverged(losses: list) -> str | None:
     if math.isfinite(last) and last <= DIVERGED_FACTOR * max(first, 1e-8):
         return None
     return f"{first:.3g} at step {s0} -> {last:.3g} at step {s1}"
-
-
-def _skipped(dataset) -> dict | None:
-    counts = getattr(dataset, "corrupt_counts", None)
-    return counts() if counts else None
 
 
 # ----------------------------------------------------------------------------- batch_split: auto

@@ -1,0 +1,75 @@
+"""Fixtures and helpers the test files share: a private cache home, the CLI as a real process, the
+one-line-error promise, tiny recipes on generated data, and scratch file systems (read-only, full)."""
+
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory):
+    """The whole suite caches (measurements, features, kernels) under a temporary BIT_TRANSFER_HOME,
+    never the user's. Tests that need a home of their own set it themselves."""
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("bt-home")
+    mp.setenv("BIT_TRANSFER_HOME", str(home))
+    yield home
+    mp.undo()
+
+
+@pytest.fixture
+def home(monkeypatch, tmp_path):
+    """A bit-transfer home of this test's own (caches start empty)."""
+    path = tmp_path / "bt-home"
+    monkeypatch.setenv("BIT_TRANSFER_HOME", str(path))
+    return path
+
+
+def run_cli(*args, cwd=ROOT, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`bit-transfer ARGS` as a user runs it: a new process, its exit code, stdout and stderr."""
+    return subprocess.run([sys.executable, "-m", "bit_transfer", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env or dict(os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)
+
+
+def one_line_error(out, command: str, code: int = 2, label: str = "error") -> str:
+    """The single stderr line of a failed command, after checking the promise: exit code, no traceback."""
+    assert out.returncode == code, (out.returncode, out.stdout[-2000:], out.stderr[-3000:])
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr
+    lines = [ln for ln in out.stderr.strip().splitlines() if not ln.startswith("[WARNING]")]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"bit-transfer {command}: {label}: "), lines[0]
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict:
+    """Every file below `root` with its bytes: to prove nothing a user had was changed."""
+    return {p: p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def write_recipe(path: Path, recipe) -> Path:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def scratch_fs(path: Path, size: str = "4m", read_only: bool = False):
+    """A tmpfs mounted at `path` (root only): a disk that fills up, or a read-only place. Skips where
+    mounting is not allowed (CI and developers run as root here, so it runs)."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if read_only else "")
+    tag = f"bt-{uuid.uuid4().hex[:8]}"
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, tag, str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -1,0 +1,304 @@
+"""No way to lose work: signals at the final checkpoint and the final evaluation, kill -9 during a
+checkpoint write, foreign run directories, read-only and full disks, finished and changed runs.
+Real `bit-transfer fit` processes, real signals, real files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, one_line_error, run_cli, scratch_fs, snapshot, write_recipe
+from test_train import assert_params_close, final_params, pattern_task, read_jsonl, tiny_recipe
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return pattern_task(tmp_path_factory.mktemp("safety") / "cifar-10-batches-py", n_train=40, n_test=64)
+
+
+def recipe_path(task, tmp_path, **sets) -> Path:
+    """A tiny recipe whose final checkpoint write and evaluation take long enough to be hit by a signal."""
+    sets = {"rule__steps": STEPS, "model__width": 0.5, "log__tensorboard": False, **sets}
+    return write_recipe(tmp_path / "r.yaml", tiny_recipe(task, tmp_path / "runs", **sets))
+
+
+def start_fit(recipe: Path, run_dir: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bit_transfer", "fit", str(recipe), "--run-dir", str(run_dir), "--quiet", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def wait_for(condition, proc, timeout=120.0, every=0.0005):
+    """Poll fast until `condition()`; the child must still be running."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(every)
+
+
+def signal_at(proc, condition, signals, gap=0.0):
+    wait_for(condition, proc)
+    for i, s in enumerate(signals):
+        if i:
+            time.sleep(gap)
+        proc.send_signal(s)
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, out, err
+
+
+def final_tmp(run_dir: Path):
+    return lambda: (run_dir / "checkpoints" / f"step-{STEPS:06d}.ckpt.tmp").exists()
+
+
+def final_ckpt(run_dir: Path):
+    return lambda: (run_dir / "checkpoints" / f"step-{STEPS:06d}.ckpt").exists()
+
+
+def assert_whole(run_dir: Path, step: int = STEPS):
+    """The checkpoint of `step` reads back (CRC checked), and no temporary is left."""
+    from bit_transfer.checkpoint import read_checkpoint
+
+    _, meta = read_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}.ckpt")
+    assert meta["step"] == step
+    assert not list((run_dir / "checkpoints").glob("*.tmp")), list((run_dir / "checkpoints").iterdir())
+
+
+def rerun_finishes(recipe: Path, run_dir: Path) -> dict:
+    out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["completed"] and m["steps"] == STEPS and m["top1"] is not None
+    assert (run_dir / "eval" / "confusion.json").is_file()
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, STEPS + 1)), steps  # no step trained twice
+    return m
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_inside_the_final_checkpoint_write_loses_nothing(task, tmp_path, sig):
+    """Was: the process died inside the last save and left only step-000020.ckpt.tmp/."""
+    recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
+    code, out, err = signal_at(start_fit(recipe, run_dir), final_tmp(run_dir), [sig])
+    assert code in (0, 130), err
+    assert "Traceback" not in err
+    assert_whole(run_dir)
+    m = rerun_finishes(recipe, run_dir)
+    if code == 0:  # the signal came after the last step: the run finished, evaluation included
+        assert m["completed"]
+
+
+def test_two_signals_at_the_final_checkpoint_keep_it_whole_and_a_rerun_evaluates(task, tmp_path):
+    recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
+    code, out, err = signal_at(start_fit(recipe, run_dir), final_tmp(run_dir), [signal.SIGTERM, signal.SIGTERM])
+    assert code == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("bit-transfer fit: interrupted: SIGTERM") and "rerun the same command" in line, err
+    assert "Traceback" not in err
+    assert_whole(run_dir)
+    assert not (run_dir / "metrics.json").exists()
+    rerun_finishes(recipe, run_dir)
+
+
+def test_two_sigints_during_the_final_evaluation_stop_it_and_a_rerun_finishes(task, tmp_path):
+    """SIGINT is reported as SIGINT (MindSpore's own handler would turn it into SIGTERM)."""
+    recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
+    code, out, err = signal_at(start_fit(recipe, run_dir), final_ckpt(run_dir), [signal.SIGINT, signal.SIGINT], gap=0.05)
+    assert "Traceback" not in err
+    assert_whole(run_dir)
+    if code == 130:  # (the evaluation of 64 images can end between the two signals)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("bit-transfer fit: interrupted: SIGINT"), err
+        assert f"checkpoint step-{STEPS:06d}.ckpt is complete" in line, line
+    else:
+        assert code == 0, err
+    rerun_finishes(recipe, run_dir)
+
+
+def test_a_signal_mid_run_checkpoints_evaluates_and_exits_130(task, tmp_path):
+    recipe, run_dir = recipe_path(task, tmp_path, rule__steps=100000), tmp_path / "run"
+    proc = start_fit(recipe, run_dir)
+    code, out, err = signal_at(proc, lambda: (run_dir / "metrics.jsonl").is_file()
+                               and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3, [signal.SIGINT])
+    assert code == 130, err
+    assert "SIGINT: stopping after step" in out
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["stopped_by_signal"] and not m["completed"] and m["steps"] >= 3
+    assert_whole(run_dir, m["steps"])
+
+
+def test_a_signal_while_loading_is_one_line_and_leaves_no_run(task, tmp_path):
+    recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
+    proc = start_fit(recipe, run_dir)
+    code, out, err = signal_at(proc, lambda: (run_dir / ".bit-transfer-run").exists(), [signal.SIGTERM])
+    assert code == 130, err
+    assert "Traceback" not in err
+    if not list((run_dir / "checkpoints").glob("*.ckpt")) if run_dir.exists() else True:
+        assert not run_dir.exists(), list(run_dir.iterdir())  # a new run with nothing to resume is removed
+        line = one_line_error(subprocess.CompletedProcess([], code, out, err), "fit", 130, "interrupted")
+        assert "rerun the same command" in line
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_to_the_same_weights(task, tmp_path):
+    recipe = recipe_path(task, tmp_path, train__checkpoint_every=5, rule__mixup_alpha=0.2)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli("fit", recipe, "--run-dir", straight, "--quiet").returncode == 0
+    proc = start_fit(recipe, killed)
+    wait_for(lambda: (killed / "checkpoints" / "step-000015.ckpt.tmp").exists(), proc)
+    proc.kill()
+    proc.wait()
+    assert not (killed / "checkpoints" / "step-000015.ckpt").exists()
+    rerun_finishes(recipe, killed)
+    assert not list((killed / "checkpoints").glob("*.tmp"))
+    a, b = final_params(straight), final_params(killed)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), "resume is not bit-identical"
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(task, tmp_path):
+    recipe, run_dir = recipe_path(task, tmp_path, train__checkpoint_every=5), tmp_path / "run"
+    out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet", "--stop-after", 10)
+    assert out.returncode == 0, out.stderr
+    latest = run_dir / "checkpoints" / "step-000010.ckpt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated, as by a full disk on another tool
+    out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "notice: step-000010.ckpt is truncated or corrupt" in out.stdout
+    assert "resumed from step-000005.ckpt at step 5" in out.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["completed"]
+
+
+# ----------------------------------------------------------------------------- the run directory
+def test_fit_never_writes_into_a_directory_that_is_not_a_run(task, tmp_path):
+    """Was: `fit recipe.yaml --run-dir .` overwrote the user's recipe.yaml (comments gone), plan.json, metrics.json."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text("# my notes\n" + recipe_path(task, tmp_path).read_text())
+    (mine / "plan.json").write_text('{"mine": 1}')
+    (mine / "metrics.json").write_text('{"mine": 2}')
+    before = snapshot(mine)
+    out = run_cli("fit", mine / "recipe.yaml", "--run-dir", ".", cwd=mine)
+    line = one_line_error(out, "fit")
+    assert "is not a bit-transfer run" in line and "--run-dir" in line
+    assert snapshot(mine) == before
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_a_run_directory_that_is_a_file_is_one_line(task, tmp_path, where):
+    (tmp_path / "f").write_text("mine")
+    target = tmp_path / "f" if where == "file" else tmp_path / "f" / "run"
+    out = run_cli("fit", recipe_path(task, tmp_path), "--run-dir", target)
+    line = one_line_error(out, "fit")
+    assert "file" in line
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_resume_of_a_missing_directory_is_refused_not_started(task, tmp_path):
+    out = run_cli("fit", recipe_path(task, tmp_path), "--resume", tmp_path / "runs" / "typo")
+    line = one_line_error(out, "fit")
+    assert "--resume" in line and "does not exist" in line
+    assert not (tmp_path / "runs" / "typo").exists()
+
+
+def test_a_read_only_place_is_one_line(task, tmp_path):
+    with scratch_fs(tmp_path / "ro", read_only=True) as ro:
+        out = run_cli("fit", recipe_path(task, tmp_path), "--run-dir", ro / "run")
+    assert "read-only" in one_line_error(out, "fit")
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_much_was_needed(task, tmp_path):
+    recipe = recipe_path(task, tmp_path, train__checkpoint_every=5, train__keep_checkpoints=5)
+    sizing = tmp_path / "sizing"
+    assert run_cli("fit", recipe, "--run-dir", sizing, "--quiet", "--stop-after", 5).returncode == 0
+    ckpt = (sizing / "checkpoints" / "step-000005.ckpt").stat().st_size
+    small = sum(p.stat().st_size for p in sizing.rglob("*") if p.is_file() and p.suffix != ".ckpt")
+    with scratch_fs(tmp_path / "full", size=f"{(small + int(1.5 * ckpt)) // 1024 + 64}k") as disk:
+        out = run_cli("fit", recipe, "--run-dir", disk / "run", "--quiet")
+        line = one_line_error(out, "fit")
+        assert "no space left" in line and "MB needed" in line and "step-000005.ckpt is kept" in line, line
+        ckpts = sorted(p.name for p in (disk / "run" / "checkpoints").iterdir())
+        assert ckpts == ["step-000005.ckpt"], ckpts  # the whole previous one; no partial file
+        assert_whole(disk / "run", 5)
+
+
+def test_rerunning_a_finished_run_reports_it_and_writes_nothing(task, tmp_path):
+    recipe, run_dir = recipe_path(task, tmp_path, rule__steps=3), tmp_path / "run"
+    assert run_cli("fit", recipe, "--run-dir", run_dir, "--quiet").returncode == 0
+    before = snapshot(run_dir)
+    out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "is finished: top-1" in out.stdout and "nothing to do" in out.stdout
+    assert snapshot(run_dir) == before
+
+
+def test_a_changed_recipe_names_the_keys_and_what_may_change(task, tmp_path):
+    recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
+    assert run_cli("fit", recipe, "--run-dir", run_dir, "--quiet", "--stop-after", 2).returncode == 0
+    line = one_line_error(run_cli("fit", recipe, "--run-dir", run_dir, "--set", "rule.base_lr=0.1"), "fit")
+    assert "rule.base_lr (0.05 there, 0.1 now)" in line and "another --run-dir" in line and "train.eval_every" in line
+    out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet", "--set", "train.eval_every=5",
+                  "--set", "data.skip_corrupt=true")
+    assert out.returncode == 0, out.stderr
+    assert "resuming with changed settings: data.skip_corrupt, train.eval_every" in out.stdout
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]["eval_every"] == 5
+
+
+def test_a_failed_new_run_leaves_no_empty_directory(task, tmp_path):
+    bad = write_recipe(tmp_path / "bad.yaml", tiny_recipe(tmp_path / "no-such-data", tmp_path / "runs"))
+    out = run_cli("fit", bad)
+    one_line_error(out, "fit")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+# ----------------------------------------------------------------------------- data integrity
+def corrupt_folder(tmp_path, where: str) -> Path:
+    import datagen
+
+    root = datagen.image_folder(tmp_path / "imgs", {"a": 6, "b": 6}, eval_count=3)
+    victim = sorted((root / where).rglob("*.png"))[0]
+    datagen.corrupt(victim)
+    return root
+
+
+def folder_recipe(tmp_path, root: Path, **sets) -> Path:
+    sets = {"rule__steps": 3, "log__tensorboard": False, **sets}
+    r = tiny_recipe(root, tmp_path / "runs", **sets).with_overrides(["data.source=imagefolder"])
+    return write_recipe(tmp_path / "folder.yaml", r)
+
+
+def test_a_corrupt_eval_image_is_found_before_training(tmp_path):
+    root = corrupt_folder(tmp_path, "val")
+    t = time.time()
+    out = run_cli("fit", folder_recipe(tmp_path, root), "--run-dir", tmp_path / "run")
+    line = one_line_error(out, "fit")
+    assert "val" in line and "data.skip_corrupt" in line, line
+    assert "step 1" not in out.stdout and not (tmp_path / "run").exists()
+    assert time.time() - t < 60
+
+
+def test_skip_corrupt_counts_are_printed_and_recorded(tmp_path):
+    root = corrupt_folder(tmp_path, "val")
+    out = run_cli("fit", folder_recipe(tmp_path, root, data__skip_corrupt=True), "--run-dir", tmp_path / "run", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "skipping unreadable images (data.skip_corrupt): 1 in eval" in out.stdout
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["skipped_corrupt"] == {"train": 0, "eval": 1} and m["eval_images"] == 5
+
+
+def test_two_ranks_check_the_data_before_launching(tmp_path):
+    """Was: 41 s and 37 lines of stack frames from every rank, the message cut."""
+    root = corrupt_folder(tmp_path, "train")
+    t = time.time()
+    out = run_cli("fit", folder_recipe(tmp_path, root), "--devices", 2, "--run-dir", tmp_path / "run")
+    line = one_line_error(out, "fit")
+    assert "cannot read image" in line and "data.skip_corrupt" in line
+    assert time.time() - t < 20 and not (tmp_path / "run").exists()
