@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on the recipe's eval split")
     add_recipe_args(p)
     p.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (its latest checkpoint)")
-    p.add_argument("--out", help="where to write metrics.json and the confusion matrix (default: <run>/eval)")
+    p.add_argument("--out", help="where to write metrics.json and the confusion matrix (default: <run>/evals/<checkpoint>-<recipe>/, its own directory)")
     p.set_defaults(func=cmd_eval)
 
     add_fewshot_parser(sub)

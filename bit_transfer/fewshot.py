@@ -123,7 +123,7 @@ def check_shots(pool, shots: list[int], allow_fewer: bool) -> None:
         )
 
 
-def run_plan(run: Run, info: planning.TaskInfo, subset_size: int):
+def run_plan(run: Run, info: planning.DataInfo, subset_size: int):
     """(task info, plan) of a run: the rule applied to the subset's size, as `fit` computes it."""
     info = dataclasses.replace(info, dataset_size=subset_size)
     return info, planning.make_plan(run.recipe, info)

@@ -10,25 +10,15 @@ from dataclasses import dataclass, field
 
 from bit_transfer import hyperrule
 from bit_transfer.errors import RecipeError
+from bit_transfer.data.measure import DataInfo  # what the rule needs from the data (no MindSpore)
 from bit_transfer.recipe import Recipe
-
-
-@dataclass
-class TaskInfo:
-    """What the rule needs from the data, and where each number came from."""
-
-    dataset_size: int
-    image_size: tuple[int, int]
-    num_classes: int | None = None
-    class_names: list[str] | None = None
-    source_of: dict[str, str] = field(default_factory=dict)
 
 
 def _normalise(name: str) -> str:
     return name.lower().replace("-", "_").split("/")[-1]
 
 
-def task_info(recipe: Recipe) -> TaskInfo:
+def task_info(recipe: Recipe) -> DataInfo:
     """Training-set size and image resolution: from the recipe when stated, else measured."""
     d = recipe.data
     source_of = {}
@@ -45,13 +35,13 @@ def task_info(recipe: Recipe) -> TaskInfo:
                 "data.size is set together with data.examples_per_class; drop data.size so the rule "
                 "sees the few-shot subset's size"
             )
-        return TaskInfo(d.size, tuple(d.image_size), source_of=source_of)
+        return DataInfo(d.size, tuple(d.image_size), source_of=source_of)
     from bit_transfer import data  # measuring needs the data stack; imported only when needed
 
     info = data.describe(d)
     merged = dict(info.source_of)
     merged.update(source_of)
-    return TaskInfo(
+    return DataInfo(
         dataset_size=info.dataset_size,
         image_size=tuple(info.image_size),
         num_classes=info.num_classes,
@@ -60,7 +50,7 @@ def task_info(recipe: Recipe) -> TaskInfo:
     )
 
 
-def make_plan(recipe: Recipe, info: TaskInfo) -> hyperrule.Plan:
+def make_plan(recipe: Recipe, info: DataInfo) -> hyperrule.Plan:
     r, t = recipe.rule, recipe.train
     try:
         return hyperrule.plan(
@@ -131,7 +121,7 @@ def lr_segments(plan: hyperrule.Plan) -> list[tuple[int, int, str]]:
     return out
 
 
-def plan_report(recipe: Recipe, info: TaskInfo, plan: hyperrule.Plan, layout: BatchLayout) -> str:
+def plan_report(recipe: Recipe, info: DataInfo, plan: hyperrule.Plan, layout: BatchLayout) -> str:
     """The human-readable `bit-transfer plan` output."""
     lines = [f"recipe        {recipe.path or recipe.name} ({recipe.name})"]
     for k in ("dataset_size", "image_size"):
@@ -147,7 +137,7 @@ def plan_report(recipe: Recipe, info: TaskInfo, plan: hyperrule.Plan, layout: Ba
     return "\n".join(lines)
 
 
-def plan_json(info: TaskInfo, plan: hyperrule.Plan, layout: BatchLayout) -> dict:
+def plan_json(info: DataInfo, plan: hyperrule.Plan, layout: BatchLayout) -> dict:
     out = plan.to_dict()
     out.update(
         batch_split=layout.batch_split,

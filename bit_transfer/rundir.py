@@ -118,7 +118,7 @@ class RunDir:
         if not self.writer:
             return
         for child in self.path.iterdir():
-            if child.name != MARKER:
+            if child.name not in (MARKER, "evals"):  # `bit-transfer eval` results are the user's
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ recipe and results
@@ -206,7 +206,7 @@ class RunDir:
         except (OSError, RuntimeError) as e:
             shutil.rmtree(f"{path}.tmp", ignore_errors=True)
             if isinstance(e, RuntimeError):  # MindSpore's writer wraps the OSError
-                e = _os_error_in(e, path)
+                e = os_error_in(e, path)
             raise _with_kept(storage_error(e, path, needed), self.checkpoints()) from None
         for old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
@@ -261,7 +261,7 @@ def is_run(path: Path) -> bool:
     return (path / "recipe.yaml").is_file() and any((path / CKPT_DIR).glob("step-*.ckpt"))
 
 
-def _os_error_in(e: RuntimeError, path: Path) -> OSError:
+def os_error_in(e: RuntimeError, path: Path) -> OSError:
     """MindSpore reports a failed write as RuntimeError; recover the cause from the free space."""
     import errno
 

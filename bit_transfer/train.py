@@ -39,7 +39,7 @@ class Session:
     world: distributed.World
     device: str
     dataset: object
-    info: planning.TaskInfo
+    info: planning.DataInfo
     plan: object
     layout: planning.BatchLayout
     net: object  # the model (its Parameters are what checkpoints hold)

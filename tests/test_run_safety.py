@@ -125,13 +125,14 @@ def test_two_sigints_during_the_final_evaluation_stop_it_and_a_rerun_finishes(ta
     rerun_finishes(recipe, run_dir)
 
 
-def test_a_signal_mid_run_checkpoints_evaluates_and_exits_130(task, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_run_checkpoints_evaluates_and_exits_130(task, tmp_path, sig):
     recipe, run_dir = recipe_path(task, tmp_path, rule__steps=100000), tmp_path / "run"
     proc = start_fit(recipe, run_dir)
     code, out, err = signal_at(proc, lambda: (run_dir / "metrics.jsonl").is_file()
-                               and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3, [signal.SIGINT])
+                               and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3, [sig])
     assert code == 130, err
-    assert "SIGINT: stopping after step" in out
+    assert f"{sig.name}: stopping after step" in out
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["stopped_by_signal"] and not m["completed"] and m["steps"] >= 3
     assert_whole(run_dir, m["steps"])

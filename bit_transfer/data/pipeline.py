@@ -44,14 +44,14 @@ def num_workers(workers: int | None = None) -> int:
 
 
 class _Rows:
-    """The pipeline's source: one (index, crop_y, crop_x, flip) row per image, from a plan."""
+    """The pipeline's source: one (index, crop_y, crop_x, flip) row per image, batch after batch."""
 
-    def __init__(self, plans):
-        self.plans = plans  # a callable returning an iterator of int64 (k, 4) arrays
+    def __init__(self, row_batches):
+        self.row_batches = row_batches  # a callable returning an iterator of int64 (k, 4) arrays
 
     def __iter__(self):
-        for plan in self.plans():
-            yield from ((row,) for row in plan)
+        for rows in self.row_batches():
+            yield from ((row,) for row in rows)
 
 
 def _reader(split: Split, size: int, crop: int, substitute: bool):
@@ -83,9 +83,9 @@ def _reader(split: Split, size: int, crop: int, substitute: bool):
     return read
 
 
-def _pipeline(split: Split, plans, *, size: int, crop: int, batch: int, workers, substitute: bool):
+def _pipeline(split: Split, row_batches, *, size: int, crop: int, batch: int, workers, substitute: bool):
     w = num_workers(workers)
-    ds = msd.GeneratorDataset(_Rows(plans), column_names=["row"], shuffle=False, num_parallel_workers=1)
+    ds = msd.GeneratorDataset(_Rows(row_batches), column_names=["row"], shuffle=False, num_parallel_workers=1)
     ds = ds.map(
         _reader(split, size, crop, substitute),
         input_columns=["row"],
@@ -135,22 +135,22 @@ def train_batches(
     stream = Stream(len(split), micro_batch * world, seed, max_offset=size - crop, flip=random_flip)
     mine = slice(rank * micro_batch, (rank + 1) * micro_batch)
 
-    def plan(b):
+    def batch_rows(b):
         y, x, f = stream.augment(b)
         return np.stack([stream.indices(b), y, x, f], axis=1)[mine]
 
-    def plans():
+    def row_batches():
         b = start
         while True:
-            yield plan(b)
+            yield batch_rows(b)
             b += 1
 
-    it = _pipeline(split, plans, size=size, crop=crop, batch=micro_batch, workers=workers, substitute=True)
+    it = _pipeline(split, row_batches, size=size, crop=crop, batch=micro_batch, workers=workers, substitute=True)
     b = start
     try:
         for images, used in it:
             if (used < 0).any():  # by default the first unreadable image stops the run
-                _fail(split, int(plan(b)[int(np.argmax(used < 0)), 0]))
+                _fail(split, int(batch_rows(b)[int(np.argmax(used < 0)), 0]))
             yield images, split.labels[used].astype(np.int32)
             b += 1
     finally:
@@ -178,10 +178,10 @@ def eval_batches(
     rows = np.zeros((len(shard), 4), np.int64)
     rows[:, 0] = shard
 
-    def plans():
+    def row_batches():
         yield rows
 
-    it = _pipeline(split, plans, size=crop, crop=crop, batch=batch_size, workers=workers, substitute=False)
+    it = _pipeline(split, row_batches, size=crop, crop=crop, batch=batch_size, workers=workers, substitute=False)
     done = 0
     try:
         for images, used in it:

@@ -178,7 +178,7 @@ def _write(path: Path, write, needed: int | None = None, suffix: str = "") -> No
     """write(temporary) then mode 0644, fsync and rename over `path`; one line if the place fails."""
     import errno
 
-    from bit_transfer.rundir import _os_error_in
+    from bit_transfer.rundir import os_error_in
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
     try:
@@ -192,7 +192,7 @@ def _write(path: Path, write, needed: int | None = None, suffix: str = "") -> No
         if isinstance(e, OSError):
             raise storage_error(e, path, needed) from None
         if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
-            cause = _os_error_in(RuntimeError(str(e)), path)  # the writers wrap the OSError in their own error
+            cause = os_error_in(RuntimeError(str(e)), path)  # the writers wrap the OSError in their own error
             if cause.errno in (errno.ENOSPC, errno.EROFS):
                 raise storage_error(cause, path, needed) from None
         raise  # not the place: a bug worth its traceback
