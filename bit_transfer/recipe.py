@@ -23,7 +23,7 @@ from bit_transfer.errors import RecipeError, UsageError
 
 
 # ---------------------------------------------------------------- converters (value -> typed value)
-class Conv:
+class Converter:
     """A converter: checks one YAML value and returns it typed; `describe` goes into the docs."""
 
     describe = "any"
@@ -46,7 +46,7 @@ def _number(v):
     return v
 
 
-class Int(Conv):
+class Int(Converter):
     def __init__(self, lo=None, hi=None):
         self.lo, self.hi = lo, hi
         self.describe = "int" + _range(lo, hi)
@@ -62,7 +62,7 @@ class Int(Conv):
         return v
 
 
-class Float(Conv):
+class Float(Converter):
     def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False):
         self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
         self.describe = "float" + _range(lo, hi, lo_open, hi_open)
@@ -78,7 +78,7 @@ class Float(Conv):
         return v
 
 
-class Bool(Conv):
+class Bool(Converter):
     describe = "true/false"
 
     def __call__(self, v):
@@ -87,7 +87,7 @@ class Bool(Conv):
         return v
 
 
-class Str(Conv):
+class Str(Converter):
     def __init__(self, choices=None, fold_case=False):
         self.choices, self.fold_case = choices, fold_case
         self.describe = " | ".join(choices) if choices else "string"
@@ -106,8 +106,8 @@ class Str(Conv):
         return v
 
 
-class Optional(Conv):
-    def __init__(self, inner: Conv):
+class Nullable(Converter):
+    def __init__(self, inner: Converter):
         self.inner = inner
         self.describe = f"{inner.describe} or null"
 
@@ -115,10 +115,10 @@ class Optional(Conv):
         return None if v is None else self.inner(v)
 
 
-class OneOf(Conv):
+class OneOf(Converter):
     """The first converter that accepts the value wins (e.g. an int or the word 'auto')."""
 
-    def __init__(self, *convs: Conv):
+    def __init__(self, *convs: Converter):
         self.convs = convs
         self.describe = " or ".join(c.describe for c in convs)
 
@@ -132,7 +132,7 @@ class OneOf(Conv):
         raise ValueError(f"expected {self.describe}, got {v!r}")
 
 
-class IntList(Conv):
+class IntList(Converter):
     def __init__(self, length=None, lo=None):
         self.length, self.item = length, Int(lo)
         self.describe = f"list of {length or 'N'} ints"
@@ -145,7 +145,7 @@ class IntList(Conv):
         return [self.item(x) for x in v]
 
 
-class ImageSize(Conv):
+class ImageSize(Converter):
     describe = "HxW (e.g. 32x32) or [H, W]"
 
     def __call__(self, v):
@@ -177,7 +177,7 @@ def _check_range(v, lo, hi, lo_open=False, hi_open=False):
         raise ValueError(f"must be {'<' if hi_open else '<='} {hi}, got {v}")
 
 
-def key(default, conv: Conv, doc: str):
+def key(default, conv: Converter, doc: str):
     """Declare a recipe key: its default, converter and one-line documentation."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"conv": conv, "doc": doc})
@@ -192,63 +192,63 @@ DEVICES = ["auto", "CPU", "GPU", "Ascend"]
 @dataclass
 class DataConfig:
     source: str = key("hf", Str(["hf", "imagefolder", "cifar", "demo"]), "where the images come from")
-    name: str | None = key(None, Optional(Str()), "Hugging Face dataset id (source hf), e.g. cifar10")
-    path: str | None = key(None, Optional(Str()), "local directory (imagefolder, cifar; or a saved HF dataset)")
+    name: str | None = key(None, Nullable(Str()), "Hugging Face dataset id (source hf), e.g. cifar10")
+    path: str | None = key(None, Nullable(Str()), "local directory (imagefolder, cifar; or a saved HF dataset)")
     train_split: str = key("train", Str(), "training split name")
-    eval_split: str | None = key(None, Optional(Str()), "eval split; null: the dataset's test, then validation split")
-    image_column: str | None = key(None, Optional(Str()), "image column (hf); null: detected (img, image, ...)")
-    label_column: str | None = key(None, Optional(Str()), "label column (hf); null: detected (label, fine_label, ...)")
+    eval_split: str | None = key(None, Nullable(Str()), "eval split; null: the dataset's test, then validation split")
+    image_column: str | None = key(None, Nullable(Str()), "image column (hf); null: detected (img, image, ...)")
+    label_column: str | None = key(None, Nullable(Str()), "label column (hf); null: detected (label, fine_label, ...)")
     holdout: float | None = key(
-        None, Optional(Float(0, 1, lo_open=True, hi_open=True)), "carve this seeded fraction of train as the eval split"
+        None, Nullable(Float(0, 1, lo_open=True, hi_open=True)), "carve this seeded fraction of train as the eval split"
     )
-    examples_per_class: int | None = key(None, Optional(Int(1)), "few-shot: exactly K training images per class")
+    examples_per_class: int | None = key(None, Nullable(Int(1)), "few-shot: exactly K training images per class")
     seed: int = key(0, Int(0), "seed of the few-shot subset and the holdout split")
     allow_fewer: bool = key(False, Bool(), "few-shot: take all images of a class that has fewer than K")
     skip_corrupt: bool = key(False, Bool(), "skip and count unreadable images instead of failing")
     random_crop: bool = key(True, Bool(), "train augmentation: random crop (else resize straight to crop)")
     random_flip: bool = key(True, Bool(), "train augmentation: random horizontal flip")
-    workers: int | None = key(None, Optional(Int(1)), "decoding workers; null: min(4, CPUs)")
-    size: int | None = key(None, Optional(Int(1)), "training-set size for the rule; null: counted from the data")
+    workers: int | None = key(None, Nullable(Int(1)), "decoding workers; null: min(4, CPUs)")
+    size: int | None = key(None, Nullable(Int(1)), "training-set size for the rule; null: counted from the data")
     image_size: tuple[int, int] | None = key(
-        None, Optional(ImageSize()), "image resolution for the rule, HxW; null: measured from the data"
+        None, Nullable(ImageSize()), "image resolution for the rule, HxW; null: measured from the data"
     )
-    cache_dir: str | None = key(None, Optional(Str()), "measurement cache; null: $BIT_TRANSFER_HOME/data-cache")
+    cache_dir: str | None = key(None, Nullable(Str()), "measurement cache; null: $BIT_TRANSFER_HOME/data-cache")
 
 
 @dataclass
 class ModelConfig:
     name: str = key("BiT-M-R50x1", Str(), "BiT-S-/BiT-M- R50x1, R50x3, R101x1, R101x3, R152x2, R152x4, or custom")
     weights: str = key("auto", Str(), "auto (official download), a local path, hf:org/name, a URL, or none")
-    depths: list[int] | None = key(None, Optional(IntList(4, lo=1)), "units per stage (custom/tiny models)")
-    width: float | None = key(None, Optional(Float(0, lo_open=True)), "width factor (custom/tiny models)")
+    depths: list[int] | None = key(None, Nullable(IntList(4, lo=1)), "units per stage (custom/tiny models)")
+    width: float | None = key(None, Nullable(Float(0, lo_open=True)), "width factor (custom/tiny models)")
     head: str = key("zero", Str(["zero", "keep"]), "zero: new zero-initialised head; keep: the checkpoint's head")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int | None = key(None, Optional(Int(1)), "logical batch; null: the rule's 512")
+    batch_size: int | None = key(None, Nullable(Int(1)), "logical batch; null: the rule's 512")
     batch_split: int | str = key(1, OneOf(Int(1), AUTO), "micro-batches per logical batch, or auto (largest that fits)")
     device: str = key("auto", Str(DEVICES, fold_case=True), "auto picks Ascend, then GPU, then CPU")
     precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step")
     mode: str = key("finetune", Str(["finetune", "linear"]), "finetune: all weights; linear: frozen backbone")
-    momentum: float | None = key(None, Optional(Float(0, 1, hi_open=True)), "SGD momentum; null: the paper's 0.9")
-    weight_decay: float | None = key(None, Optional(Float(0)), "weight decay; null: the paper's 0")
+    momentum: float | None = key(None, Nullable(Float(0, 1, hi_open=True)), "SGD momentum; null: the paper's 0.9")
+    weight_decay: float | None = key(None, Nullable(Float(0)), "weight decay; null: the paper's 0")
     seed: int = key(0, Int(0), "seed of initialisation, data order, augmentation and MixUp")
-    eval_every: int | None = key(None, Optional(Int(1)), "evaluate every N steps (and at the end); null: at the end")
-    checkpoint_every: int | None = key(None, Optional(Int(1)), "checkpoint every N steps; null: at eval points")
+    eval_every: int | None = key(None, Nullable(Int(1)), "evaluate every N steps (and at the end); null: at the end")
+    checkpoint_every: int | None = key(None, Nullable(Int(1)), "checkpoint every N steps; null: at eval points")
     keep_checkpoints: int = key(2, Int(1), "how many recent checkpoints to keep")
-    eval_batch_size: int | None = key(None, Optional(Int(1)), "eval batch; null: the micro-batch size")
+    eval_batch_size: int | None = key(None, Nullable(Int(1)), "eval batch; null: the micro-batch size")
     jit: bool = key(True, Bool(), "compile the train step (graph mode); false: PyNative, for debugging")
 
 
 @dataclass
 class RuleConfig:
-    precrop: int | None = key(None, Optional(Int(1)), "resize before the random crop; null: 160 or 512")
-    crop: int | None = key(None, Optional(Int(1)), "training/eval resolution; null: 128 or 480")
-    steps: int | None = key(None, Optional(Int(1)), "optimizer steps; null: 500, 10 000 or 20 000")
-    schedule: list[int] | None = key(None, Optional(IntList(lo=1)), "lr boundaries (warmup end ... last = steps)")
-    mixup_alpha: float | None = key(None, Optional(Float(0)), "MixUp alpha; null: 0 below 20 000 images, else 0.1")
-    base_lr: float | None = key(None, Optional(Float(0, lo_open=True)), "peak learning rate; null: 0.003")
+    precrop: int | None = key(None, Nullable(Int(1)), "resize before the random crop; null: 160 or 512")
+    crop: int | None = key(None, Nullable(Int(1)), "training/eval resolution; null: 128 or 480")
+    steps: int | None = key(None, Nullable(Int(1)), "optimizer steps; null: 500, 10 000 or 20 000")
+    schedule: list[int] | None = key(None, Nullable(IntList(lo=1)), "lr boundaries (warmup end ... last = steps)")
+    mixup_alpha: float | None = key(None, Nullable(Float(0)), "MixUp alpha; null: 0 below 20 000 images, else 0.1")
+    base_lr: float | None = key(None, Nullable(Float(0, lo_open=True)), "peak learning rate; null: 0.003")
     batch_scaling: str = key("none", Str(["none", "linear"]), "linear: lr x B/512, steps x 512/B for batch B")
 
 

@@ -104,8 +104,10 @@ class RunDir:
             raise storage_error(e, self.path) from None
 
     def discard_if_unused(self) -> None:
-        """After a failure before anything worth keeping: remove what this process made (no checkpoint)."""
-        if not self.writer or self.checkpoints() or self.finished():
+        """After a failure before anything worth keeping (no checkpoint, no logged step: a diverged run's
+        curve is kept for diagnosis): remove what this process made."""
+        logged = self.path / "metrics.jsonl"
+        if not self.writer or self.checkpoints() or self.finished() or (logged.is_file() and logged.stat().st_size):
             return
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)

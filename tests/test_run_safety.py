@@ -303,3 +303,77 @@ def test_two_ranks_check_the_data_before_launching(tmp_path):
     line = one_line_error(out, "fit")
     assert "cannot read image" in line and "data.skip_corrupt" in line
     assert time.time() - t < 20 and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- what the loop reports
+def test_a_non_finite_step_names_the_step_and_its_own_lr(task, tmp_path):
+    """Was: 'loss became 1.35e+28 at step 3 (lr 7.5e+29)': a finite loss, a 0-based step, the next step's lr."""
+    import re
+
+    from bit_transfer.hyperrule import plan as make_plan
+    from bit_transfer.train import TrainingDiverged, fit
+
+    r = tiny_recipe(task, tmp_path, rule__steps=40, rule__base_lr=1e30)  # no checkpoint (and its weight check) before
+    with pytest.raises(TrainingDiverged) as e:
+        fit(r, run_dir=tmp_path / "nan")
+    msg = str(e.value)
+    m = re.search(r"^the (loss|gradients) became (\S+).* at step (\d+) \(lr ([^)]+)\)", msg)
+    assert m, msg
+    step, lr = int(m.group(3)), float(m.group(4))
+    plan = make_plan(160, (32, 32), precrop=20, crop=16, steps=40, base_lr=1e30, batch_size=16)
+    assert lr == pytest.approx(plan.lr(step - 1), rel=1e-3)  # the lr of the update that failed
+    if m.group(1) == "loss":
+        assert not np.isfinite(float(m.group(2)))
+    done = [row["step"] for row in read_jsonl(tmp_path / "nan" / "metrics.jsonl") if "train/loss" in row]
+    assert done[-1] == step - 1  # the failed step is the one after the last logged
+
+
+def test_divergence_without_nan_is_flagged():
+    from bit_transfer.train import _diverged
+
+    assert _diverged([(1, 2.3), (10, 1.1), (20, 0.4)]) is None
+    assert _diverged([(1, 2.3), (20, 6e36)]) == "2.3 at step 1 -> 6e+36 at step 20"
+    assert _diverged([(1, 2.3), (20, float("inf"))]) is not None
+
+
+def test_eta_counts_only_the_steps_of_this_process():
+    """Was: 43.9 min for a 15 s run right after a resume (the resumed steps counted as done here)."""
+    from bit_transfer.train import Throughput
+
+    t = Throughput(batch=16, step=990)  # resumed at step 990 of 1000
+    t.tick(991)
+    assert t.eta(991, 1000) is None  # the first step carries the compile: no estimate from it
+    t.t1 -= 1.0  # pretend the steps after the first took 0.5 s each
+    t.tick(992)
+    t.tick(993)
+    assert t.eta(993, 1000) == pytest.approx(7 * 0.5, rel=0.05)
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    from bit_transfer import runlog
+
+    runlog.write_json(tmp_path / "m.json", {"loss": float("nan"), "x": [float("inf"), 1.0], "ok": 2})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == \
+        {"loss": None, "x": [None, 1.0], "ok": 2}
+    log = runlog.MetricsLog(tmp_path, tensorboard=False)
+    log.log(1, {"train/loss": float("nan")})
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": None}
+
+
+def test_an_interrupted_fewshot_sweep_exits_130_and_a_rerun_completes_it(task, tmp_path):
+    recipe = recipe_path(task, tmp_path, rule__steps=30)
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "bit_transfer", "fewshot", str(recipe), "--shots", "1,2", "--seeds", "0",
+            "--run-dir", str(sweep), "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    first = sweep / "shots1-seed0" / "metrics.jsonl"
+    code, out, err = signal_at(proc, lambda: first.is_file() and first.read_text().count("\n") >= 3, [signal.SIGINT])
+    assert code == 130, err
+    assert "Traceback" not in err and "resume it with --run-dir" in out
+    assert not (sweep / "summary.csv").exists()
+    again = run_cli("fewshot", recipe, "--shots", "1,2", "--seeds", "0", "--run-dir", sweep, "--quiet")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (sweep / "summary.csv").read_text().count("\n") == 3  # header + two runs
