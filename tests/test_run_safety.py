@@ -377,3 +377,8 @@ def test_an_interrupted_fewshot_sweep_exits_130_and_a_rerun_completes_it(task, t
     again = run_cli("fewshot", recipe, "--shots", "1,2", "--seeds", "0", "--run-dir", sweep, "--quiet")
     assert again.returncode == 0, again.stderr[-2000:]
     assert (sweep / "summary.csv").read_text().count("\n") == 3  # header + two runs
+
+
+def test_a_node_rank_outside_the_nodes_is_one_line(task, tmp_path):
+    line = one_line_error(run_cli("fit", recipe_path(task, tmp_path), "--nodes", 2, "--node-rank", 2), "fit")
+    assert "--node-rank 2 is not below --nodes 2" in line
