@@ -1,5 +1,6 @@
-"""Fixtures and helpers the test files share: a private cache home, the CLI as a real process, the
-one-line-error promise, tiny recipes on generated data, and scratch file systems (read-only, full)."""
+"""Fixtures and helpers the test files share: a private cache home, no Hugging Face hub, the CLI as a
+real process, the one-line-error promise, tiny recipes on generated data (written by datagen.py),
+and scratch file systems (read-only, full)."""
 
 import contextlib
 import os
@@ -12,6 +13,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# datagen holds shared assertions (assert_params_close): pytest explains them as in a test file.
+pytest.register_assert_rewrite("datagen")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,6 +35,28 @@ def home(monkeypatch, tmp_path):
     path = tmp_path / "bt-home"
     monkeypatch.setenv("BIT_TRANSFER_HOME", str(path))
     return path
+
+
+def _private_datasets_cache(monkeypatch, path: Path) -> Path:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
+    return path
+
+
+@pytest.fixture
+def hf_datasets_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face datasets cache of this test's own."""
+    return _private_datasets_cache(monkeypatch, tmp_path / "hf-cache")
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """No Hugging Face hub (HF_HUB_OFFLINE and HF_DATASETS_OFFLINE, set before `datasets` is first
+    imported) and an empty datasets cache of this test's own."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return _private_datasets_cache(monkeypatch, tmp_path / "hf-cache")
 
 
 def run_cli(*args, cwd=ROOT, env=None, timeout=300) -> subprocess.CompletedProcess:

@@ -1,36 +1,16 @@
 """Bad CLI input through the real command: exit code 2, one line on stderr naming the fix, no traceback."""
 
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from bit_transfer import hub
+from conftest import one_line_error, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # plan needs no data for this recipe: size and resolution are stated
 MEASURED = "data: {source: hf, name: cifar10, size: 1000, image_size: 32x32}\n"
-
-
-def run(*args, env=None, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "bit_transfer", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=env or dict(os.environ), timeout=300,
-    )
-
-
-def one_line_error(out, command: str) -> str:
-    """The single stderr line of a usage error, after checking the promise."""
-    assert out.returncode == 2, (out.returncode, out.stderr)
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith(f"bit-transfer {command}: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -46,7 +26,7 @@ def recipe_file(tmp_path):
 # ---------------------------------------------------------------- --set is blamed for what it set
 def test_unknown_key_from_set_blames_set(recipe_file):
     p = recipe_file()
-    line = one_line_error(run("plan", p, "--set", "train.lr=0.1"), "plan")
+    line = one_line_error(run_cli("plan", p, "--set", "train.lr=0.1"), "plan")
     assert line.endswith(
         "error: --set train.lr=0.1: unknown key 'train.lr' (did you mean 'rule.base_lr'?); "
         "see docs/recipes.md for the keys of 'train'"
@@ -55,39 +35,39 @@ def test_unknown_key_from_set_blames_set(recipe_file):
 
 
 def test_bad_value_from_set_blames_set(recipe_file):
-    line = one_line_error(run("plan", recipe_file(), "--set", "train.seed=-1"), "plan")
+    line = one_line_error(run_cli("plan", recipe_file(), "--set", "train.seed=-1"), "plan")
     assert "error: --set train.seed=-1: bad value for 'train.seed': must be >= 0, got -1" in line
 
 
 # ---------------------------------------------------------------- YAML
 def test_yaml_1_1_exponent_is_a_number(recipe_file):
-    out = run("plan", recipe_file(MEASURED + "rule: {base_lr: 1e-3, steps: 1e3}\n"), "--json")
+    out = run_cli("plan", recipe_file(MEASURED + "rule: {base_lr: 1e-3, steps: 1e3}\n"), "--json")
     assert out.returncode == 0, out.stderr
     assert '"base_lr": 0.001' in out.stdout and '"steps": 1000' in out.stdout
 
 
 def test_duplicate_section_names_key_and_line(recipe_file):
     p = recipe_file(MEASURED + "train: {seed: 1}\nrule: {steps: 10}\ntrain: {jit: false}\n")
-    line = one_line_error(run("plan", p), "plan")
+    line = one_line_error(run_cli("plan", p), "plan")
     assert line.endswith(f"error: {p}: duplicate key 'train' at line 4 (first at line 2); merge the two 'train' sections")
 
 
 def test_duplicate_key_inside_a_section(recipe_file):
     p = recipe_file(MEASURED + "rule:\n  steps: 10\n  steps: 20\n")
-    line = one_line_error(run("plan", p), "plan")
+    line = one_line_error(run_cli("plan", p), "plan")
     assert line.endswith(f"error: {p}: duplicate key 'rule.steps' at line 4 (first at line 3); keep one of them")
 
 
 # ---------------------------------------------------------------- model names
 def test_unknown_model_name_lists_the_known_ones(recipe_file):
     p = recipe_file(MEASURED + "model: {name: BiT-M-R51x1}\n")
-    line = one_line_error(run("plan", p), "plan")
+    line = one_line_error(run_cli("plan", p), "plan")
     assert f"error: {p}: bad value for 'model.name': unknown model 'BiT-M-R51x1' (did you mean 'BiT-M-R50x1'?)" in line
     assert "BiT-S-R50x1" in line and "BiT-M-R152x4" in line and "'custom' with model.depths and model.width" in line
 
 
 def test_custom_model_names_still_plan(recipe_file):
-    out = run("plan", recipe_file(MEASURED + "model: {name: custom, depths: [1, 1, 1, 1], width: 0.25}\n"))
+    out = run_cli("plan", recipe_file(MEASURED + "model: {name: custom, depths: [1, 1, 1, 1], width: 0.25}\n"))
     assert out.returncode == 0, out.stderr
 
 
@@ -112,18 +92,18 @@ def test_custom_model_names_still_plan(recipe_file):
 )
 def test_argparse_errors_are_one_line(recipe_file, args, command, expected):
     args = [str(recipe_file()) if a == "{recipe}" else a for a in args]
-    line = one_line_error(run(*args), command)
+    line = one_line_error(run_cli(*args), command)
     assert line == f"bit-transfer {command}: error: {expected}"
 
 
 def test_root_parser_errors_are_one_line():
-    out = run("plan-it")
+    out = run_cli("plan-it")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith("bit-transfer: error: argument COMMAND: invalid choice: 'plan-it'")
 
 
 def test_help_still_works():
-    out = run("plan", "--help")
+    out = run_cli("plan", "--help")
     assert out.returncode == 0 and "--devices N" in out.stdout and not out.stderr
 
 
@@ -140,7 +120,7 @@ def no_network_env(tmp_path):
 def test_hf_dataset_without_network_fails_fast_in_one_line(recipe_file, tmp_path):
     p = recipe_file("data: {source: hf, name: someone/not-cached-anywhere}\n")
     start = time.time()
-    out = run("plan", p, env=no_network_env(tmp_path))
+    out = run_cli("plan", p, env=no_network_env(tmp_path))
     took = time.time() - start
     line = one_line_error(out, "plan")
     assert took < 5, f"{took:.1f} s"
@@ -152,7 +132,7 @@ def test_hf_dataset_without_network_fails_fast_in_one_line(recipe_file, tmp_path
 def test_hf_weights_without_network_fails_fast_in_one_line(tmp_path):
     env = no_network_env(tmp_path)
     start = time.time()
-    out = run("fit", "recipes/demo.yaml", "--quiet", "--set", "model.weights=hf:google/bit-50",
+    out = run_cli("fit", "recipes/demo.yaml", "--quiet", "--set", "model.weights=hf:google/bit-50",
               "--set", f"log.dir={tmp_path / 'runs'}", env=env)
     took = time.time() - start
     line = one_line_error(out, "fit")

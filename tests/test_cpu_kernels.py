@@ -123,8 +123,7 @@ def test_kernels_build_wherever_a_compiler_is_present(monkeypatch):
         cpu_kernels._ops.cache_clear()
 
 
-def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, tmp_path):
-    monkeypatch.setenv("BIT_TRANSFER_HOME", str(tmp_path))
+def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home):
     monkeypatch.delenv("BIT_TRANSFER_CPU_KERNELS", raising=False)
     monkeypatch.setattr(cpu_kernels, "SOURCE", cpu_kernels.SOURCE + "\n#error deliberately broken\n")
     cpu_kernels._ops.cache_clear()

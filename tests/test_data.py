@@ -16,15 +16,8 @@ from bit_transfer.data import sampling
 from bit_transfer.errors import DataError, UsageError
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No hub, and a private HF datasets cache and bit-transfer home per test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("BIT_TRANSFER_HOME", str(tmp_path / "bt-home"))
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+# No hub, and a private HF datasets cache and bit-transfer home per test (conftest.py).
+pytestmark = pytest.mark.usefixtures("offline_hub", "home")
 
 
 def labels_follow_images(split, num_classes):

@@ -24,8 +24,7 @@ def same(a, b):
 
 
 @pytest.fixture
-def folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("BIT_TRANSFER_HOME", str(tmp_path / "home"))
+def folder(tmp_path, home):
     sizes = [(24, 40), (40, 24), (33, 33)]
     root = datagen.image_folder(tmp_path / "d", {"a": 6, "b": 5, "c": 4}, eval_count=3, size=lambda c, i: sizes[i % 3])
     return data.load(datagen.data_cfg(source="imagefolder", path=str(root)))
@@ -64,10 +63,7 @@ def test_labels_travel_with_images(folder):
 
 
 @pytest.mark.parametrize("source", ["hf", "cifar"])
-def test_other_sources_flow_through_the_pipeline(tmp_path, monkeypatch, source):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+def test_other_sources_flow_through_the_pipeline(tmp_path, hf_datasets_cache, source):
     if source == "hf":
         path = datagen.hf_dataset(tmp_path / "hf", "parquet", n_train=10, n_test=4)
     else:

@@ -9,13 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
-from test_train import EQUAL_MATHS_ATOL, assert_params_close, final_params, pattern_task, read_jsonl, tiny_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_cli, write_recipe
+from datagen import EQUAL_MATHS_ATOL, assert_params_close, final_params, pattern_task, read_jsonl, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +28,14 @@ def recipe_file(task, tmp_path, **sets) -> Path:
     # to 1e-2; up to step 4 the two runs agree to 1e-7 (measured).
     sets = {"rule__precrop": 36, "rule__crop": 32, "rule__steps": 4, **sets}
     r = tiny_recipe(task, tmp_path, rule__mixup_alpha=0.0, train__batch_split=2, **sets)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(r.to_dict()))
-    return path
-
-
-def cli(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "bit_transfer", *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kw
-    )
+    return write_recipe(tmp_path / "recipe.yaml", r)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(task, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two")
     rec = recipe_file(task, tmp)
-    out = cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp / "two"), "--quiet")
+    out = run_cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp / "two"), "--quiet")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return rec, tmp / "two", out.stdout
 
@@ -87,7 +76,7 @@ def test_resume_a_two_rank_checkpoint_on_one_rank(task, tmp_path):
     from bit_transfer.train import fit
 
     rec = recipe_file(task, tmp_path)
-    out = cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp_path / "run"), "--stop-after", "2", "--quiet")
+    out = run_cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp_path / "run"), "--stop-after", "2", "--quiet")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
     resumed = fit(recipes.load(rec), run_dir=tmp_path / "run")  # now on 1 rank

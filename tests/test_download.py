@@ -67,11 +67,10 @@ def test_url_downloads_into_the_cache_once(server, tmp_path):
     assert len(server.requests) == 1  # second call is a cache hit
 
 
-def test_auto_uses_the_official_name_and_bit_transfer_home(server, tmp_path, monkeypatch):
+def test_auto_uses_the_official_name_and_bit_transfer_home(server, home, monkeypatch):
     monkeypatch.setattr(dl, "OFFICIAL_URL", server.url + "/bit_models/{}.npz")
-    monkeypatch.setenv("BIT_TRANSFER_HOME", str(tmp_path))
     path = resolve_weights("auto", "bit-m-r50x1")
-    assert path == tmp_path / "weights" / "BiT-M-R50x1.npz" and path.read_bytes() == PAYLOAD
+    assert path == home / "weights" / "BiT-M-R50x1.npz" and path.read_bytes() == PAYLOAD
     assert server.requests[0][0] == "/bit_models/BiT-M-R50x1.npz"
     resolve_weights("BiT-M-R101x3-ILSVRC2012", "ignored")
     assert server.requests[1][0] == "/bit_models/BiT-M-R101x3-ILSVRC2012.npz"
@@ -168,12 +167,11 @@ def test_hf_spec_without_network_fails_fast_offline(tmp_path):
     assert "Retrying" not in out.stderr
 
 
-def test_load_weights_resolves_remote_specs(server, tmp_path, monkeypatch):
-    """load_weights('auto') goes through the cache: here the served bytes are not an npz."""
+def test_load_weights_resolves_remote_specs(server, home, monkeypatch):
+    """load_weights('auto') goes through the cache (a home of its own): here the served bytes are not an npz."""
     from bit_transfer.models import create_model, load_weights
 
     monkeypatch.setattr(dl, "OFFICIAL_URL", server.url + "/{}.npz")
-    monkeypatch.setenv("BIT_TRANSFER_HOME", str(tmp_path))
     model = create_model("BiT-M-R50x1", 2, depths=[1, 1, 1, 1], width=0.25)
     with pytest.raises(WeightsError, match="BiT-M-R50x1.npz is not a readable .npz.*download it again"):
         load_weights(model, "auto")

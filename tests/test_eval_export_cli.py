@@ -5,31 +5,13 @@ import json
 import pickle
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_train import pattern_task, tiny_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "bit_transfer", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def one_line_error(out, command: str) -> str:
-    """The single stderr line of a usage error, after checking the promise."""
-    assert out.returncode == 2, (out.returncode, out.stderr)
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith(f"bit-transfer {command}: error: "), lines[0]
-    return lines[0]
+from conftest import one_line_error, run_cli, scratch_fs
+from datagen import pattern_task, tiny_recipe
 
 
 def ok(out):
@@ -39,7 +21,8 @@ def ok(out):
 
 
 def snapshot(root: Path) -> dict:
-    """Every file under root (or root itself): its bytes and mode."""
+    """Every file under root (or root itself): its bytes and mode, by relative name (conftest's
+    snapshot keeps bytes only)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return {str(p.relative_to(root)) if p != root else ".": (p.read_bytes(), p.stat().st_mode) for p in files}
 
@@ -74,34 +57,19 @@ def hf_run(tmp_path_factory):
     return run.path
 
 
-@pytest.fixture
-def mount(tmp_path):
-    """mount(options) -> a fresh tmpfs directory; skipped where mounting is not allowed."""
-    mounted = []
-
-    def make(options: str) -> Path:
-        where = tmp_path / f"mnt{len(mounted)}"
-        where.mkdir()
-        out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
-        if out.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.decode().strip()})")
-        mounted.append(where)
-        return where
-
-    yield make
-    for where in mounted:
-        subprocess.run(["umount", str(where)], check=False)
-
-
 # ---------------------------------------------------------------- export
 def test_export_of_a_file_that_is_not_a_checkpoint_says_what_export_takes(tmp_path):
     (tmp_path / "some.yaml").write_text("name: mine\n")
     np.savez(tmp_path / "weights.npz", a=np.zeros(3, np.float32))
     before = snapshot(tmp_path)
-    for name, kind in [("some.yaml", "a YAML file"), ("weights.npz", "a .npz weights file")]:
-        line = one_line_error(run("export", name, "--format", "hf", "--out", "X", cwd=tmp_path), "export")
-        assert line.endswith(f"error: {name} is {kind}, not a checkpoint; export takes a run directory "
-                             "(runs/<name>-<time>) or its checkpoints/step-*.ckpt, written by bit-transfer fit or fewshot")
+    line = one_line_error(run_cli("export", "some.yaml", "--format", "hf", "--out", "X", cwd=tmp_path), "export")
+    assert line.endswith("error: some.yaml is a YAML file, not a checkpoint; export takes a run directory "
+                         "(runs/<name>-<time>) or its checkpoints/step-*.ckpt, written by bit-transfer fit or fewshot; "
+                         "or pretrained weights: a Hugging Face directory (config.json + model.safetensors), "
+                         "hf:org/name or an official BiT .npz"), line
+    # a .npz is taken as pretrained weights (export converts them), and this one is not BiT's
+    line = one_line_error(run_cli("export", "weights.npz", "--format", "hf", "--out", "X", cwd=tmp_path), "export")
+    assert line.endswith("error: weights.npz has no BiT root conv and stages; it is not a BiT checkpoint"), line
     assert snapshot(tmp_path) == before  # and no X
 
 
@@ -110,12 +78,12 @@ def test_export_of_a_corrupt_checkpoint_names_the_earlier_one(hf_run, tmp_path):
     latest = run_dir / "checkpoints" / "step-000002.ckpt"
     latest.write_bytes(latest.read_bytes()[:5000])
     before = snapshot(run_dir)
-    line = one_line_error(run("export", run_dir, "--format", "hf", "--out", tmp_path / "hf"), "export")
+    line = one_line_error(run_cli("export", run_dir, "--format", "hf", "--out", tmp_path / "hf"), "export")
     assert f"checkpoint {latest} is unreadable: truncated or corrupt" in line
     assert line.endswith(f"use the run's earlier checkpoint {run_dir / 'checkpoints' / 'step-000001.ckpt'}")
     assert "delete" not in line
     assert snapshot(run_dir) == before and not (tmp_path / "hf").exists()
-    ok(run("export", run_dir / "checkpoints" / "step-000001.ckpt", "--format", "hf", "--out", tmp_path / "hf"))
+    ok(run_cli("export", run_dir / "checkpoints" / "step-000001.ckpt", "--format", "hf", "--out", tmp_path / "hf"))
 
 
 def test_export_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(hf_run, tmp_path):
@@ -132,34 +100,34 @@ def test_export_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(hf_ru
                 "choose a new or empty directory for the export (--out)",
     }
     for out, message in cases.items():
-        line = one_line_error(run("export", hf_run, "--format", "hf", "--out", out), "export")
+        line = one_line_error(run_cli("export", hf_run, "--format", "hf", "--out", out), "export")
         assert line.endswith(f"error: {message}"), line
     assert snapshot(tmp_path) == before and snapshot(hf_run) == run_before
 
 
-def test_export_into_a_read_only_place_is_one_line(hf_run, mount):
-    ro = mount("size=1m,ro")
-    for out in (ro, ro / "export"):
-        line = one_line_error(run("export", hf_run, "--format", "mindir", "--out", out), "export")
-        assert "is on a read-only file system; choose a writable place" in line, line
-    assert list(ro.iterdir()) == []
+def test_export_into_a_read_only_place_is_one_line(hf_run, tmp_path):
+    with scratch_fs(tmp_path / "ro", size="1m", read_only=True) as ro:
+        for out in (ro, ro / "export"):
+            line = one_line_error(run_cli("export", hf_run, "--format", "mindir", "--out", out), "export")
+            assert "is on a read-only file system; choose a writable place" in line, line
+        assert list(ro.iterdir()) == []
 
 
-def test_export_without_space_is_one_line_and_leaves_nothing(hf_run, mount):
-    small = mount("size=1m")  # the model's weights are 8 MB
-    line = one_line_error(run("export", hf_run, "--format", "hf", "--out", small / "hf"), "export")
-    assert f"no space left writing {small / 'hf' / 'model.safetensors'}" in line, line
-    assert list(small.iterdir()) == []
+def test_export_without_space_is_one_line_and_leaves_nothing(hf_run, tmp_path):
+    with scratch_fs(tmp_path / "small", size="1m") as small:  # the model's weights are 8 MB
+        line = one_line_error(run_cli("export", hf_run, "--format", "hf", "--out", small / "hf"), "export")
+        assert f"no space left writing {small / 'hf' / 'model.safetensors'}" in line, line
+        assert list(small.iterdir()) == []
 
 
 def test_exported_files_are_0644_and_a_rerun_updates_its_own_export(hf_run, tmp_path):
     for fmt, files in [("hf", ["config.json", "model.safetensors", "preprocessor_config.json"]),
                        ("mindir", ["model.json", "model.mindir"])]:
         out = tmp_path / fmt
-        said = ok(run("export", hf_run, "--format", fmt, "--out", out))
+        said = ok(run_cli("export", hf_run, "--format", fmt, "--out", out))
         assert said.strip() == f"exported {fmt}: {out if fmt == 'hf' else out / 'model.mindir'}"
         first = snapshot(out)
-        ok(run("export", hf_run, "--format", fmt, "--out", out))  # its own directory: updated, not refused
+        ok(run_cli("export", hf_run, "--format", fmt, "--out", out))  # its own directory: updated, not refused
         assert sorted(p.name for p in out.iterdir()) == sorted([*files, ".bit-transfer-run"])  # no temporaries
         for name in files:
             assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, (fmt, name)
@@ -171,7 +139,7 @@ def test_exported_files_are_0644_and_a_rerun_updates_its_own_export(hf_run, tmp_
 # ---------------------------------------------------------------- eval
 def test_eval_writes_its_own_directory_and_keeps_what_fit_wrote(fitted):
     before = snapshot(fitted)
-    said = ok(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted))
+    said = ok(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted))
     out = fitted / "evals" / "step-000002-tiny"
     assert f"wrote metrics.json, per_class.json and confusion.json to {out}" in said
     after = snapshot(fitted)
@@ -187,7 +155,7 @@ def test_eval_writes_its_own_directory_and_keeps_what_fit_wrote(fitted):
     assert metrics["checkpoint"] == str(fitted / "checkpoints" / "step-000002.ckpt")
     assert set(json.loads((out / "per_class.json").read_text())) == {"horizontal", "vertical", "checker", "flat"}
     assert json.loads((out / "confusion.json").read_text())["class_names"][0] == "horizontal"
-    ok(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted))  # again: its own directory, updated
+    ok(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted))  # again: its own directory, updated
 
 
 def test_eval_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(fitted, tmp_path):
@@ -202,17 +170,17 @@ def test_eval_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(fitted,
         fitted: "is a bit-transfer fit directory, not an eval output",
     }
     for out, message in cases.items():
-        line = one_line_error(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--out", out), "eval")
+        line = one_line_error(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--out", out), "eval")
         assert f"error: {out} {message}" in line, line
-    line = one_line_error(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted / "recipe.yaml"), "eval")
+    line = one_line_error(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted / "recipe.yaml"), "eval")
     assert "recipe.yaml is a YAML file, not a checkpoint; eval --checkpoint takes a run directory" in line
     assert snapshot(tmp_path) == before and snapshot(fitted) == run_before
 
 
-def test_eval_into_a_read_only_place_is_one_line(fitted, mount):
-    ro = mount("size=1m,ro")
-    line = one_line_error(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--out", ro / "ev"), "eval")
-    assert f"{ro / 'ev'} is on a read-only file system; choose a writable place" in line, line
+def test_eval_into_a_read_only_place_is_one_line(fitted, tmp_path):
+    with scratch_fs(tmp_path / "ro", size="1m", read_only=True) as ro:
+        line = one_line_error(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--out", ro / "ev"), "eval")
+        assert f"{ro / 'ev'} is on a read-only file system; choose a writable place" in line, line
 
 
 def test_eval_refuses_data_whose_class_names_differ(fitted, task, tmp_path):
@@ -220,7 +188,7 @@ def test_eval_refuses_data_whose_class_names_differ(fitted, task, tmp_path):
     with open(other / "batches.meta", "wb") as f:  # same 4 classes by count, other names
         pickle.dump({b"label_names": [b"ant", b"bee", b"cat", b"dog"]}, f)
     before = snapshot(fitted)
-    line = one_line_error(run("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--set", f"data.path={other}"),
+    line = one_line_error(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--set", f"data.path={other}"),
                           "eval")
     assert line.endswith(
         f"error: {fitted / 'checkpoints' / 'step-000002.ckpt'}: checkpoint classes ['horizontal', 'vertical', "
@@ -236,7 +204,7 @@ def test_eval_of_a_loose_checkpoint_without_class_names_writes_under_log_dir(fit
     params, meta = read_checkpoint(fitted / "checkpoints" / "step-000002.ckpt")
     del meta["class_names"]  # older checkpoints: evaluated as they are
     save_checkpoint(tmp_path / "loose.ckpt", params, meta)
-    said = ok(run("eval", fitted / "recipe.yaml", "--checkpoint", tmp_path / "loose.ckpt",
+    said = ok(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", tmp_path / "loose.ckpt",
                   "--set", f"log.dir={tmp_path / 'runs'}"))
     (out,) = (tmp_path / "runs").glob("tiny-eval-*")
     assert f"to {out}" in said and (out / "metrics.json").is_file()

@@ -5,7 +5,6 @@ A tiny BiT on a generated 4-class task whose class is the image's colour (plus n
 """
 
 import json
-import pickle
 import statistics
 import sys
 from pathlib import Path
@@ -13,45 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import datagen
 from bit_transfer import cli, features, fewshot, sweep_summary
 from bit_transfer import recipe as recipes
 from bit_transfer.errors import UsageError
+from conftest import write_recipe
 
-COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]], np.uint8)
 PER_CLASS, EVAL_PER_CLASS = 8, 8
 
 
-def colour_cifar(path: Path, seed: int = 0) -> Path:
-    """A CIFAR-10 python-version directory: PER_CLASS training images per colour class, noisy."""
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True)
-
-    def batch(labels):
-        labels = rng.permutation(labels)
-        img = COLOURS[labels][:, None, None, :].astype(np.int16) + rng.integers(-60, 60, (len(labels), 32, 32, 3))
-        img = np.clip(img, 0, 255).astype(np.uint8)
-        return {b"data": img.transpose(0, 3, 1, 2).reshape(len(labels), -1), b"labels": labels.tolist()}
-
-    train = np.repeat(np.arange(4), PER_CLASS)
-    for i, part in enumerate(np.array_split(rng.permutation(train), 5), 1):
-        with open(path / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch(part), f)
-    with open(path / "test_batch", "wb") as f:
-        pickle.dump(batch(np.repeat(np.arange(4), EVAL_PER_CLASS)), f)
-    with open(path / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [b"red", b"green", b"blue", b"yellow"]}, f)
-    return path
-
-
 def tiny_recipe(data_dir: Path, runs: Path, *sets: str) -> recipes.Recipe:
-    r = recipes.from_dict({
-        "name": "tiny",
-        "data": {"source": "cifar", "path": str(data_dir), "workers": 1},
-        "model": {"name": "custom", "depths": [1, 1, 1, 1], "width": 0.125, "weights": "none"},
-        "train": {"batch_size": 16, "batch_split": 1, "seed": 0},
-        "rule": {"precrop": 20, "crop": 16},
-        "log": {"dir": str(runs), "every": 50, "quiet": True},
-    })
+    """datagen's tiny recipe with the HyperRule's own steps and learning rate (a sweep's schedule is
+    what these tests check), logging every 50 steps; `sets` as `--set` takes them."""
+    r = datagen.tiny_recipe(data_dir, runs, rule__steps=None, rule__base_lr=None, log__every=50)
     return r.with_overrides(list(sets))
 
 
@@ -59,19 +32,10 @@ def quiet(*args):
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def home(tmp_path_factory):
-    """Caches (data measurements, features) in a temporary BIT_TRANSFER_HOME."""
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("home")
-    mp.setenv("BIT_TRANSFER_HOME", str(path))
-    yield path
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    return colour_cifar(tmp_path_factory.mktemp("colours") / "cifar-10-batches-py")
+    path = tmp_path_factory.mktemp("colours") / "cifar-10-batches-py"
+    return datagen.colour_cifar(path, per_class=PER_CLASS, eval_per_class=EVAL_PER_CLASS)
 
 
 # ----------------------------------------------------------------------------- the grid and the statistics
@@ -374,9 +338,8 @@ def test_cache_leaves_out_unreadable_images_with_skip_corrupt(backbone, tmp_path
     assert features.COMPUTED - before == {} and np.array_equal(x2, x)
 
 
-def test_default_feature_cache_is_under_bit_transfer_home(monkeypatch, tmp_path):
-    monkeypatch.setenv("BIT_TRANSFER_HOME", str(tmp_path))
-    assert features.default_root() == tmp_path / "features"
+def test_default_feature_cache_is_under_bit_transfer_home(home):
+    assert features.default_root() == home / "features"
 
 
 # ----------------------------------------------------------------------------- fine-tuning sweeps: resume
@@ -446,12 +409,9 @@ def test_a_sweep_directory_refuses_another_recipe(task, tmp_path):
     (["--shots", "1", "--seeds", "a"], "--seeds 'a': 'a' is not an integer"),
 ])
 def test_cli_usage_errors_are_one_line_with_exit_code_2(task, tmp_path, capsys, argv, message):
-    import yaml
-
     from bit_transfer import cli
 
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(task, tmp_path).to_dict()))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(task, tmp_path))
     with pytest.raises(SystemExit) as e:
         cli.main(["fewshot", str(recipe), *argv])
     err = capsys.readouterr().err

@@ -1,17 +1,15 @@
 """Recipes: typed validation, one-line errors with the fix, --set overrides, the plan CLI."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bit_transfer import recipe
 from bit_transfer.errors import RecipeError
+from conftest import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
@@ -104,11 +102,6 @@ def test_missing_file():
 
 def test_docs_reference_is_up_to_date():
     assert (ROOT / "docs" / "recipes.md").read_text() == recipe.reference_markdown() + "\n"
-
-
-def run_cli(*args, cwd=ROOT):
-    env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "bit_transfer", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def test_plan_cifar10_json():

@@ -1,7 +1,6 @@
 """End-to-end `fit`/`eval` on a tiny BiT and a small generated, learnable task."""
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -9,83 +8,9 @@ import pytest
 
 from bit_transfer import recipe as recipes
 from bit_transfer.errors import UsageError
-
-ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["horizontal", "vertical", "checker", "flat"]
-
-
-def pattern(label: int, rng) -> np.ndarray:
-    """A 32x32 RGB image whose class is its pattern.
-
-    Orientation and structure survive what the BiT pipeline does (random crops, flips, the 1.25x
-    scale change between training and eval resolution) and GroupNorm, which removes mean colour.
-    """
-    yy, xx = np.mgrid[0:32, 0:32]
-    phase = rng.integers(0, 12)
-    base = [(yy + phase) // 6 % 2, (xx + phase) // 6 % 2, ((yy + phase) // 6 + (xx + phase) // 6) % 2, 0 * yy][label]
-    img = base[..., None] * 160 + 40 + rng.integers(-30, 30, (32, 32, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def pattern_task(path: Path, n_train=24, n_test=8, seed=0) -> Path:
-    """A CIFAR-10 "python version" directory of 4 learnable pattern classes."""
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True, exist_ok=True)
-
-    def batch(n_per_class):
-        labels = np.repeat(np.arange(len(NAMES)), n_per_class)
-        rng.shuffle(labels)
-        img = np.stack([pattern(int(k), rng) for k in labels])
-        return {b"data": img.transpose(0, 3, 1, 2).reshape(len(labels), -1), b"labels": labels.tolist()}
-
-    for i in range(1, 6):
-        with open(path / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch(max(1, n_train // 5)), f)
-    with open(path / "test_batch", "wb") as f:
-        pickle.dump(batch(n_test), f)
-    with open(path / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in NAMES]}, f)
-    return path
-
-
-def tiny_recipe(data_dir: Path, runs: Path, **sets) -> recipes.Recipe:
-    raw = {
-        "name": "tiny",
-        "data": {"source": "cifar", "path": str(data_dir), "workers": 1},
-        "model": {"name": "custom", "depths": [1, 1, 1, 1], "width": 0.125, "weights": "none"},
-        "train": {"batch_size": 16, "batch_split": 1, "seed": 0},
-        "rule": {"precrop": 20, "crop": 16, "steps": 20, "base_lr": 0.05},
-        "log": {"dir": str(runs), "every": 1, "quiet": True},
-    }
-    for k, v in sets.items():
-        section, key = k.split("__")
-        raw.setdefault(section, {})[key] = v
-    return recipes.from_dict(raw)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def final_params(run_dir: Path) -> dict[str, np.ndarray]:
-    from bit_transfer.checkpoint import read_checkpoint
-
-    ckpt = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1]
-    params, _ = read_checkpoint(ckpt)
-    return {k: v for k, v in params.items() if not k.startswith("optimizer.")}
-
-
-# Equal maths in another summation order (micro-batches of 4 vs 8, two ranks vs one) leaves
-# float32 rounding differences that these tiny from-scratch models grow to 3-6e-5 within a few
-# steps on a busy machine (measured); a real error (a missing 1/batch_split or 1/ranks, other
-# data) moves weights by 1e-2 and more.
-EQUAL_MATHS_ATOL = 5e-4
-
-
-def assert_params_close(a, b, atol=1e-5):
-    assert a.keys() == b.keys()
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    assert worst < atol, worst
+# The learnable task and the tiny recipe live in datagen; test_run_safety imports them from here too.
+from datagen import (EQUAL_MATHS_ATOL, PATTERN_NAMES, assert_params_close, final_params, pattern_task, read_jsonl,
+                     tiny_recipe)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +50,7 @@ def test_run_directory_contents(learned):
     plan = json.loads((run_dir / "plan.json").read_text())
     assert (plan["steps"], plan["crop"], plan["precrop"], plan["batch_split"]) == (100, 16, 20, 1)
     confusion = json.loads((run_dir / "eval/confusion.json").read_text())
-    assert confusion["class_names"] == NAMES
+    assert confusion["class_names"] == PATTERN_NAMES
     assert np.array(confusion["matrix"]).sum() == 32
     # the saved recipe reloads to the same recipe
     again = recipes.load(run_dir / "recipe.yaml")
