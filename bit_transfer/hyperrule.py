@@ -167,6 +167,35 @@ def stretch_schedule(schedule: tuple[int, ...], steps: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _schedule(n: int, steps, schedule, scale: float, batch_size: int) -> tuple[tuple[int, ...], Decision]:
+    """The lr boundaries: the user's schedule, the rule's stretched to `steps`, scaled, or the rule's."""
+    rule_sched, why = rule_schedule(n)
+    if schedule is not None:
+        sched = tuple(int(b) for b in schedule)
+        if len(sched) < 2 or any(b <= 0 for b in sched) or list(sched) != sorted(sched):
+            raise ValueError(f"schedule must be >= 2 increasing positive steps, got {list(schedule)}")
+        if steps is not None and steps != sched[-1]:
+            raise ValueError(f"steps {steps} disagrees with the schedule's last boundary {sched[-1]}")
+        return sched, Decision("user", f"rule.schedule (rule: {list(rule_sched)})")
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return (stretch_schedule(rule_sched, int(steps)),
+                Decision("user", f"rule.steps={_n(steps)}; rule boundaries {list(rule_sched)} stretched"))
+    if scale != 1.0:
+        return (stretch_schedule(rule_sched, max(1, math.ceil(rule_sched[-1] / scale))),
+                Decision("scaled", f"{why}; x512/{batch_size} for batch_scaling=linear"))
+    return rule_sched, Decision("rule", why)
+
+
+def _base_lr(base_lr, scale: float, batch_size: int) -> tuple[float, Decision]:
+    if base_lr is not None:
+        return base_lr, Decision("user", f"rule.base_lr (rule: {BASE_LR})")
+    if scale != 1.0:
+        return BASE_LR * scale, Decision("scaled", f"{BASE_LR} x {batch_size}/512 for batch_scaling=linear")
+    return BASE_LR, Decision("rule", f"the paper's base lr {BASE_LR}")
+
+
 def plan(
     dataset_size: int,
     image_size: tuple[int, int],
@@ -220,24 +249,7 @@ def plan(
         d["batch_size"] = Decision("user", f"train.batch_size (rule: {BATCH_SIZE})")
     scale = batch_size / BATCH_SIZE if batch_scaling == "linear" else 1.0
 
-    rule_sched, why = rule_schedule(n)
-    if schedule is not None:
-        sched = tuple(int(b) for b in schedule)
-        if len(sched) < 2 or any(b <= 0 for b in sched) or list(sched) != sorted(sched):
-            raise ValueError(f"schedule must be >= 2 increasing positive steps, got {list(schedule)}")
-        if steps is not None and steps != sched[-1]:
-            raise ValueError(f"steps {steps} disagrees with the schedule's last boundary {sched[-1]}")
-        d["schedule"] = Decision("user", f"rule.schedule (rule: {list(rule_sched)})")
-    elif steps is not None:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        sched = stretch_schedule(rule_sched, int(steps))
-        d["schedule"] = Decision("user", f"rule.steps={_n(steps)}; rule boundaries {list(rule_sched)} stretched")
-    elif scale != 1.0:
-        sched = stretch_schedule(rule_sched, max(1, math.ceil(rule_sched[-1] / scale)))
-        d["schedule"] = Decision("scaled", f"{why}; x512/{batch_size} for batch_scaling=linear")
-    else:
-        sched, d["schedule"] = rule_sched, Decision("rule", why)
+    sched, d["schedule"] = _schedule(n, steps, schedule, scale, batch_size)
 
     rule_alpha, why = rule_mixup(n)
     if mixup_alpha is None:
@@ -247,14 +259,7 @@ def plan(
             raise ValueError(f"mixup_alpha must be >= 0, got {mixup_alpha}")
         d["mixup_alpha"] = Decision("user", f"rule.mixup_alpha (rule: {rule_alpha})")
 
-    if base_lr is None:
-        if scale != 1.0:
-            base_lr = BASE_LR * scale
-            d["base_lr"] = Decision("scaled", f"{BASE_LR} x {batch_size}/512 for batch_scaling=linear")
-        else:
-            base_lr, d["base_lr"] = BASE_LR, Decision("rule", f"the paper's base lr {BASE_LR}")
-    else:
-        d["base_lr"] = Decision("user", f"rule.base_lr (rule: {BASE_LR})")
+    base_lr, d["base_lr"] = _base_lr(base_lr, scale, batch_size)
 
     for key, value, default in (("momentum", momentum, MOMENTUM), ("weight_decay", weight_decay, WEIGHT_DECAY)):
         if value is None:
