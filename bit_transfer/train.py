@@ -70,6 +70,7 @@ def fit(recipe: recipes.Recipe, *, run_dir=None, quiet: bool | None = None, stop
     with StopFlag() as stop:  # from the first moment: data loading and compiling are covered too
         device = runtime.setup(recipe.train.device, jit=recipe.train.jit)
         world = distributed.world()
+        stop.rearm()  # MindSpore's context start installed its own SIGINT handler
         _check_ranks(recipe, run_dir, world)
         run = RunDir.claim(run_dir, kind="fit", parent=recipe.log.dir, name=recipe.name, writer=world.is_main,
                            must_exist=resume)
