@@ -159,26 +159,52 @@ _KINDS = {".yaml": "a YAML file", ".yml": "a YAML file", ".json": "a JSON file",
           ".mindir": "a MindIR export", ".corrupt": "a checkpoint fit set aside as corrupt"}
 
 
-def find_checkpoint(path, command: str = "") -> tuple[Path, Path]:
+WEIGHTS_ACCEPTED = ("; or pretrained weights: a Hugging Face directory (config.json + model.safetensors), "
+                    "hf:org/name or an official BiT .npz")
+
+
+def weights_source(path) -> str | Path | None:
+    """What `path` names if it is pretrained weights rather than a run or checkpoint (else None): a Hugging Face
+    directory (config.json, no checkpoints/), `hf:org/name`, an http(s) URL, an official BiT name like
+    BiT-M-R50x1 (when no such file exists), a .npz or .safetensors file. models.create_model_from_weights
+    reads every one."""
+    text = str(path).strip()
+    if text.startswith(("hf:", "http://", "https://")):
+        return text
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return p if (p / "config.json").is_file() and not (p / "checkpoints").is_dir() else None
+    if p.is_file():
+        return p if p.suffix.lower() in (".npz", ".safetensors") else None
+    from bit_transfer.models.download import OFFICIAL_NAME
+
+    return text if not p.exists() and OFFICIAL_NAME.fullmatch(text) else None
+
+
+def find_checkpoint(path, command: str = "", weights: bool = False) -> tuple[Path | str, Path | None]:
     """(checkpoint, run dir) for a .ckpt file or a run dir (latest checkpoints/*.ckpt by step).
 
-    `command` ("export", "eval --checkpoint") names who is asking in the one-line errors.
+    `command` ("export", "eval --checkpoint") names who is asking in the one-line errors. weights=True
+    (export) also takes pretrained weights (`weights_source`): returned as (source, None).
     """
+    if weights and (source := weights_source(path)) is not None:
+        return source, None
     takes = f"{command} takes" if command else "pass"
+    accepted = ACCEPTED + (WEIGHTS_ACCEPTED if weights else "")
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".ckpt":
             kind = _KINDS.get(path.suffix.lower(), f"a '{path.suffix}' file" if path.suffix else "a file")
-            raise WeightsError(f"{path} is {kind}, not a checkpoint; {takes} {ACCEPTED}")
+            raise WeightsError(f"{path} is {kind}, not a checkpoint; {takes} {accepted}")
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return path, run
     if not path.exists():
-        raise WeightsError(f"{path} not found; {takes} {ACCEPTED}")
+        raise WeightsError(f"{path} not found; {takes} {accepted}")
     if not path.is_dir():
-        raise WeightsError(f"{path} is not a file or directory; {takes} {ACCEPTED}")
+        raise WeightsError(f"{path} is not a file or directory; {takes} {accepted}")
     ckpts = [p for p in (path / "checkpoints").glob("*.ckpt") if p.is_file()] or [
         p for p in path.glob("*.ckpt") if p.is_file()]
     if not ckpts:
         raise WeightsError(f"{path} has no checkpoints/*.ckpt (train first with bit-transfer fit); "
-                           f"{takes} {ACCEPTED}")
+                           f"{takes} {accepted}")
     return max(ckpts, key=lambda p: (_step_of(p), p.stat().st_mtime)), path

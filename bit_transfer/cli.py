@@ -271,12 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fewshot_parser(sub)
 
-    p = sub.add_parser("export", help="export a run's latest checkpoint (or a .ckpt) to Hugging Face or MindIR")
-    p.add_argument("run_or_ckpt", help="run directory (its latest checkpoints/*.ckpt) or a .ckpt file")
-    p.add_argument("--format", choices=["hf", "mindir"], required=True)
+    p = sub.add_parser("export", help="export a run's latest checkpoint, a .ckpt or pretrained weights to "
+                                      "Hugging Face, MindIR or ONNX")
+    p.add_argument("run_or_ckpt", metavar="MODEL",
+                   help="a run directory (its latest checkpoints/*.ckpt) or a .ckpt file; or pretrained weights "
+                        "to convert: a Hugging Face directory, hf:org/name, an official BiT .npz")
+    p.add_argument("--format", choices=["hf", "mindir", "onnx"], required=True,
+                   help="hf: transformers' BitForImageClassification; mindir: MindSpore Lite, fixed input size; "
+                        "onnx: ONNX Runtime, any batch and size, needs pip install 'bit-transfer[deploy]'")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--image-size", type=int_at_least(1), default=None,
-                   help="MindIR input size (default: the run's plan.json crop)")
+                   help="the resolution the model expects: MindIR's input size, ONNX's metadata (default: the "
+                        "run's plan.json crop, or the weights' preprocessor_config.json)")
     p.set_defaults(func=cmd_export)
     return parser
 

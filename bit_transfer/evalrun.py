@@ -21,6 +21,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
     """
     from bit_transfer import checkpoint, data, models
     from bit_transfer.evaluate import evaluate_split
+    from bit_transfer.models.inference import fold
     from bit_transfer.rundir import RunDir
     from bit_transfer.step import EvalStep
 
@@ -43,7 +44,9 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
         info = planning.task_info(recipe)
         plan = planning.make_plan(recipe, info)
         micro = recipe.train.eval_batch_size or int(meta.get("micro_batch") or 32)
-        result = evaluate_split(EvalStep(model, micro, jit=recipe.train.jit), dataset.eval, plan.crop, micro,
+        net = fold(model)  # weight standardisation computed once: plain convolutions
+        del model  # the folded copy is all evaluation needs
+        result = evaluate_split(EvalStep(net, micro, jit=recipe.train.jit), dataset.eval, plan.crop, micro,
                                 num_classes, recipe.data.workers)
         fields = {"checkpoint": str(path), "step": meta.get("step"), "recipe": recipe.name, "crop": plan.crop,
                   "device": device}

@@ -47,17 +47,19 @@ def default_root() -> Path:
 
 def backbone_id(model) -> str:
     """A digest of everything the features depend on in the model, the head excluded: its config,
-    its parameters, and the code that runs it (the model's source file, the MindSpore version)."""
+    its parameters, and the code that runs it (the model's source file and the folded inference
+    model's, the MindSpore version)."""
     import inspect
 
     import mindspore as ms
 
-    from bit_transfer.models import model_config
+    from bit_transfer.models import inference, model_config
 
     h = hashlib.blake2b(digest_size=16)
     cfg = {k: v for k, v in model_config(model).items() if k != "num_classes"}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     h.update(Path(inspect.getfile(type(model))).read_bytes())
+    h.update(Path(inspect.getfile(inference)).read_bytes())
     h.update(ms.__version__.encode())
     for p in sorted(model.get_parameters(), key=lambda p: p.name):
         if p.name.startswith("head."):
@@ -80,7 +82,8 @@ def row_checks(split) -> np.ndarray:
 class FeatureCache:
     """`features(dataset_name, split)` -> (features, labels) of the split's readable images.
 
-    Missing images are run through `model.forward_features` (compiled once, batches padded to
+    Missing images are run through `forward_features` of the model folded for inference (weight
+    standardisation computed once, models/inference.py; compiled once, batches padded to
     `batch_size` so every batch reuses the graph) and appended to the cache. Padding also keeps an
     image's features independent of which images share its batch (GroupNorm is per sample): measured
     bit-identical with other neighbours, permuted or zero-padded, under AVX-512 and AVX2 oneDNN
@@ -204,7 +207,9 @@ class FeatureCache:
         import mindspore as ms
 
         if self._forward is None:
-            model = self.model
+            from bit_transfer.models.inference import fold
+
+            model = fold(self.model)  # the backbone is frozen: folded once
 
             def forward(images):
                 return model.forward_features(images).astype(ms.float32)
@@ -213,5 +218,4 @@ class FeatureCache:
         n = len(x)
         if n < self.batch_size:  # pad the last batch: one graph for every batch
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
-        self.model.set_train(False)
         return self._forward(ms.Tensor(x)).asnumpy()[:n]

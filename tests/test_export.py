@@ -93,8 +93,8 @@ def test_export_from_a_run_dir_takes_the_latest_checkpoint(tmp_path):
 
 
 def test_export_errors(tmp_path):
-    with pytest.raises(WeightsError, match="unknown export format 'onnx'"):
-        export_from_checkpoint(tmp_path, "onnx", tmp_path / "o")
+    with pytest.raises(WeightsError, match="unknown export format 'tflite'; use one of hf, mindir, onnx"):
+        export_from_checkpoint(tmp_path, "tflite", tmp_path / "o")
     with pytest.raises(WeightsError, match="no checkpoints"):
         export_from_checkpoint(tmp_path, "hf", tmp_path / "o")
     save_checkpoint(tmp_path / "bare.ckpt", {"a": np.zeros(1, np.float32)}, {})
@@ -114,16 +114,43 @@ def test_export_errors(tmp_path):
     assert not (tmp_path / "o").exists()  # a failed export leaves no directory behind
 
 
-def test_export_refuses_files_that_are_not_checkpoints(tmp_path):
+def test_export_refuses_files_that_are_not_checkpoints_or_weights(tmp_path):
     (tmp_path / "some.yaml").write_text("name: mine\n")
     np.savez(tmp_path / "weights.npz", a=np.zeros(3, np.float32))
-    for name, kind in [("some.yaml", "a YAML file"), ("weights.npz", "a .npz weights file")]:
-        with pytest.raises(WeightsError) as e:
-            export_from_checkpoint(tmp_path / name, "hf", tmp_path / "o")
-        assert str(e.value) == (f"{tmp_path / name} is {kind}, not a checkpoint; export takes a run directory "
-                                "(runs/<name>-<time>) or its checkpoints/step-*.ckpt, written by bit-transfer fit "
-                                "or fewshot")
+    with pytest.raises(WeightsError) as e:
+        export_from_checkpoint(tmp_path / "some.yaml", "hf", tmp_path / "o")
+    assert str(e.value) == (f"{tmp_path / 'some.yaml'} is a YAML file, not a checkpoint; export takes a run directory "
+                            "(runs/<name>-<time>) or its checkpoints/step-*.ckpt, written by bit-transfer fit "
+                            "or fewshot; or pretrained weights: a Hugging Face directory (config.json + "
+                            "model.safetensors), hf:org/name or an official BiT .npz")
+    with pytest.raises(WeightsError, match=r"weights\.npz has no BiT root conv and stages; it is not a BiT checkpoint"):
+        export_from_checkpoint(tmp_path / "weights.npz", "hf", tmp_path / "o")
     assert (tmp_path / "some.yaml").read_text() == "name: mine\n" and not (tmp_path / "o").exists()
+    # eval keeps its own message: it takes checkpoints only
+    with pytest.raises(WeightsError, match=r"weights\.npz is a \.npz weights file, not a checkpoint; eval --checkpoint "
+                                           r"takes a run directory .* fit or fewshot$"):
+        find_checkpoint(tmp_path / "weights.npz", command="eval --checkpoint")
+
+
+def test_export_converts_pretrained_weights(tmp_path):
+    """An official .npz and a Hugging Face directory export like a run: bit-transfer as a converter."""
+    from test_weights import official_arrays
+
+    np.savez(tmp_path / "BiT-M-tiny.npz", **official_arrays(width=0.5, classes=4))
+    with pytest.raises(WeightsError, match=r"no image size for .*BiT-M-tiny\.npz: official \.npz weights record no "
+                                           r"training resolution; pass --image-size N \(the resolution"):
+        export_from_checkpoint(tmp_path / "BiT-M-tiny.npz", "mindir", tmp_path / "mi")
+    assert not (tmp_path / "mi").exists()
+    path = export_from_checkpoint(tmp_path / "BiT-M-tiny.npz", "mindir", tmp_path / "mi", image_size=40)
+    source, _ = create_model_from_weights(tmp_path / "BiT-M-tiny.npz")
+    x = images(40)[:1]
+    np.testing.assert_allclose(nn.GraphCell(ms.load(str(path)))(x).asnumpy(), source(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+    hf_dir = export_from_checkpoint(tmp_path / "BiT-M-tiny.npz", "hf", tmp_path / "hf", image_size=40)
+    again = export_from_checkpoint(hf_dir, "hf", tmp_path / "hf2")  # an HF directory: its size comes along
+    assert json.loads((again / "preprocessor_config.json").read_text())["size"] == {"height": 40, "width": 40}
+    loaded, _ = create_model_from_weights(again)
+    np.testing.assert_array_equal(loaded(x).asnumpy(), source(x).asnumpy())
 
 
 @pytest.mark.parametrize(

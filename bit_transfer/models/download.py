@@ -137,7 +137,8 @@ _HF_REASONS = {
 
 
 def _hf_snapshot(repo: str, cache: Path) -> Path:
-    """config.json + model.safetensors of a Hugging Face repo, via huggingface_hub's cache."""
+    """config.json + model.safetensors (+ preprocessor_config.json when there is one) of a Hugging Face
+    repo, via huggingface_hub's cache."""
     repo, _, revision = repo.partition("@")
     hint = (
         f"put config.json and model.safetensors from https://huggingface.co/{repo} into a directory "
@@ -157,4 +158,8 @@ def _hf_snapshot(repo: str, cache: Path) -> Path:
             if offline and type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
                 why = f"not in the cache {cache} and {hub.why_offline()}"
             raise WeightsError(f"cannot fetch {filename} of hf:{repo} ({why}); {hint}") from None
+    try:  # optional: the resolution the model expects, for export and predict; many repos have none
+        hf_hub_download(repo, "preprocessor_config.json", revision=revision or None, cache_dir=str(cache))
+    except Exception:
+        pass
     return Path(path).parent

@@ -1,7 +1,10 @@
 """Export a fine-tuned model: Hugging Face layout (transformers' BitForImageClassification
-loads it) or MindIR for MindSpore Lite / serving.
+loads it), MindIR for MindSpore Lite / serving, or ONNX for ONNX Runtime (models/onnx_export.py).
 
-`export_from_checkpoint` is what `bit-transfer export RUN_OR_CKPT --format hf|mindir --out DIR` calls.
+`export_from_checkpoint` is what `bit-transfer export MODEL --format hf|mindir|onnx --out DIR` calls; MODEL
+is a run directory or a .ckpt, or pretrained weights (a Hugging Face directory, hf:org/name, an official
+BiT .npz): bit-transfer as a converter. MindIR and ONNX hold the inference model, weight
+standardisation folded (models/inference.py); the Hugging Face layout keeps the raw weights.
 The output directory is claimed like a run (`rundir.RunDir`, kind "export"): a new or empty directory,
 or an earlier export, which is updated; a directory of someone else's files, or a file, is refused.
 Every file is written under a temporary name and renamed into place (an interrupted export keeps the
@@ -21,7 +24,7 @@ from bit_transfer.errors import UsageError, WeightsError, storage_error
 from bit_transfer.models import hf
 from bit_transfer.models.resnetv2 import ResNetV2, model_config
 
-FORMATS = ("hf", "mindir")
+FORMATS = ("hf", "mindir", "onnx")
 MODE = 0o644
 
 
@@ -64,6 +67,8 @@ def export_mindir(model: ResNetV2, out_dir, image_size: int, class_names=None) -
     """model.mindir with input (batch, 3, image_size, image_size) float32 in [-1, 1], plus model.json."""
     import mindspore as ms
 
+    from bit_transfer.models.inference import FoldedResNetV2, fold
+
     size = _check_size(image_size, "image_size")
     info = {
         "file": "model.mindir",
@@ -73,13 +78,13 @@ def export_mindir(model: ResNetV2, out_dir, image_size: int, class_names=None) -
         "model": model_config(model),
     }
     out = _claim(out_dir)
-    model.set_train(False)
+    folded = model if isinstance(model, FoldedResNetV2) else fold(model)  # plain convs: no WS in the graph
     example = ms.Tensor(np.zeros((1, 3, size, size), np.float32))
     needed = sum(p.asnumpy().nbytes for p in model.get_parameters())
 
     def write(tmp: Path) -> None:
         # MindSpore appends ".mindir" to the name it is given
-        ms.export(model, example, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
+        ms.export(folded, example, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
 
     with _cleanup_on_failure(out):
         _write(out.path / "model.mindir", write, needed, suffix=".mindir")
@@ -87,34 +92,61 @@ def export_mindir(model: ResNetV2, out_dir, image_size: int, class_names=None) -
     return out.path / "model.mindir"
 
 
-def export_from_checkpoint(path_or_run_dir, fmt: str, out_dir, image_size: int | None = None) -> Path:
-    """Rebuild the model a checkpoint holds (with its head), export it to out_dir.
+def export_onnx(model: ResNetV2, out_dir, image_size: int, class_names=None, external: bool | None = None) -> Path:
+    """model.onnx (ONNX Runtime, any platform): dynamic batch and size, WS folded, metadata_props with the
+    class names, image_size and preprocessing (models/onnx_export.py). Models over 1 GB of weights keep
+    them in model.onnx.data beside it (external=True forces that). Returns the .onnx file."""
+    from bit_transfer.models import onnx_export
 
-    image_size defaults to the run's plan.json `crop` (the eval resolution), else the checkpoint
-    meta's; MindIR needs one. Returns the directory (hf) or the .mindir file written.
+    size = _check_size(image_size, "image_size")
+    proto = onnx_export.build_onnx(model, size, class_names)  # onnx missing: one line, before claiming
+    out = _claim(out_dir)
+    path = out.path / "model.onnx"
+    with _cleanup_on_failure(out):
+        written = onnx_export.save_onnx(proto, path, _write, external)
+        if len(written) == 1:  # an earlier export's weights file is not this model's
+            _remove(path.with_name(path.name + onnx_export.DATA_SUFFIX))
+    return path
+
+
+def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = None) -> Path:
+    """Rebuild the model a checkpoint (or pretrained weights source) holds, with its head; export it to out_dir.
+
+    source: a run directory (its latest checkpoint), a .ckpt, or pretrained weights: a Hugging Face
+    directory, hf:org/name, an official BiT .npz (checkpoint.find_checkpoint(..., weights=True)).
+    image_size defaults to the run's plan.json `crop` (the eval resolution), else the checkpoint meta's, and
+    for weights to their preprocessor_config.json's size; MindIR and ONNX need one. Returns the directory
+    (hf) or the .mindir / .onnx file written.
     """
     from bit_transfer.models.weights import create_model_from_weights
 
     if fmt not in FORMATS:
         raise WeightsError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    ckpt, run = find_checkpoint(path_or_run_dir, command="export")
+    ckpt, run = find_checkpoint(source, command="export", weights=True)
     if image_size is not None:
         image_size = _check_size(image_size, "--image-size")
+    if fmt == "onnx":
+        from bit_transfer.models.onnx_export import require
+
+        require("onnx")  # not installed: one line before any work
     out = _claim(out_dir)  # a file, someone's directory or a run: refused before the work
     with _cleanup_on_failure(out):
-        model, report = create_model_from_weights(ckpt)  # architecture, padding and head from the checkpoint
+        model, report = create_model_from_weights(ckpt)  # architecture, padding and head from the file
         meta = report.meta
-        if not meta.get("model"):
+        if run is not None and not meta.get("model"):
             raise WeightsError(f"{ckpt} has no model config in its meta; export takes checkpoints written by "
                                "bit-transfer fit or fewshot (a run directory or its checkpoints/step-*.ckpt)")
         if image_size is None:
-            image_size, why = _run_image_size(run, meta)
-            if image_size is None and fmt == "mindir":
-                raise WeightsError(f"no image size for {ckpt}: {why}; pass --image-size N (e.g. 128, the crop it "
-                                   "was trained at)")
+            image_size, why = _run_image_size(run, meta) if run is not None else _weights_image_size(report.source)
+            if image_size is None and fmt in ("mindir", "onnx"):
+                example = "e.g. 128, the crop it was trained at" if run is not None else \
+                    "the resolution the weights were trained or fine-tuned at, e.g. 224"
+                raise WeightsError(f"no image size for {ckpt}: {why}; pass --image-size N ({example})")
         names = meta.get("class_names")
         if fmt == "hf":
             return export_hf(model, out, names, image_size)
+        if fmt == "onnx":
+            return export_onnx(model, out, image_size, names)
         return export_mindir(model, out, image_size, names)
 
 
@@ -146,6 +178,27 @@ def _run_image_size(run: Path, meta: dict) -> tuple[int | None, str]:
     if crop is not None:
         return _check_size(crop, f"the 'crop' in the checkpoint meta of {run}"), ""
     return None, f"{why} and the checkpoint's meta records none"
+
+
+def _weights_image_size(source) -> tuple[int | None, str]:
+    """The size in the preprocessor_config.json beside weights read from `source` (a local file or Hugging
+    Face directory; crop_size when it crops), or None and why."""
+    where = Path(source)
+    if where.suffix.lower() == ".npz" or not where.exists():
+        return None, "official .npz weights record no training resolution"
+    config = (where if where.is_dir() else where.parent) / "preprocessor_config.json"
+    if not config.is_file():
+        return None, f"there is no {config}"
+    try:
+        pre = json.loads(config.read_text())
+        size = pre.get("crop_size") if pre.get("do_center_crop") else pre.get("size")
+        size = size if isinstance(size, dict) else {"height": size, "width": size}
+        h, w = size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))
+    except (OSError, ValueError, AttributeError):
+        return None, f"{config} is not a readable preprocessor config"
+    if isinstance(h, int) and not isinstance(h, bool) and h == w and h > 0:
+        return h, ""
+    return None, f"{config} gives no square size"
 
 
 # ---------------------------------------------------------------- writing

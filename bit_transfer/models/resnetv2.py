@@ -133,19 +133,30 @@ class StdConv2d(nn.Cell):
         # view: fused kernels make the training step faster and use ~2x less memory than a
         # mean/var/rsqrt composite (benchmarks/model_speed.py --ws composite). The compiled CPU
         # kernel works on the (O, I, kh, kw) weight in place (the reshapes copied ~2 % of a step).
+        w = self.standardised_weight(x.dtype == ms.float32)  # float32 kernels; amp models: the op
+        return padded_conv(x, w, self.kernel, self.stride, self.dynamic, self.pad)
+
+    def standardised_weight(self, kernel: bool = True):
+        """The standardised weight the layer convolves with; models/inference.py folds it once from here,
+        so inference uses the very values the training graph computes."""
         w = self.weight
-        if self.ws_kernel is not None and x.dtype == ms.float32:  # float32 kernels; amp models: the op
-            w = self.ws_kernel(w, self.ws_eps)[0]
-        else:
-            w = ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, WS_EPS).reshape(w.shape)
-        if self.dynamic:
-            top, bottom = _same_pad(x.shape[2], self.kernel, self.stride)
-            left, right = _same_pad(x.shape[3], self.kernel, self.stride)
-            if top + bottom + left + right > 0:
-                x = zero_pad(x, top, bottom, left, right)
-        if w.dtype != x.dtype:  # fp16 (amp O2): convolve in x's dtype; standardise in float32
-            w = w.astype(x.dtype)
-        return ops.conv2d(x, w, None, self.stride, "pad", self.pad)
+        if self.ws_kernel is not None and kernel:
+            return self.ws_kernel(w, self.ws_eps)[0]
+        return ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, WS_EPS).reshape(w.shape)
+
+
+def padded_conv(x, w, kernel: int, stride: int, dynamic: bool, pad: int):
+    """The convolution of a BiT layer with its padding: TF-SAME zero pad from the input size when
+    `dynamic` (padding "same", stride 2), else `pad` on every side. Shared by the training layer
+    (StdConv2d) and the inference layer with folded weights (models/inference.py)."""
+    if dynamic:
+        top, bottom = _same_pad(x.shape[2], kernel, stride)
+        left, right = _same_pad(x.shape[3], kernel, stride)
+        if top + bottom + left + right > 0:
+            x = zero_pad(x, top, bottom, left, right)
+    if w.dtype != x.dtype:  # fp16 (amp O2): convolve in x's dtype; standardise in float32
+        w = w.astype(x.dtype)
+    return ops.conv2d(x, w, None, stride, "pad", pad)
 
 
 class GroupNormAct(nn.Cell):
@@ -185,17 +196,17 @@ class PreActBottleneck(nn.Cell):
     The stride sits on the 3x3 conv, as in the official code.
     """
 
-    def __init__(self, cin: int, cout: int, cmid: int, stride: int, padding: str):
+    def __init__(self, cin: int, cout: int, cmid: int, stride: int, padding: str, conv=StdConv2d):
         super().__init__()
         self.norm1 = GroupNormAct(cin)
-        self.conv1 = StdConv2d(cin, cmid, 1, padding=padding)
+        self.conv1 = conv(cin, cmid, 1, padding=padding)
         self.norm2 = GroupNormAct(cmid)
-        self.conv2 = StdConv2d(cmid, cmid, 3, stride, padding)
+        self.conv2 = conv(cmid, cmid, 3, stride, padding)
         self.norm3 = GroupNormAct(cmid)
-        self.conv3 = StdConv2d(cmid, cout, 1, padding=padding)
+        self.conv3 = conv(cmid, cout, 1, padding=padding)
         self.has_proj = stride != 1 or cin != cout
         if self.has_proj:
-            self.proj = StdConv2d(cin, cout, 1, stride, padding)
+            self.proj = conv(cin, cout, 1, stride, padding)
 
     def construct(self, x):
         out = self.norm1(x)
@@ -207,10 +218,10 @@ class PreActBottleneck(nn.Cell):
 
 
 class Stage(nn.Cell):
-    def __init__(self, cin: int, cout: int, cmid: int, depth: int, stride: int, padding: str):
+    def __init__(self, cin: int, cout: int, cmid: int, depth: int, stride: int, padding: str, conv=StdConv2d):
         super().__init__()
-        units = [PreActBottleneck(cin, cout, cmid, stride, padding)]
-        units += [PreActBottleneck(cout, cout, cmid, 1, padding) for _ in range(depth - 1)]
+        units = [PreActBottleneck(cin, cout, cmid, stride, padding, conv)]
+        units += [PreActBottleneck(cout, cout, cmid, 1, padding, conv) for _ in range(depth - 1)]
         self.units = nn.CellList(units)
 
     def construct(self, x):
@@ -228,10 +239,10 @@ class Root(nn.Cell):
     conv, and TF-SAME zero pad for the pool.
     """
 
-    def __init__(self, cout: int, padding: str):
+    def __init__(self, cout: int, padding: str, conv=StdConv2d):
         super().__init__()
         self.dynamic = padding == "same"
-        self.conv = StdConv2d(3, cout, 7, 2, padding)
+        self.conv = conv(3, cout, 7, 2, padding)
         self.pool = ops.MaxPool(kernel_size=3, strides=2, pad_mode="VALID")
 
     def construct(self, x):
@@ -251,10 +262,12 @@ class ResNetV2(nn.Cell):
 
     `forward_features` gives the pre-logits (after the final GroupNorm, ReLU and global
     average pool) for linear probes and few-shot; `head` is a Dense layer, which is the
-    official 1x1 head conv applied to the 1x1 pooled map.
+    official 1x1 head conv applied to the 1x1 pooled map. `conv` builds every convolution: StdConv2d
+    (training: weight standardisation in the graph) or models/inference.py's FoldedConv2d (inference).
     """
 
-    def __init__(self, depths, width: float, num_classes: int, padding: str = "fixed", name: str = "BiT-custom"):
+    def __init__(self, depths, width: float, num_classes: int, padding: str = "fixed", name: str = "BiT-custom",
+                 conv=StdConv2d):
         super().__init__()
         if padding not in PADDINGS:
             raise UsageError(f"unknown padding {padding!r}; use one of {', '.join(PADDINGS)}")
@@ -265,10 +278,10 @@ class ResNetV2(nn.Cell):
         self.width = width
         self.padding = padding
         root, mids = channels_for(width)
-        self.root = Root(root, padding)
+        self.root = Root(root, padding, conv)
         stages, cin = [], root
         for depth, cmid, stride in zip(self.depths, mids, STAGE_STRIDES):
-            stages.append(Stage(cin, 4 * cmid, cmid, depth, stride, padding))
+            stages.append(Stage(cin, 4 * cmid, cmid, depth, stride, padding, conv))
             cin = 4 * cmid
         self.stages = nn.CellList(stages)
         self.norm = GroupNormAct(cin)
