@@ -11,3 +11,13 @@ _os.environ.setdefault("GLOG_v", "3")
 _os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """`from bit_transfer import Predictor`: imported on first use, so `import bit_transfer` stays light
+    (no MindSpore) for the CLI's fast commands."""
+    if name in ("Predictor", "Prediction"):
+        from bit_transfer import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

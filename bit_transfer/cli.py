@@ -1,4 +1,4 @@
-"""The `bit-transfer` command: plan, fit, eval, fewshot, export.
+"""The `bit-transfer` command: plan, fit, eval, fewshot, export, predict.
 
 Usage errors (bad recipe, missing data or weights) print one line and exit with code 2;
 heavy imports (MindSpore) happen inside the subcommands that need them.
@@ -238,6 +238,52 @@ def cmd_fewshot(args) -> int:
     return 0 if result.complete else 130
 
 
+def _device_name(text: str) -> str:
+    """--device in any case: cpu -> CPU, ascend -> Ascend."""
+    return {"auto": "auto", "cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}.get(text.lower(), text)
+
+
+def add_predict_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict",
+        help="top-k classes of images with a run, .ckpt, Hugging Face model, BiT .npz or exported .onnx",
+        description="Predict the classes of images, preprocessed exactly as eval does. Images in class "
+                    "folders named like the model's classes (the image-folder layout) are labelled: top-1/top-5 "
+                    "are printed and metrics.json and the confusion matrix written as eval writes them.",
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="a run directory (its latest checkpoint), a .ckpt, a Hugging Face directory or hf:org/name, "
+                        "an official BiT .npz, or an .onnx from export")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, directories (recursive, sorted), glob patterns, or - for paths on stdin")
+    p.add_argument("--recipe", metavar="RECIPE", help="predict the recipe's eval split instead of INPUTs (labelled)")
+    p.add_argument("--top-k", type=int_at_least(1), default=5, metavar="K", help="classes per image (default 5)")
+    p.add_argument("--out", metavar="FILE",
+                   help="write the predictions to a .csv (path,pred,prob,topk) or .jsonl file instead of the table; "
+                        "an existing file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    p.add_argument("--report", metavar="DIR",
+                   help="labelled images: where metrics.json and the confusion matrix go (default: "
+                        "<run>/evals/<checkpoint>-predict-<folder>/ for a run's checkpoint, else runs/predict-<folder>-<time>)")
+    p.add_argument("--batch-size", type=int_at_least(1), metavar="N",
+                   help="images per forward pass (default: the checkpoint's micro-batch, else 32)")
+    p.add_argument("--image-size", type=int_at_least(1), metavar="PX",
+                   help="square input size (default: the resolution the run was trained at, else 128)")
+    p.add_argument("--device", type=_device_name, choices=["auto", "CPU", "GPU", "Ascend"], default="auto")
+    p.add_argument("--workers", type=int_at_least(1), metavar="N", help="decoding threads (default min(4, CPUs))")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable or non-image file (exit 2) instead of naming and skipping it")
+    p.add_argument("--quiet", action="store_true", help="no table and no progress bar: the summary only")
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+def cmd_predict(args) -> int:
+    from bit_transfer.predict import predict_command
+
+    return predict_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="bit-transfer",
@@ -284,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the resolution the model expects: MindIR's input size, ONNX's metadata (default: the "
                         "run's plan.json crop, or the weights' preprocessor_config.json)")
     p.set_defaults(func=cmd_export)
+
+    add_predict_parser(sub)
     return parser
 
 
