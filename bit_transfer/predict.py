@@ -873,7 +873,7 @@ def _summary(job: _Job, args, out, result, done: int, skipped: int, seconds: flo
     for note in job.notes:
         print(f"note: {note}")
     if out:
-        print(f"wrote {done} predictions to {out.path}")
+        print(f"wrote {done} prediction{'s' if done != 1 else ''} to {out.path}")
     if result is not None:
         fields = {"model": model.source, "inputs": job.labelled_by, "crop": model.image_size,
                   "skipped_unreadable": skipped}
