@@ -122,6 +122,7 @@ def _pct(x) -> str:
 # ----------------------------------------------------------------------------- set-up
 def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Session:
     """Data (both splits checked), plan, model, steps and the checkpoint to resume from."""
+    from bit_transfer.models.inference import fold
     from bit_transfer.step import EvalStep, cast_model
 
     tcfg = recipe.train
@@ -140,8 +141,9 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
     # and so the data stream stay the same whatever the number of ranks now.
     layout = planning.batch_layout(plan.batch_size, batch_split, world=world.size)
     step_fn = _train_step(model, plan, tcfg, batch_split, world.size)
-    s = Session(recipe, run, world, device, dataset, info, plan, layout, net, model, step_fn,
-                EvalStep(model, tcfg.eval_batch_size or layout.micro_batch, jit=tcfg.jit), None, say)
+    # evaluation runs the inference model (weight standardisation computed once, float32), refreshed before each eval
+    eval_step = EvalStep(fold(net), tcfg.eval_batch_size or layout.micro_batch, jit=tcfg.jit)
+    s = Session(recipe, run, world, device, dataset, info, plan, layout, net, model, step_fn, eval_step, None, say)
     if latest:
         _restore(model, step_fn, latest[1], latest[0])
         s.step = s.saved_at = int(meta["step"])
@@ -370,6 +372,7 @@ def run_eval(s: Session, stop: StopFlag):
         stop.rearm()
         return out
 
+    s.eval_step.model.refresh()  # the weights of this step, standardised once
     d = s.recipe.data
     result = evaluate_split(predict, s.dataset.eval, s.plan.crop, s.eval_step.batch_size, s.dataset.num_classes,
                             d.workers, s.world)
