@@ -52,8 +52,11 @@ def test_x1_models_have_the_official_parameter_count(name):
     assert model.num_features == 2048
 
 
-@pytest.mark.slow
-def test_every_registry_entry_has_the_official_parameter_count():
+def test_every_registry_entry_has_the_official_parameter_count(monkeypatch):
+    from bit_transfer.models import resnetv2
+
+    # counts do not depend on values: zero weights skip drawing R152x4's 936 M random numbers (50 s -> 2 s)
+    monkeypatch.setattr(resnetv2, "_he_normal", lambda shape: np.zeros(shape, np.float32))
     assert len(list_models()) == 12
     for name in list_models():
         model = create_model(name, 1000)
