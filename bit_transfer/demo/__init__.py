@@ -1,0 +1,1 @@
+"""The offline demo: handwritten digits shipped in the package, and the held-out samples `make demo` predicts."""
