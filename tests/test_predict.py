@@ -367,7 +367,7 @@ def test_predictor_takes_paths_pil_images_and_arrays(world, run_table):
 
 # ---------------------------------------------------------------- ONNX
 def test_an_exported_onnx_predicts_as_the_checkpoint(world, run_table, tmp_path):
-    import bit_transfer.data.pipeline  # noqa: F401  MindSpore before onnx loads protobuf (see predict._onnx_model)
+    import bit_transfer.data.pipeline  # noqa: F401  MindSpore before onnx loads protobuf (see predict.model._onnx_model)
 
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
