@@ -17,10 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import distributed, planning, recipe as recipes, runtime
-from bit_transfer.errors import RunError, UsageError, WeightsError
+from bit_transfer import checkpoint, data, distributed, models, planning, recipe as recipes, runlog, runtime
+from bit_transfer.data import pipeline
+from bit_transfer.errors import Interrupted, RunError, UsageError, WeightsError
+from bit_transfer.evaluate import evaluate_split
+from bit_transfer.models.weights import assign, check, read_weights
 from bit_transfer.rundir import RunDir
 from bit_transfer.signals import StopFlag
+from bit_transfer.step import EvalStep, TrainStep, cast_model
 
 RESUME_HINT = "rerun the same command to continue"
 DIVERGED_FACTOR = 10.0  # a final loss this many times the first one is flagged as divergence
@@ -33,7 +37,6 @@ class TrainingDiverged(RunError):
 @dataclass
 class Session:
     """What the loop needs, built once by `prepare`."""
-
     recipe: recipes.Recipe
     run: RunDir
     world: distributed.World
@@ -122,8 +125,6 @@ def _pct(x) -> str:
 # ----------------------------------------------------------------------------- set-up
 def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Session:
     """Data (both splits checked), plan, model, steps and the checkpoint to resume from."""
-    from bit_transfer.step import EvalStep, cast_model
-
     tcfg = recipe.train
     latest = run.latest_checkpoint(log=say)
     say(f"run directory: {run}" + (" (resuming)" if latest else ""), flush=True)
@@ -162,8 +163,6 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
 
 def load_task(recipe, world, device: str, say):
     """The dataset (train and eval images checked before any training), what the rule sees, the plan."""
-    from bit_transfer import data
-
     dataset = data.load(recipe.data)
     _check_images(dataset, recipe.data.workers, say)
     info = planning.task_info(recipe)
@@ -185,9 +184,6 @@ def _check_images(dataset, workers, say) -> None:
 
 def build_model(model_cfg, num_classes: int, *, log=print):
     """The recipe's architecture with its weights loaded (one read of the file); 'none' trains from scratch."""
-    from bit_transfer import models
-    from bit_transfer.models.weights import assign, check, read_weights
-
     def create(padding="fixed"):
         return models.create_model(model_cfg.name, num_classes, depths=model_cfg.depths, width=model_cfg.width,
                                    padding=padding)
@@ -205,7 +201,6 @@ def build_model(model_cfg, num_classes: int, *, log=print):
 
 
 def _train_step(model, plan, tcfg, batch_split: int, ranks: int):
-    from bit_transfer.step import TrainStep
 
     return TrainStep(model, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=batch_split,
                      precision=tcfg.precision, jit=tcfg.jit, ranks=ranks)
@@ -227,8 +222,6 @@ def _restore(model, step_fn, params: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- the loop
 def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool | None) -> None:
     """Optimizer steps until the plan's last one, a signal, or `stop_after`."""
-    from bit_transfer import runlog
-
     recipe, plan, tcfg = s.recipe, s.plan, s.recipe.train
     quiet = (recipe.log.quiet if quiet is None else quiet) or not s.world.is_main
     split = s.layout.batch_split
@@ -260,7 +253,6 @@ def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool |
 
 
 def _train_stream(s: Session):
-    from bit_transfer.data import pipeline
 
     d, plan, split = s.recipe.data, s.plan, s.layout.batch_split
     return pipeline.train_batches(
@@ -307,7 +299,6 @@ def _check_update(s: Session, loss: float, applied: bool, lr: float, skips: int)
 
 class Throughput:
     """Images/s over the last log window, and an ETA from the steps this process ran (not the resumed ones)."""
-
     def __init__(self, batch: int, step: int):
         self.batch, self.first = batch, step
         self.window_t, self.window_steps, self.ips = time.perf_counter(), 0, float("nan")
@@ -360,9 +351,6 @@ def _due(every: int | None, step: int, total: int) -> bool:
 # ----------------------------------------------------------------------------- evaluation, checkpoints
 def run_eval(s: Session, stop: StopFlag):
     """Evaluate the eval split, log it; a second signal abandons it (the checkpoint is already whole)."""
-    from bit_transfer.errors import Interrupted
-    from bit_transfer.evaluate import evaluate_split
-
     if stop and not stop.hard and not s.stopped:
         s.progress.write(f"{stop.name}: finishing the evaluation at step {s.step}; signal again to skip it")
 
@@ -393,8 +381,6 @@ def _resume_line(s: Session) -> str:
 
 def save(s: Session, stop: StopFlag) -> Path:
     """Checkpoint the model and optimizer (rank 0 writes); never written when the weights are not finite."""
-    from bit_transfer import checkpoint
-
     params = {p.name: p.asnumpy() for p in s.model.get_parameters()}
     bad = [k for k, v in params.items() if not np.isfinite(v).all()]
     if bad:  # finite loss and gradients can still overflow the weights (a huge lr)
@@ -501,7 +487,5 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def _probe(model, micro: int, crop: int, tcfg) -> None:
     """Run one compiled micro-step at this size (for batch_split auto); raises when it does not fit."""
-    from bit_transfer.step import TrainStep
-
     probe = TrainStep(model, momentum=0.0, weight_decay=0.0, batch_split=2, precision=tcfg.precision, jit=tcfg.jit)
     probe.gradients_only(np.zeros((micro, 3, crop, crop), np.float32), np.zeros((micro,), np.int32))
