@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/train_step.py --batch 8 --precision fp32 bf16
     .venv/bin/python benchmarks/train_step.py --no-torch --steps 5
     .venv/bin/python benchmarks/train_step.py --batch 8 --split 4         # micro-batching: 4 x 8 per step
+    .venv/bin/python benchmarks/train_step.py --torch-compile             # also PyTorch torch.compile (inductor)
 
 Each configuration runs in a fresh child process, so its peak RSS (ru_maxrss) is its own and a
 compiled graph of one run cannot help or hurt the next. bit-transfer runs `step.TrainStep` and
@@ -177,7 +178,7 @@ def torch_model(args, ours=None):
     return net
 
 
-def run_torch(args, batch: int, precision: str) -> dict:
+def run_torch(args, batch: int, precision: str, compiled: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -185,8 +186,11 @@ def run_torch(args, batch: int, precision: str) -> dict:
     # importing MindSpore first had silently raised it to 2).
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = torch_model(args)
+    if compiled:  # what timm's --torchcompile does: inductor, default mode
+        model = torch.compile(model)
     x, y = make_data(args, batch)
-    out = {"framework": f"pytorch {torch.__version__} ({torch.get_num_threads()} threads)",
+    how = "torch.compile, " if compiled else ""
+    out = {"framework": f"pytorch {torch.__version__} ({how}{torch.get_num_threads()} threads)",
            "batch": batch, "precision": precision}
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -230,7 +234,8 @@ def run_check(args, batch: int, precision: str) -> dict:
 
 
 def child(args) -> None:
-    fn = {"torch": run_torch, "ours": run_ours, "check": run_check}[args.child]
+    fn = {"torch": run_torch, "torchc": lambda *a: run_torch(*a, compiled=True), "ours": run_ours,
+          "check": run_check}[args.child]
     print("RESULT " + json.dumps(fn(args, args.batch[0], args.precision[0])), flush=True)
 
 
@@ -268,7 +273,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the torch logits cross-check")
-    ap.add_argument("--child", choices=["ours", "torch", "check"], help=argparse.SUPPRESS)
+    ap.add_argument("--torch-compile", action="store_true", help="also PyTorch with torch.compile (inductor; minutes)")
+    ap.add_argument("--child", choices=["ours", "torch", "torchc", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--arch", help=argparse.SUPPRESS)  # arch_spec as JSON, for the children
     args = ap.parse_args()
     if args.child:
@@ -280,19 +286,20 @@ def main() -> None:
         c = spawn(args, "check", 2, "fp32")
         if c is not None:
             print(f"# same model: max |logits ours - torch| = {c['max_logit_diff']:.1e} (max |logit| {c['max_logit']:.2f})")
-    print("| framework | precision | micro-batch x split | train img/s | eval img/s | train compile s | peak RSS GB | vs torch (train / eval / RSS) |")
+    print("| framework | precision | micro-batch x split | train img/s | eval img/s | train compile s | peak RSS GB | ours / this (train / eval / RSS) |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for precision in args.precision:
         for batch in args.batch:
             ref = spawn(args, "torch", batch, precision) if use_torch else None
+            comp = spawn(args, "torchc", batch, precision) if use_torch and args.torch_compile else None
             ours = spawn(args, "ours", batch, precision)
-            for r in (ours, ref):
+            for r in (ours, ref, comp):
                 if r is None:
                     continue
                 ratio = ""
-                if r is ours and ref is not None:
-                    ratio = (f"{ours['train_img_s'] / ref['train_img_s']:.2f}x / {ours['eval_img_s'] / ref['eval_img_s']:.2f}x"
-                             f" / {ours['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x")
+                if r is not ours and ours is not None:  # ours / this row
+                    ratio = (f"{ours['train_img_s'] / r['train_img_s']:.2f}x / {ours['eval_img_s'] / r['eval_img_s']:.2f}x"
+                             f" / {ours['peak_rss_gb'] / r['peak_rss_gb']:.2f}x")
                 print(f"| {r['framework']} | {precision} | {batch} x {args.split} | {r['train_img_s']:.1f} | {r['eval_img_s']:.1f} | "
                       f"{r['train_compile_s']:.1f} | {r['peak_rss_gb']:.2f} | {ratio} |", flush=True)
 
