@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -75,6 +76,7 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
+            _quiet_tensorboard_threads()
             purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
             self.tb = SummaryWriter(logdir=str(run_dir), flush_secs=10, **purge)
 
@@ -88,6 +90,8 @@ class MetricsLog:
             write_atomic(self.path, "".join(keep))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        if TB_THREAD_ERRORS:
+            raise storage_error(TB_THREAD_ERRORS.pop(), self.path.parent / "events.out.tfevents.*") from None
         row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
         try:
             self.file.write(to_json(row, indent=None) + "\n")
@@ -107,10 +111,52 @@ class MetricsLog:
             self.tb.add_hparams(clean, {f"hparam/{k}": float(v) for k, v in metrics.items()}, name="hparams")
 
     def close(self) -> None:
-        self.file.close()
+        """Never raises: after a full disk the error was already reported in one line, and what
+        could not be flushed is the part of the log the failed write lost."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
         if self.tb:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except Exception:  # a full disk: tensorboardX re-raises the failed flush here...
+                _give_up_tensorboard(self.tb)
             self.tb = None
+
+
+def _give_up_tensorboard(tb) -> None:
+    """...and would again in its atexit hook, as a traceback after our one-line error: stop its
+    writer threads and mark them closed (private attributes of tensorboardX's EventFileWriter)."""
+    for writer in (getattr(tb, "all_writers", None) or {}).values():
+        event_writer = getattr(writer, "event_writer", None)
+        if event_writer is None:
+            continue
+        try:
+            event_writer._worker.stop()
+        except Exception:
+            pass
+        event_writer._closed = True
+
+
+TB_THREAD_ERRORS: list[OSError] = []  # a full disk met by tensorboardX's writer thread
+
+
+def _quiet_tensorboard_threads() -> None:
+    """tensorboardX writes from a thread of its own; a full disk there would print a traceback in the
+    middle of training. Keep the error instead: the next `MetricsLog.log` reports it in one line."""
+    previous = threading.excepthook
+    if getattr(previous, "bit_transfer", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_EventLoggerThread" and issubclass(args.exc_type, OSError):
+            TB_THREAD_ERRORS.append(args.exc_value)
+            return
+        previous(args)
+
+    hook.bit_transfer = True
+    threading.excepthook = hook
 
 
 def _row_step(line: str) -> float:

@@ -382,3 +382,12 @@ def test_an_interrupted_fewshot_sweep_exits_130_and_a_rerun_completes_it(task, t
 def test_a_node_rank_outside_the_nodes_is_one_line(task, tmp_path):
     line = one_line_error(run_cli("fit", recipe_path(task, tmp_path), "--nodes", 2, "--node-rank", 2), "fit")
     assert "--node-rank 2 is not below --nodes 2" in line
+
+
+@pytest.mark.parametrize("size", ["24k", "48k"])  # TensorBoard's writer thread, then metrics.jsonl, fills it
+def test_a_disk_that_fills_with_logs_is_one_line(task, tmp_path, size):
+    """Was: a traceback from closing the log, then tensorboardX's atexit flush and its thread."""
+    recipe = recipe_path(task, tmp_path, rule__steps=400, log__tensorboard=True)
+    with scratch_fs(tmp_path / "small", size=size) as disk:
+        line = one_line_error(run_cli("fit", recipe, "--run-dir", disk / "run", "--quiet"), "fit")
+    assert "no space left writing" in line and ("metrics.jsonl" in line or "tfevents" in line), line
