@@ -82,8 +82,9 @@ class RunDir:
         if not owned and path.exists() and any(path.iterdir()):
             raise UsageError(f"{path} exists and holds files but is not a bit-transfer {noun}; "
                              f"choose a new or empty directory for the {noun} ({flag})")
-        if owned and noun != "run" and marker_kind(path) != kind:  # eval/export never write into a run
-            raise UsageError(f"{path} is a bit-transfer {marker_kind(path) or 'run'} directory, not an {noun} output; "
+        found = owned and owned_kind(path)
+        if owned and found != kind:  # a fit never writes into an export, a sweep never into a fit run, ...
+            raise UsageError(f"{path} is a bit-transfer {found} directory, not {KIND_LABELS.get(kind, kind)}; "
                              f"choose a new or empty directory for the {noun} ({flag})")
         run = cls(path, kind=kind, writer=writer, created=not path.exists())
         if writer and not owned:
@@ -254,6 +255,15 @@ def marker_kind(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return kind if isinstance(kind, str) else None
+
+
+KIND_LABELS = {"fit": "a fit run", "fewshot": "a few-shot sweep", "eval": "an eval output",
+               "export": "an export output", "samples": "a samples folder"}
+
+
+def owned_kind(path: Path) -> str:
+    """What a directory bit-transfer owns holds; runs and sweeps made before the marker by their files."""
+    return marker_kind(path) or ("fewshot" if (Path(path) / "sweep.yaml").is_file() else "fit")
 
 
 def is_run(path: Path) -> bool:

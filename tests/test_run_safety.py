@@ -391,3 +391,17 @@ def test_a_disk_that_fills_with_logs_is_one_line(task, tmp_path, size):
     with scratch_fs(tmp_path / "small", size=size) as disk:
         line = one_line_error(run_cli("fit", recipe, "--run-dir", disk / "run", "--quiet"), "fit")
     assert "no space left writing" in line and ("metrics.jsonl" in line or "tfevents" in line), line
+
+
+def test_each_kind_of_output_stays_its_own(task, tmp_path):
+    """Was: `fewshot --run-dir <a fit run>` wrote a sweep into the run, `fit --run-dir <an export>` trained there."""
+    recipe, run_dir = recipe_path(task, tmp_path, rule__steps=2), tmp_path / "run"
+    assert run_cli("fit", recipe, "--run-dir", run_dir, "--quiet").returncode == 0
+    export = tmp_path / "export"
+    assert run_cli("export", run_dir, "--format", "hf", "--out", export).returncode == 0
+    before = snapshot(tmp_path)
+    line = one_line_error(run_cli("fewshot", recipe, "--shots", 1, "--seeds", 0, "--run-dir", run_dir), "fewshot")
+    assert "is a bit-transfer fit directory, not a few-shot sweep" in line
+    line = one_line_error(run_cli("fit", recipe, "--run-dir", export), "fit")
+    assert "is a bit-transfer export directory, not a fit run" in line
+    assert snapshot(tmp_path) == before
