@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bit_transfer import paths, runlog
+from bit_transfer.errors import storage_error
 
 VERSION = 1
 PART_FIELDS = ("rows", "checks", "readable", "features")
@@ -128,7 +129,10 @@ class FeatureCache:
         if not (entry / "meta.json").is_file():
             from bit_transfer.models import model_config
 
-            entry.mkdir(parents=True, exist_ok=True)
+            try:
+                entry.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # --feature-cache a file, read-only, full
+                raise storage_error(e, entry) from None
             about = dict(key, model={k: v for k, v in model_config(self.model).items() if k != "num_classes"})
             runlog.write_atomic(entry / "meta.json", json.dumps(about, indent=1) + "\n")
         return entry
@@ -168,9 +172,13 @@ class FeatureCache:
     def _save_part(self, entry: Path, rows, checks, readable, feats) -> None:
         name = f"part-{time.time_ns():020d}-{os.getpid()}.npz"
         tmp = entry / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **dict(zip(PART_FIELDS, (rows, checks, readable, feats))))
-        os.replace(tmp, entry / name)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **dict(zip(PART_FIELDS, (rows, checks, readable, feats))))
+            os.replace(tmp, entry / name)
+        except OSError as e:  # a full disk: the parts written before are kept, this one is not
+            tmp.unlink(missing_ok=True)
+            raise storage_error(e, entry / name, needed=int(feats.nbytes)) from None
         self._entries.pop(entry, None)
 
     # ------------------------------------------------------------------ computing

@@ -405,3 +405,11 @@ def test_each_kind_of_output_stays_its_own(task, tmp_path):
     line = one_line_error(run_cli("fit", recipe, "--run-dir", export), "fit")
     assert "is a bit-transfer export directory, not a fit run" in line
     assert snapshot(tmp_path) == before
+
+
+def test_a_feature_cache_that_is_a_file_is_one_line(task, tmp_path):
+    (tmp_path / "cache").write_text("mine")
+    out = run_cli("fewshot", recipe_path(task, tmp_path), "--shots", 1, "--seeds", 0, "--mode", "linear",
+                  "--feature-cache", tmp_path / "cache", "--run-dir", tmp_path / "sweep")
+    assert "a file stands where a directory should be" in one_line_error(out, "fewshot")
+    assert (tmp_path / "cache").read_text() == "mine"
