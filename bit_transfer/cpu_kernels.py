@@ -257,7 +257,14 @@ def build() -> Path | None:
     lib = _library_path(cxx)
     if lib.exists():
         return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        return _compile(cxx, lib)
+    except OSError as e:  # BIT_TRANSFER_HOME a file, read-only, full: the built-in ops still work
+        raise RuntimeError(f"cannot write {lib.parent} ({e.strerror or e}); check BIT_TRANSFER_HOME") from None
+
+
+def _compile(cxx: str, lib: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         src, out = Path(tmp) / "cpu_kernels.cc", Path(tmp) / "cpu_kernels.so"
         src.write_text(SOURCE)
