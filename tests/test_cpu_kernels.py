@@ -133,3 +133,15 @@ def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home):
         assert cpu_kernels.all_finite_primitive() is None and not cpu_kernels.available()
     finally:
         cpu_kernels._ops.cache_clear()
+
+
+def test_an_unwritable_kernel_cache_is_a_build_failure_not_a_traceback(monkeypatch, tmp_path):
+    """_ops() turns this RuntimeError into its one warning and MindSpore's ops."""
+    from bit_transfer import cpu_kernels
+
+    if not cpu_kernels._compiler():
+        pytest.skip("no C++ compiler here")
+    (tmp_path / "home").write_text("a file, not a directory")
+    monkeypatch.setenv("BIT_TRANSFER_HOME", str(tmp_path / "home"))
+    with pytest.raises(RuntimeError, match="cannot write .*check BIT_TRANSFER_HOME"):
+        cpu_kernels.build()
