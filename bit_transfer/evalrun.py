@@ -68,11 +68,11 @@ def output_dir(recipe: recipes.Recipe, ckpt: Path, run: Path, out_dir) -> Path:
     if out_dir:
         return Path(out_dir).expanduser()
     if is_run(run):
-        return run / "evals" / f"{ckpt.stem}-{_safe(recipe.name)}"
-    return new_run_path(recipe.log.dir, f"{_safe(recipe.name)}-eval")
+        return run / "evals" / f"{ckpt.stem}-{safe_name(recipe.name)}"
+    return new_run_path(recipe.log.dir, f"{safe_name(recipe.name)}-eval")
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(name)) or "recipe"
 
 

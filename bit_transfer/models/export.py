@@ -137,7 +137,7 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
             raise WeightsError(f"{ckpt} has no model config in its meta; export takes checkpoints written by "
                                "bit-transfer fit or fewshot (a run directory or its checkpoints/step-*.ckpt)")
         if image_size is None:
-            image_size, why = _run_image_size(run, meta) if run is not None else _weights_image_size(report.source)
+            image_size, why = run_image_size(run, meta) if run is not None else _weights_image_size(report.source)
             if image_size is None and fmt in ("mindir", "onnx"):
                 example = "e.g. 128, the crop it was trained at" if run is not None else \
                     "the resolution the weights were trained or fine-tuned at, e.g. 224"
@@ -157,7 +157,7 @@ def _check_size(value, what: str) -> int:
     return int(value)
 
 
-def _run_image_size(run: Path, meta: dict) -> tuple[int | None, str]:
+def run_image_size(run: Path, meta: dict) -> tuple[int | None, str]:
     """(the run's eval crop from plan.json or the checkpoint meta, or None and why there is none)."""
     plan = run / "plan.json"
     if plan.is_file():

@@ -96,15 +96,15 @@ def _claim_report(report_dir, model: LoadedModel, name: str, parent: str):
     """--report, else `<run>/evals/<checkpoint>-predict-<name>` for a run's checkpoint (a run that is
     not writable, e.g. shared read-only, is not written to), else a new `<parent>/predict-<name>-<time>`;
     claimed like eval's directory (never someone's files)."""
-    from bit_transfer.evalrun import _safe
+    from bit_transfer.evalrun import safe_name
     from bit_transfer.rundir import RunDir, is_run, new_run_path
 
     if report_dir:
         path = Path(report_dir).expanduser()
     elif model.run is not None and is_run(model.run) and os.access(model.run, os.W_OK):
-        path = model.run / "evals" / f"{model.checkpoint.stem}-predict-{_safe(name)}"
+        path = model.run / "evals" / f"{model.checkpoint.stem}-predict-{safe_name(name)}"
     else:
-        path = new_run_path(parent, f"predict-{_safe(name)}")
+        path = new_run_path(parent, f"predict-{safe_name(name)}")
     return RunDir.claim(path, kind="eval", flag="--report")
 
 

@@ -141,9 +141,9 @@ def _mindspore_forward(model) -> Callable[[np.ndarray, int], np.ndarray]:
 def _recorded_size(kind: str, path: Path, run: Path | None, meta: dict) -> tuple[int | None, str]:
     """(resolution the model was trained at, where that is written) or (None, "")."""
     if kind in ("run", "ckpt"):
-        from bit_transfer.models.export import _run_image_size
+        from bit_transfer.models.export import run_image_size
 
-        size, _ = _run_image_size(run, meta)
+        size, _ = run_image_size(run, meta)
         if size is not None:
             plan = run / "plan.json"
             return size, "the run's plan.json crop" if plan.is_file() else "the checkpoint's meta"
