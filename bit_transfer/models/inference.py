@@ -27,7 +27,7 @@ import weakref
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from bit_transfer.models.resnetv2 import ResNetV2, StdConv2d, padded_conv
+from bit_transfer.models.resnetv2 import ResNetV2, StdConv2d, conv_geometry, padded_conv
 
 
 class FoldedConv2d(nn.Cell):
@@ -39,10 +39,7 @@ class FoldedConv2d(nn.Cell):
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
         super().__init__()
-        self.kernel = kernel
-        self.stride = stride
-        self.dynamic = padding == "same" and stride > 1
-        self.pad = 0 if self.dynamic else kernel // 2
+        self.kernel, self.stride, self.dynamic, self.pad = conv_geometry(kernel, stride, padding)
         self.weight = Parameter(Tensor(np.zeros((cout, cin, kernel, kernel), np.float32)), requires_grad=False)
 
     def construct(self, x):

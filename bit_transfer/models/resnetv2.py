@@ -108,6 +108,13 @@ def zero_pad(x, top: int, bottom: int, left: int, right: int):
     return x
 
 
+def conv_geometry(kernel: int, stride: int, padding: str) -> tuple[int, int, bool, int]:
+    """(kernel, stride, dynamic, pad): TF-SAME pads a strided conv from the input size at run time
+    (`dynamic`); everything else pads kernel//2 on every side, as the official code."""
+    dynamic = padding == "same" and stride > 1
+    return kernel, stride, dynamic, 0 if dynamic else kernel // 2
+
+
 class StdConv2d(nn.Cell):
     """Weight-standardised conv, no bias: w <- (w - mean) / sqrt(var + 1e-10) per output channel.
 
@@ -119,10 +126,7 @@ class StdConv2d(nn.Cell):
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
         super().__init__()
-        self.kernel = kernel
-        self.stride = stride
-        self.dynamic = padding == "same" and stride > 1
-        self.pad = 0 if self.dynamic else kernel // 2
+        self.kernel, self.stride, self.dynamic, self.pad = conv_geometry(kernel, stride, padding)
         self.weight = Parameter(Tensor.from_numpy(_he_normal((cout, cin, kernel, kernel))))
         self.ws_kernel = cpu_kernels.weight_standardisation_primitive()
         if self.ws_kernel is not None:  # a constant, not a Parameter: names and checkpoints unchanged
