@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/bit-transfer predict runs/demo runs/demo-samples --top-k 3
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
