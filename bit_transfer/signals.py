@@ -4,6 +4,10 @@ The first signal asks to stop: training ends after the current step, a checkpoin
 the run is evaluated. A second signal stops the evaluation too. Neither ever interrupts a
 checkpoint write (`critical`): a signal there is acted on once the file is whole.
 
+Python runs a handler once for any number of deliveries of one signal that arrive while the main
+thread is inside C code (a checkpoint write): two quick SIGTERMs read as one. Signals are counted
+from a wakeup pipe instead (CPython writes one byte per delivery), so a second signal is never lost.
+
 MindSpore installs its own C-level SIGINT handler when its context starts, and that handler sends
 the process SIGTERM (mindspore/ccsrc/utils/signal_util.cc, `DefaultIntHandler`), so Ctrl-C would
 read as SIGTERM; `rearm` puts ours back after MindSpore has run, so the user's signal is reported.
@@ -12,6 +16,7 @@ read as SIGTERM; `rearm` puts ours back after MindSpore has run, so the user's s
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 
 from bit_transfer.errors import Interrupted
@@ -27,6 +32,7 @@ class StopFlag:
         self.signal: int | None = None
         self._old: dict = {}
         self._deferred = False
+        self._pipe = None  # (read fd, write fd, the wakeup fd it replaced)
 
     def __enter__(self):
         for s in SIGNALS:
@@ -34,18 +40,45 @@ class StopFlag:
                 self._old[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread: no handlers, no graceful stop
                 pass
+        if self._old:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._pipe = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
         return self
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old = {}
+        if self._pipe:
+            r, w, previous = self._pipe
+            signal.set_wakeup_fd(previous)
+            os.close(r)
+            os.close(w)
+            self._pipe = None
+
+    def _deliveries(self) -> int:
+        """SIGINT/SIGTERM deliveries not yet counted (1 without a wakeup pipe)."""
+        if not self._pipe:
+            return 1
+        try:
+            data = os.read(self._pipe[0], 4096)
+        except BlockingIOError:  # an earlier call of the handler counted them already
+            return 0
+        return sum(b in SIGNALS for b in data)
 
     def _handle(self, signum, frame):
-        self.count += 1
+        # at least one: a library that took the wakeup fd over must not make a signal vanish
+        self.count += max(self._deliveries(), 0 if self.count else 1)
         self.signal = self.signal or signum
         if self.count > 2 and not self._deferred:  # a third signal: the user insists
             raise KeyboardInterrupt
+
+    def request(self, signum: int) -> None:
+        """Stop as if `signum` had arrived here (another rank received it)."""
+        if not self:
+            self.count, self.signal = 1, signum
 
     def rearm(self) -> None:
         """Take SIGINT back from MindSpore (see the module docstring); cheap enough for every step."""

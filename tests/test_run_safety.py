@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, one_line_error, run_cli, scratch_fs, snapshot, write_recipe
-from test_train import assert_params_close, final_params, pattern_task, read_jsonl, tiny_recipe
+from test_train import final_params, pattern_task, read_jsonl, tiny_recipe
 
 STEPS = 20
 
@@ -341,11 +341,11 @@ def test_eta_counts_only_the_steps_of_this_process():
     from bit_transfer.train import Throughput
 
     t = Throughput(batch=16, step=990)  # resumed at step 990 of 1000
-    t.tick(991)
+    t.tick()
     assert t.eta(991, 1000) is None  # the first step carries the compile: no estimate from it
     t.t1 -= 1.0  # pretend the steps after the first took 0.5 s each
-    t.tick(992)
-    t.tick(993)
+    t.tick()
+    t.tick()
     assert t.eta(993, 1000) == pytest.approx(7 * 0.5, rel=0.05)
 
 
@@ -413,3 +413,28 @@ def test_a_feature_cache_that_is_a_file_is_one_line(task, tmp_path):
                   "--feature-cache", tmp_path / "cache", "--run-dir", tmp_path / "sweep")
     assert "a file stands where a directory should be" in one_line_error(out, "fewshot")
     assert (tmp_path / "cache").read_text() == "mine"
+
+
+def test_two_signals_during_one_long_c_call_count_twice():
+    """Python runs its handler once for both when they land inside one C call (a checkpoint write);
+    the stop flag counts the deliveries, so the second signal still skips the evaluation."""
+    import threading
+
+    from bit_transfer.signals import StopFlag
+
+    big = np.random.default_rng(0).random(40_000_000)
+    with StopFlag() as stop:
+        def send_two():
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        sender = threading.Thread(target=send_two)
+        sender.start()
+        t = time.perf_counter()
+        np.sort(big)  # one C call, far longer than the sender's 70 ms
+        assert time.perf_counter() - t > 0.1
+        sender.join()
+        time.sleep(0.01)
+        assert stop.count == 2 and stop.hard and stop.name == "SIGTERM"
