@@ -1,5 +1,9 @@
 """Errors a user can fix: the CLI prints their message as one line and exits with code 2."""
 
+import errno
+import shutil
+from pathlib import Path
+
 
 class UsageError(Exception):
     """Base class: bad recipe, missing data or weights, a file that is not what it claims.
@@ -41,13 +45,9 @@ class StorageError(UsageError):
 
 def storage_error(e: OSError, path, needed: int | None = None) -> StorageError:
     """One line for an OSError met while writing `path`: what happened and what to do."""
-    import errno
-    import shutil
-    from pathlib import Path
-
     path = Path(path)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_bytes(path, shutil)
+        free = _free_bytes(path)
         need = f"about {_mb(needed)} needed, " if needed else ""
         return StorageError(f"no space left writing {path} ({need}{_mb(free)} free); free some space and rerun")
     if e.errno == errno.EROFS:
@@ -59,7 +59,7 @@ def storage_error(e: OSError, path, needed: int | None = None) -> StorageError:
     return StorageError(f"cannot write {path}: {e.strerror or e}")
 
 
-def _free_bytes(path, shutil) -> int:
+def _free_bytes(path: Path) -> int:
     for p in (path, *path.parents):
         try:
             return shutil.disk_usage(p).free

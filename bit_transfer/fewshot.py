@@ -28,7 +28,7 @@ import numpy as np
 from bit_transfer import planning
 from bit_transfer.errors import RecipeError, UsageError
 from bit_transfer.recipe import Recipe
-from bit_transfer.rundir import RunDir, recipe_diff
+from bit_transfer.rundir import RunDir, describe_diff, recipe_diff
 from bit_transfer.signals import StopFlag
 
 MODES = ("finetune", "linear")
@@ -70,13 +70,9 @@ def claim_sweep_dir(sweep_dir, base: Recipe) -> tuple[RunDir, bool]:
         saved = yaml.safe_load(marker.read_text()) or {}
         diff = recipe_diff(saved, base.to_dict())
         if diff:
-            from bit_transfer.rundir import flat
-
-            a, b = flat(saved), flat(base.to_dict())
-            shown = ", ".join(f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)" for k in diff[:3])
             raise UsageError(
-                f"{sweep} is a sweep of a different recipe: {shown}; rerun with the same recipe, --set and "
-                "--mode to resume it, or choose another --run-dir"
+                f"{sweep} is a sweep of a different recipe: {describe_diff(saved, base.to_dict(), diff)}; rerun with "
+                "the same recipe, --set and --mode to resume it, or choose another --run-dir"
             )
         return sweep, True
     sweep.write_yaml("sweep.yaml", base.to_dict())

@@ -6,7 +6,7 @@ No MindSpore import here: `bit-transfer plan` must start fast.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bit_transfer import hyperrule
 from bit_transfer.errors import RecipeError

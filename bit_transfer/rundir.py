@@ -47,6 +47,17 @@ def resumable(key: str) -> bool:
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
 
 
+def describe_diff(saved: dict, now: dict, keys: list[str], most: int = 3) -> str:
+    """'rule.steps (20 there, 30 now), ...' for the first `most` differing keys, for one-line errors."""
+    a, b = flat(saved), flat(now)
+    shown = ", ".join(f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)" for k in keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 class RunDir:
     """One run's directory. `claim` makes or opens it; the writers below are the only ones used."""
 
@@ -99,10 +110,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise storage_error(e, self.path) from None
-        try:
-            runlog.write_json(self.path / MARKER, {"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        except OSError as e:  # write_atomic's own cleanup can fail too on a read-only file system
-            raise storage_error(e, self.path) from None
+        runlog.write_json(self.path / MARKER, {"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def discard_if_unused(self) -> None:
         """After a failure before anything worth keeping (no checkpoint, no logged step: a diverged run's
@@ -114,7 +122,7 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         for child in self.path.iterdir():  # it was empty, or a run with nothing to resume
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            _remove(child)
 
     def restart(self) -> None:
         """Empty the run, marker kept: for runs that restart rather than resume (a linear probe: seconds)."""
@@ -122,10 +130,10 @@ class RunDir:
             return
         for child in self.path.iterdir():
             if child.name not in (MARKER, "evals"):  # `bit-transfer eval` results are the user's
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                _remove(child)
 
     # ------------------------------------------------------------------ recipe and results
-    def check_recipe(self, recipe_dict: dict, sets_hint: str = "") -> list[str]:
+    def check_recipe(self, recipe_dict: dict) -> list[str]:
         """Refuse to continue a run of another recipe; returns the resumable keys that changed."""
         saved_path = self.path / "recipe.yaml"
         if not saved_path.is_file():
@@ -136,13 +144,11 @@ class RunDir:
         diff = recipe_diff(saved, recipe_dict)
         fixed = [k for k in diff if not resumable(k)]
         if fixed:
-            a, b = flat(saved), flat(recipe_dict)
-            shown = ", ".join(f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)" for k in fixed[:3])
-            more = f" and {len(fixed) - 3} more" if len(fixed) > 3 else ""
+            may = ", ".join(r + "*" if r.endswith(".") else r for r in RESUMABLE)
             raise UsageError(
-                f"{self.path} holds a run of a different recipe: {shown}{more}; rerun with the run's own settings "
-                f"to resume it, or start a new run with another --run-dir (only train.eval_every, "
-                f"train.checkpoint_every, train.keep_checkpoints, data.skip_corrupt, data.workers and log.* may change)"
+                f"{self.path} holds a run of a different recipe: {describe_diff(saved, recipe_dict, fixed)}; rerun "
+                f"with the run's own settings to resume it, or start a new run with another --run-dir "
+                f"(only {may} may change)"
             )
         return diff
 

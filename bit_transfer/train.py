@@ -11,6 +11,7 @@ A signal at any moment leaves a whole checkpoint (`signals.StopFlag`); rerunning
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,7 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
         net.freeze_backbone()
     model = cast_model(net, tcfg.precision)  # fp16: a wrapper around `net`, same Parameters
     meta = latest[2] if latest else {}
-    batch_split = int(meta.get("batch_split") or 0) or _batch_split(tcfg, plan, model, dataset.num_classes, say)
+    batch_split = int(meta.get("batch_split") or 0) or _batch_split(tcfg, plan, model, say)
     # batch_split is kept from the checkpoint on resume: the global micro-batch (batch / batch_split)
     # and so the data stream stay the same whatever the number of ranks now.
     layout = planning.batch_layout(plan.batch_size, batch_split, world=world.size)
@@ -201,7 +202,6 @@ def build_model(model_cfg, num_classes: int, *, log=print):
 
 
 def _train_step(model, plan, tcfg, batch_split: int, ranks: int):
-
     return TrainStep(model, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=batch_split,
                      precision=tcfg.precision, jit=tcfg.jit, ranks=ranks)
 
@@ -239,7 +239,7 @@ def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool |
             loss = _mean_over_ranks(loss, s.world)
             skips = _check_update(s, loss, applied, lr, skips)
             s.step += 1
-            timer.tick(s.step)
+            timer.tick()
             _log_step(s, loss, lr, timer)
             if _should_stop(s, stop, stop_after):
                 break
@@ -253,7 +253,6 @@ def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool |
 
 
 def _train_stream(s: Session):
-
     d, plan, split = s.recipe.data, s.plan, s.layout.batch_split
     return pipeline.train_batches(
         s.dataset.train, precrop=plan.precrop, crop=plan.crop, micro_batch=s.layout.micro_batch,
@@ -304,7 +303,7 @@ class Throughput:
         self.window_t, self.window_steps, self.ips = time.perf_counter(), 0, float("nan")
         self.t1 = None  # after this process's first step, which carries the compile
 
-    def tick(self, step: int) -> None:
+    def tick(self) -> None:
         self.window_steps += 1
         if self.t1 is None:
             self.t1 = time.perf_counter()
@@ -334,8 +333,8 @@ def _log_step(s: Session, loss: float, lr: float, timer: Throughput) -> None:
 
 def _should_stop(s: Session, stop: StopFlag, stop_after: int | None) -> bool:
     if s.world.size > 1:  # a signal reaches the ranks at different steps: stop them together
-        if distributed.all_reduce_sum(np.array([bool(stop)]))[0] and not stop:
-            stop.count, stop.signal = 1, 15
+        if distributed.all_reduce_sum(np.array([bool(stop)]))[0]:
+            stop.request(signal.SIGTERM)
     if not stop and not (stop_after is not None and s.plan.steps > s.step >= stop_after):
         return False
     s.stopped = stop.name if stop else f"--stop-after {stop_after}"
@@ -446,7 +445,7 @@ def _diverged(losses: list) -> str | None:
 
 
 # ----------------------------------------------------------------------------- batch_split: auto
-def _batch_split(tcfg, plan, model, num_classes: int, say) -> int:
+def _batch_split(tcfg, plan, model, say) -> int:
     if tcfg.batch_split != "auto":
         return tcfg.batch_split
     return choose_batch_split(plan.batch_size, lambda m: _probe(model, m, plan.crop, tcfg), log=say)

@@ -176,7 +176,7 @@ def _image_size(given, recorded: Callable[[], tuple[int | None, str]], fallback_
         return size, where
     if fallback_size is not None:
         return fallback_size()
-    return DEFAULT_SIZE, f"the default; pass --image-size N for the resolution the model was trained at"
+    return DEFAULT_SIZE, "the default; pass --image-size N for the resolution the model was trained at"
 
 
 # ---------------------------------------------------------------- ONNX
