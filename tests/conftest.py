@@ -76,8 +76,11 @@ def one_line_error(out, command: str, code: int = 2, label: str = "error") -> st
 
 
 def snapshot(root: Path) -> dict:
-    """Every file below `root` with its bytes: to prove nothing a user had was changed."""
-    return {p: p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    """Every file below `root` (or `root` itself), by relative name, with its bytes and mode: to prove
+    nothing a user had was changed."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)) if p != root else ".": (p.read_bytes(), p.stat().st_mode) for p in files}
 
 
 def write_recipe(path: Path, recipe) -> Path:

@@ -5,12 +5,11 @@ import json
 import pickle
 import shutil
 import stat
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import one_line_error, run_cli, scratch_fs
+from conftest import one_line_error, run_cli, scratch_fs, snapshot
 from datagen import pattern_task, tiny_recipe
 
 
@@ -18,13 +17,6 @@ def ok(out):
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
     return out.stdout
-
-
-def snapshot(root: Path) -> dict:
-    """Every file under root (or root itself): its bytes and mode, by relative name (conftest's
-    snapshot keeps bytes only)."""
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root)) if p != root else ".": (p.read_bytes(), p.stat().st_mode) for p in files}
 
 
 @pytest.fixture(scope="module")
