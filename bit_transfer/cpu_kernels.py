@@ -5,7 +5,8 @@ gradient check.
 Why: on CPU, MindSpore 2.8's `GroupNorm`/`GroupNormGrad` kernels run at ~9 ns per element (an
 elementwise op: ~0.3 ns), and they were ~half of a BiT training step (activations and weight
 standardisation). Composites of reductions were faster but kept 2-4x the memory. The kernels here
-(`SOURCE` below, single-threaded and vectorised, statistics accumulated in float64) are the same
+(`SOURCE` below, vectorised, statistics accumulated in float64; the channels-last GroupNorm of
+the oneDNN models also on OpenMP threads) are the same
 maths and keep the fused op's memory: they save only the per-row mean and 1/std for the backward
 pass (the fused ReLU's backward reads the output, which the next convolution keeps anyway). The
 finite check reads the exponent bits of every gradient once; MindSpore's CPU reductions made the
@@ -33,10 +34,14 @@ from pathlib import Path
 # Inline (not a package-data file) so every install has it.
 SOURCE = r"""
 // GroupNorm and weight standardisation forward/backward, and a finite check, for MindSpore CPU
-// custom (aot) ops. Single-threaded (see CXX_FLAGS); float64 statistics.
+// custom (aot) ops. Single-threaded but for the channels-last GroupNorm (see CXX_FLAGS); float64 statistics.
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // Forward over R rows of K = Cg*HW values: row r is group (r % G) of sample r / G, its channel j
 // is (r % G)*Cg + j. gamma == nullptr: no affine (weight standardisation).
@@ -169,6 +174,165 @@ extern "C" int gn_relu_bwd(int nparam, void **params, int *, int64_t **shapes, c
   return gn_bwd_impl<true>(nparam, params, shapes);
 }
 
+// Threads for the channels-last kernels: one per 256 K values up to the OpenMP maximum (these run
+// between oneDNN's convolutions, on the same GNU OpenMP thread team); 1 without -fopenmp.
+static int threads(int64_t values) {
+#ifdef _OPENMP
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), values >> 18)));
+#else
+  return 1;
+#endif
+}
+
+// GroupNorm of channels-last activations (the layout of the oneDNN convolutions,
+// bit_transfer/onednn_conv.py): x (N, HW, G, Cg), row r = n * G + g as above. Per sample, the
+// per-channel sums run along the contiguous channels (vectorised over C); statistics in float64 as
+// above. (Blocks of ~64 channels, each pass over all pixels, to keep a block in L2 between passes:
+// 1.7x slower, the strided 256-byte rows defeat the prefetcher.)
+template <bool RELU>
+static void gn_nhwc_forward(const float *x, const float *gamma, const float *beta, float eps, float *y, float *mean_out,
+                            float *rstd_out, int64_t N, int64_t HW, int64_t G, int64_t Cg) {
+  const int64_t C = G * Cg;
+  const double K = static_cast<double>(Cg * HW);
+#pragma omp parallel for num_threads(threads(N * HW * C)) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<double> acc(C, 0.0), md(C);
+    std::vector<float> m(C), a(C), b(C);
+    const float *xn = x + n * HW * C;
+    for (int64_t p = 0; p < HW; ++p) {
+      const float *xp = xn + p * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) acc[c] += xp[c];
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      double sum = 0.0;
+      for (int64_t j = 0; j < Cg; ++j) sum += acc[g * Cg + j];
+      for (int64_t j = 0; j < Cg; ++j) {
+        md[g * Cg + j] = sum / K;
+        m[g * Cg + j] = static_cast<float>(sum / K);
+      }
+      mean_out[n * G + g] = static_cast<float>(sum / K);
+    }
+    // Squared deviations from the float64 mean, as gn_forward's second pass.
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t p = 0; p < HW; ++p) {
+      const float *xp = xn + p * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) { const double d = xp[c] - md[c]; acc[c] += d * d; }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      double v = 0.0;
+      for (int64_t j = 0; j < Cg; ++j) v += acc[g * Cg + j];
+      const float rstd = static_cast<float>(1.0 / std::sqrt(v / K + eps));
+      rstd_out[n * G + g] = rstd;
+      for (int64_t j = 0; j < Cg; ++j) {
+        a[g * Cg + j] = rstd * gamma[g * Cg + j];
+        b[g * Cg + j] = beta[g * Cg + j];
+      }
+    }
+    float *yn = y + n * HW * C;
+    for (int64_t p = 0; p < HW; ++p) {
+      const float *xp = xn + p * C;
+      float *yp = yn + p * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float z = (xp[c] - m[c]) * a[c] + b[c];
+        yp[c] = RELU ? (z > 0.f ? z : 0.f) : z;
+      }
+    }
+  }
+}
+
+template <bool RELU>
+static void gn_nhwc_backward(const float *dy, const float *x, const float *mean, const float *rstd, const float *gamma,
+                             const float *y, float *dx, float *dgamma, float *dbeta, int64_t N, int64_t HW, int64_t G,
+                             int64_t Cg) {
+  const int64_t C = G * Cg;
+  const double K = static_cast<double>(Cg * HW);
+  // Per sample and channel: sum dz*xhat and sum dz over the pixels, in float (as gn_backward's
+  // per-channel sums; float64 lanes kept this loop from vectorising: 7x slower).
+  std::vector<float> sa(N * C, 0.f), sb(N * C, 0.f);
+#pragma omp parallel for num_threads(threads(N * HW * C)) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<float> m(C), rs(C), gm(C), mg(C), mgx(C);
+    float *an = sa.data() + n * C, *bn = sb.data() + n * C;
+    const int64_t off = n * HW * C;
+    for (int64_t c = 0; c < C; ++c) {
+      m[c] = mean[n * G + c / Cg];
+      rs[c] = rstd[n * G + c / Cg];
+    }
+    for (int64_t p = 0; p < HW; ++p) {
+      const float *xp = x + off + p * C, *dp = dy + off + p * C, *yp = RELU ? y + off + p * C : nullptr;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = RELU ? (yp[c] > 0.f ? dp[c] : 0.f) : dp[c];
+        an[c] += d * ((xp[c] - m[c]) * rs[c]);
+        bn[c] += d;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      double sg = 0.0, sgx = 0.0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        sg += gamma[c] * bn[c];
+        sgx += gamma[c] * an[c];
+      }
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        mg[c] = static_cast<float>(sg / K);
+        mgx[c] = static_cast<float>(sgx / K);
+        gm[c] = gamma[c] * rs[c];
+      }
+    }
+    for (int64_t p = 0; p < HW; ++p) {
+      const float *xp = x + off + p * C, *dp = dy + off + p * C, *yp = RELU ? y + off + p * C : nullptr;
+      float *out = dx + off + p * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = RELU ? (yp[c] > 0.f ? dp[c] : 0.f) : dp[c];
+        out[c] = gm[c] * d - rs[c] * (mg[c] + ((xp[c] - m[c]) * rs[c]) * mgx[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {  // over samples in float64, in order (the same for any thread count)
+    double tg = 0.0, tb = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      tg += sa[n * C + c];
+      tb += sb[n * C + c];
+    }
+    dgamma[c] = static_cast<float>(tg);
+    dbeta[c] = static_cast<float>(tb);
+  }
+}
+
+// (x (N, HW, G, Cg), gamma (C,), beta (C,), eps (1,)) -> (y, mean (N*G,), rstd (N*G,))
+template <bool RELU>
+static int gn_nhwc_fwd_impl(int nparam, void **params, int64_t **shapes) {
+  if (nparam != 7) return 1;
+  gn_nhwc_forward<RELU>(CF(0), CF(1), CF(2), *CF(3), F(4), F(5), F(6), shapes[0][0], shapes[0][1], shapes[0][2],
+                        shapes[0][3]);
+  return 0;
+}
+// (dy, x, mean, rstd, gamma[, y if RELU]) -> (dx, dgamma, dbeta)
+template <bool RELU>
+static int gn_nhwc_bwd_impl(int nparam, void **params, int64_t **shapes) {
+  if (nparam != (RELU ? 9 : 8)) return 1;
+  const int o = RELU ? 6 : 5;
+  gn_nhwc_backward<RELU>(CF(0), CF(1), CF(2), CF(3), CF(4), RELU ? CF(5) : nullptr, F(o), F(o + 1), F(o + 2),
+                         shapes[0][0], shapes[0][1], shapes[0][2], shapes[0][3]);
+  return 0;
+}
+extern "C" int gn_nhwc_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_nhwc_fwd_impl<false>(nparam, params, shapes);
+}
+extern "C" int gn_relu_nhwc_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_nhwc_fwd_impl<true>(nparam, params, shapes);
+}
+extern "C" int gn_nhwc_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_nhwc_bwd_impl<false>(nparam, params, shapes);
+}
+extern "C" int gn_relu_nhwc_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return gn_nhwc_bwd_impl<true>(nparam, params, shapes);
+}
+
 // Weight standardisation of a conv kernel in its own (O, I, kh, kw) layout, one row per output
 // channel, no affine (no reshape copies around the op): (w, eps (1,)) -> (y, mean (O,), rstd (O,)).
 static int64_t trailing(int ndim, const int64_t *shape) {
@@ -210,10 +374,11 @@ extern "C" int all_finite(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 """
-# -fopenmp-simd: only the `omp simd` hints, no threads. With OpenMP threads the kernel was faster
-# on an idle machine but 2x slower than the built-in op when another job held a core (spinning
-# barriers next to MindSpore's own thread pool); single-threaded it stayed ahead in both cases.
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
+# -fopenmp: the NCHW kernels stay single-threaded (with OpenMP threads they were faster on an idle
+# machine but 2x slower than the built-in op when another job held a core: spinning barriers next to
+# MindSpore's own thread pool). The channels-last GroupNorm runs between oneDNN's convolutions, which
+# use the same GNU OpenMP team anyway: 2 threads made it 2x faster (R50x1 step: Custom ops 505 -> 345 ms).
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _compiler() -> str | None:
@@ -233,48 +398,54 @@ def target_features(cxx: str) -> str:
     return "\n".join(sorted(out.splitlines()))
 
 
-def library_key(target: str) -> str:
+def library_key(target: str, source: str | None = None, flags: list[str] | None = None) -> str:
     """Source, flags and the compiler's target features: not the host name, so a shared home or a
     re-provisioned host with another CPU never loads a library built for instructions it lacks
     (an illegal-instruction crash), and one CPU model shares one build."""
-    return hashlib.sha256("\n".join([SOURCE, " ".join(CXX_FLAGS), target]).encode()).hexdigest()[:16]
+    source, flags = SOURCE if source is None else source, CXX_FLAGS if flags is None else flags
+    return hashlib.sha256("\n".join([source, " ".join(flags), target]).encode()).hexdigest()[:16]
 
 
-def _library_path(cxx: str) -> Path:
+def _library_path(cxx: str, name: str = "cpu_kernels", source: str | None = None,
+                  flags: list[str] | None = None) -> Path:
     from bit_transfer import paths
 
-    return paths.home() / "kernels" / f"cpu_kernels-{library_key(target_features(cxx))}.so"
+    return paths.home() / "kernels" / f"{name}-{library_key(target_features(cxx), source, flags)}.so"
 
 
-def build() -> Path | None:
-    """Compile the kernel library (atomic rename, so concurrent processes are safe).
+def build(name: str = "cpu_kernels", source: str | None = None, flags: list[str] | None = None,
+          link: list[str] = ()) -> Path | None:
+    """Compile a kernel library (default: this module's SOURCE with CXX_FLAGS) once per key into
+    paths.home()/kernels (atomic rename, so concurrent processes are safe). `link` follows the
+    source on the command line (libraries; bit_transfer/onednn_conv.py links oneDNN).
 
     None when there is no C++ compiler; RuntimeError (with the compiler's message) when it fails.
     """
     cxx = _compiler()
     if not cxx:
         return None
-    lib = _library_path(cxx)
+    source, flags = SOURCE if source is None else source, CXX_FLAGS if flags is None else flags
+    lib = _library_path(cxx, name, source, flags + list(link))
     if lib.exists():
         return lib
     try:
         lib.parent.mkdir(parents=True, exist_ok=True)
-        return _compile(cxx, lib)
+        return _compile([cxx, *flags], source, list(link), lib)
     except OSError as e:  # BIT_TRANSFER_HOME a file, read-only, full: the built-in ops still work
         raise RuntimeError(f"cannot write {lib.parent} ({e.strerror or e}); check BIT_TRANSFER_HOME") from None
 
 
-def _compile(cxx: str, lib: Path) -> Path:
+def _compile(command: list[str], source: str, link: list[str], lib: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        src, out = Path(tmp) / "cpu_kernels.cc", Path(tmp) / "cpu_kernels.so"
-        src.write_text(SOURCE)
+        src, out = Path(tmp) / "kernels.cc", Path(tmp) / "kernels.so"
+        src.write_text(source)
         try:
-            subprocess.run([cxx, *CXX_FLAGS, "-o", str(out), str(src)], check=True, capture_output=True, timeout=120)
+            subprocess.run([*command, "-o", str(out), str(src), *link], check=True, capture_output=True, timeout=300)
         except subprocess.CalledProcessError as e:
             first = next((ln for ln in e.stderr.decode(errors="replace").splitlines() if "error" in ln), "")
-            raise RuntimeError(f"{cxx} failed: {first.strip()[:300]}") from None
+            raise RuntimeError(f"{command[0]} failed: {first.strip()[:300]}") from None
         except (OSError, subprocess.SubprocessError) as e:
-            raise RuntimeError(f"{cxx} failed: {e}") from None
+            raise RuntimeError(f"{command[0]} failed: {e}") from None
         os.replace(out, lib)
     return lib
 
@@ -307,9 +478,10 @@ def _ops():
 
     f32 = ms.float32
 
-    def group_norm(relu: bool):
+    def group_norm(relu: bool, nhwc: bool):
         """Forward primitive whose bprop is the matching backward kernel."""
-        name = "gn_relu" if relu else "gn"
+        name = ("gn_relu" if relu else "gn") + ("_nhwc" if nhwc else "")
+        rows = (lambda x: (x[0] * x[2],)) if nhwc else (lambda x: (x[0],))
         bwd = ops.Custom(
             f"{lib}:{name}_bwd",
             out_shape=lambda dy, x, mean, rstd, gamma, *y: (dy, gamma, gamma),
@@ -326,7 +498,7 @@ def _ops():
 
         return ops.Custom(
             f"{lib}:{name}_fwd",
-            out_shape=lambda x, gamma, beta, eps: (x, (x[0],), (x[0],)),
+            out_shape=lambda x, gamma, beta, eps: (x, rows(x), rows(x)),
             out_dtype=lambda *_: (f32, f32, f32),
             func_type="aot",
             bprop=bprop,
@@ -350,15 +522,20 @@ def _ops():
         out_dtype=lambda *dtypes: ms.bool_,
         func_type="aot",
     )
-    return {"gn": group_norm(relu=False), "gn_relu": group_norm(relu=True), "ws": ws, "all_finite": finite}
+    kernels = {"ws": ws, "all_finite": finite}
+    for relu in (False, True):
+        for nhwc in (False, True):
+            kernels[("gn_relu" if relu else "gn") + ("_nhwc" if nhwc else "")] = group_norm(relu, nhwc)
+    return kernels
 
 
-def group_norm_primitive(relu: bool = False):
+def group_norm_primitive(relu: bool = False, nhwc: bool = False):
     """The forward Custom primitive `(x (R, Cg, HW), gamma (C,), beta (C,), eps (1,)) -> (y, mean, rstd)`
     with R = N*groups and C = groups*Cg (float32), y = GroupNorm(x) or, with `relu`, max(0, GroupNorm(x));
-    None where the built-in op must be used."""
+    with `nhwc` x is channels-last, (N, HW, groups, Cg), and mean/rstd are (N*groups,). None where the
+    built-in op must be used."""
     found = _ops()
-    return None if found is None else found["gn_relu" if relu else "gn"]
+    return None if found is None else found[("gn_relu" if relu else "gn") + ("_nhwc" if nhwc else "")]
 
 
 def weight_standardisation_primitive():

@@ -235,6 +235,8 @@ def cast_model(model: nn.Cell, precision: str) -> nn.Cell:
     dtype = PRECISIONS[precision]
     if dtype is None:
         return model
+    if hasattr(model, "set_layout"):  # the channels-last CPU kernels are float32 kernels
+        model.set_layout(False)
     if dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
         raise UsageError(
             "train.precision: bf16 needs Ascend or GPU: MindSpore's CPU backend has no bf16 kernels "

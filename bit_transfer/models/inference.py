@@ -3,7 +3,7 @@
 At inference a StdConv2d's standardised weight (w - mean) / sqrt(var + 1e-10) (per output channel)
 is a fixed function of its raw weight, so it is computed once here, by the layer's own code (the
 values the training graph computes, bit for bit), and the inference model convolves with it
-directly (plain `ops.conv2d`, the training model's padding code). The training model is untouched:
+directly (the training model's convolution, without the standardisation). The training model is untouched:
 standardisation stays inside its graph, with gradients through it.
 
     from bit_transfer.models.inference import fold
@@ -27,10 +27,10 @@ import weakref
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from bit_transfer.models.resnetv2 import ResNetV2, StdConv2d, conv_geometry, padded_conv
+from bit_transfer.models.resnetv2 import ConvLayer, ResNetV2, StdConv2d
 
 
-class FoldedConv2d(nn.Cell):
+class FoldedConv2d(ConvLayer):
     """StdConv2d at inference: a plain conv on an already standardised weight (not trainable).
 
     Same signature as StdConv2d (ResNetV2 builds either); the weight starts at zero and is written
@@ -38,12 +38,11 @@ class FoldedConv2d(nn.Cell):
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
-        super().__init__()
-        self.kernel, self.stride, self.dynamic, self.pad = conv_geometry(kernel, stride, padding)
+        super().__init__(kernel, stride, padding)
         self.weight = Parameter(Tensor(np.zeros((cout, cin, kernel, kernel), np.float32)), requires_grad=False)
 
     def construct(self, x):
-        return padded_conv(x, self.weight, self.kernel, self.stride, self.dynamic, self.pad)
+        return self.convolve(x, self.weight)
 
 
 class FoldedResNetV2(ResNetV2):

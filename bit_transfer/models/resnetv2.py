@@ -25,7 +25,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from bit_transfer.errors import UsageError
-from bit_transfer import cpu_kernels
+from bit_transfer import cpu_kernels, onednn_conv
 from bit_transfer.archs import ARCHS, CUSTOM, MODELS, canonical_name, list_models  # noqa: F401 (re-exported)
 
 WS_EPS = 1e-10  # official bit_pytorch StdConv2d; transformers/timm use 1e-8 (immaterial)
@@ -115,7 +115,31 @@ def conv_geometry(kernel: int, stride: int, padding: str) -> tuple[int, int, boo
     return kernel, stride, dynamic, 0 if dynamic else kernel // 2
 
 
-class StdConv2d(nn.Cell):
+def channels_last_available() -> bool:
+    """Whether models built now run channels-last on oneDNN (CPU, float32; onednn_conv.library())."""
+    return onednn_conv.library() is not None and cpu_kernels.group_norm_primitive(nhwc=True) is not None
+
+
+class ConvLayer(nn.Cell):
+    """What StdConv2d and the inference layer (models/inference.py) share: the geometry and the
+    convolution op, oneDNN's (bit_transfer/onednn_conv.py, float32 on CPU, padding inside the
+    kernel) where it is available, else `ops.conv2d` after our own padding."""
+
+    def __init__(self, kernel: int, stride: int, padding: str):
+        super().__init__()
+        self.kernel, self.stride, self.dynamic, self.pad = conv_geometry(kernel, stride, padding)
+        self.nhwc = False  # ResNetV2.set_layout; a layer on its own takes NCHW
+        self.conv_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic)
+        if self.conv_op is not None:  # a constant, not a Parameter: names and checkpoints unchanged
+            self.conv_cfg = onednn_conv.config(stride, self.pad, self.dynamic)
+
+    def convolve(self, x, w):
+        if self.nhwc:  # oneDNN, channels-last (only set where conv_op exists)
+            return self.conv_op(x, w, self.conv_cfg)
+        return padded_conv(x, w, self.kernel, self.stride, self.dynamic, self.pad)
+
+
+class StdConv2d(ConvLayer):
     """Weight-standardised conv, no bias: w <- (w - mean) / sqrt(var + 1e-10) per output channel.
 
     Standardising inside the graph keeps the stored weight the raw one, as in every official
@@ -125,8 +149,7 @@ class StdConv2d(nn.Cell):
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
-        super().__init__()
-        self.kernel, self.stride, self.dynamic, self.pad = conv_geometry(kernel, stride, padding)
+        super().__init__(kernel, stride, padding)
         self.weight = Parameter(Tensor.from_numpy(_he_normal((cout, cin, kernel, kernel))))
         self.ws_kernel = cpu_kernels.weight_standardisation_primitive()
         if self.ws_kernel is not None:  # a constant, not a Parameter: names and checkpoints unchanged
@@ -138,7 +161,7 @@ class StdConv2d(nn.Cell):
         # mean/var/rsqrt composite (benchmarks/model_speed.py --ws composite). The compiled CPU
         # kernel works on the (O, I, kh, kw) weight in place (the reshapes copied ~2 % of a step).
         w = self.standardised_weight(x.dtype == ms.float32)  # float32 kernels; amp models: the op
-        return padded_conv(x, w, self.kernel, self.stride, self.dynamic, self.pad)
+        return self.convolve(x, w)
 
     def standardised_weight(self, kernel: bool = True):
         """The standardised weight the layer convolves with; models/inference.py folds it once from here,
@@ -178,10 +201,17 @@ class GroupNormAct(nn.Cell):
         self.weight = Parameter(Tensor(np.ones(channels, np.float32)))
         self.bias = Parameter(Tensor(np.zeros(channels, np.float32)))
         self.gn_kernel = cpu_kernels.group_norm_primitive(relu=act)  # ReLU fused into the kernel
+        self.gn_kernel_nhwc = cpu_kernels.group_norm_primitive(relu=act, nhwc=True)
+        self.nhwc = False  # ResNetV2.set_layout: channels-last (float32, compiled kernels only)
         if self.gn_kernel is not None:
             self.eps = Tensor([GN_EPS], ms.float32)
 
     def construct(self, x):
+        if self.nhwc:
+            n, h, w, c = x.shape
+            y = self.gn_kernel_nhwc(x.reshape(n, h * w, self.groups, c // self.groups), self.weight, self.bias,
+                                    self.eps)[0]
+            return y.reshape(x.shape)
         # The compiled kernels are float32 kernels and serve float32 models: under fp16 (amp O2) on
         # CPU they trained nothing (zero features; tests/test_train.py::test_fp16_trains...), so
         # half-precision models use MindSpore's op, as on accelerators.
@@ -292,6 +322,18 @@ class ResNetV2(nn.Cell):
         self.num_features = cin
         self.num_classes = 0
         self.reset_head(num_classes)
+        self.nhwc = False
+        self.set_layout(channels_last_available())
+
+    def set_layout(self, nhwc: bool) -> None:
+        """Channels-last activations after the stem (oneDNN convolutions and channels-last GroupNorm
+        kernels, bit_transfer/onednn_conv.py) or NCHW (MindSpore's ops, every device). Inputs and
+        outputs are the same either way. Set before compiling; `step.cast_model` sets NCHW for fp16."""
+        nhwc = bool(nhwc) and channels_last_available()
+        for cell in [self.norm, *(c for _, c in self.stages.cells_and_names())]:
+            if hasattr(cell, "nhwc"):
+                cell.nhwc = nhwc
+        self.nhwc = nhwc
 
     def reset_head(self, num_classes: int) -> None:
         """Zero-initialised head (weight and bias), as BiT-HyperRule fine-tuning prescribes.
@@ -316,10 +358,12 @@ class ResNetV2(nn.Cell):
                 p.requires_grad = not frozen
 
     def forward_features(self, x):
-        x = self.root(x)
+        x = self.root(x)  # NCHW: MindSpore's CPU max-pool takes no other layout
+        if self.nhwc:
+            x = x.transpose(0, 2, 3, 1)
         for stage in self.stages:
             x = stage(x)
-        return self.norm(x).mean(axis=(2, 3))
+        return self.norm(x).mean(axis=(1, 2) if self.nhwc else (2, 3))
 
     def construct(self, x):
         return self.head(self.forward_features(x))

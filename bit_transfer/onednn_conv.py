@@ -1,0 +1,351 @@
+"""Channels-last convolutions on oneDNN 3.x for MindSpore on CPU (`ops.Custom` aot kernels with their
+backward).
+
+Why: MindSpore 2.8 bundles oneDNN 2.2 and hands it plain NCHW/OIHW layouts, so every CPU
+convolution runs as im2col + GEMM (~65 % of an R50x1 training step). oneDNN 3's brgemm convolutions
+read and write channels-last (N, H, W, C) activations as they are and run near the FMA peak on AVX2
+and AVX-512, so a model on these kernels keeps its activations channels-last between the stem and
+the pooling (models/resnetv2.py `set_layout`; GroupNorm has channels-last kernels in cpu_kernels.py).
+Weights stay (O, I, kh, kw) and are reordered into oneDNN's blocked layout per call (into one
+per-thread buffer); oneDNN-in-NCHW with reorders of the activations per call was no faster than
+MindSpore's convolutions. The maths is the same convolution; values and gradients match MindSpore's
+ops to ~1e-6 of the largest value (tests/test_onednn_conv.py). Measurements: docs/performance.md.
+
+oneDNN comes from the package registry (`onednn-cpu-gomp` and `onednn-devel-cpu-gomp`: the
+library built with GNU OpenMP, the runtime MindSpore already loads, and its headers), installed into
+the environment's prefix. Two oneDNNs live in one process: MindSpore's libdnnl.so.2 and our
+libdnnl.so.3 differ in soname, ours is a dependency of our kernel library alone (which MindSpore
+loads with RTLD_LOCAL), and that library exports only its kernel entry points (-fvisibility=hidden);
+tests/test_onednn_conv.py checks both versions answer in one process and neither is global.
+
+Used only where the compiled CPU kernels are (CPU the only device, BIT_TRANSFER_CPU_KERNELS not 0),
+for float32, when oneDNN 3 is installed and the library builds; BIT_TRANSFER_ONEDNN=0 turns these
+off alone. Otherwise models use NCHW and `ops.conv2d` (one warning says why).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+SOURCE = r"""
+// Convolution forward, backward-data and backward-weights on oneDNN 3.x for MindSpore CPU custom
+// (aot) ops. Activations are channels-last (N, H, W, C), which oneDNN 3's brgemm convolutions read
+// and write as they are (no reorder per call; they run near the FMA peak on AVX2 and AVX-512);
+// weights stay (O, I, kh, kw) and are reordered into oneDNN's blocked layout per call. MindSpore 2.8
+// (its own oneDNN 2.2, plain NCHW) runs every convolution as im2col + GEMM.
+// Built with -fvisibility=hidden: only the kernel entry points are exported, and libdnnl.so.3 is a
+// dependency of this library alone (MindSpore's libdnnl.so.2 has another soname).
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+engine &cpu() {
+  static engine e(engine::kind::cpu, 0);
+  return e;
+}
+
+// One convolution's shapes and padding. cfg = [stride, pad, same]: `same` = TF-SAME padding from
+// the input size (the odd pixel after), else `pad` on every side.
+struct Geometry {
+  memory::dims src, wei, dst, strides, pad_l, pad_r;
+  std::string key() const {
+    std::string k;
+    for (const auto *d : {&src, &wei, &strides, &pad_l, &pad_r})
+      for (auto v : *d) k += std::to_string(v) + ",";
+    return k;
+  }
+};
+
+// xs: the activation's (N, H, W, C); oneDNN's dims are (N, C, H, W) whatever the layout.
+Geometry geometry(const int64_t *nhwc, const int64_t *ws, const int32_t *cfg) {
+  const int64_t s = cfg[0], p = cfg[1];
+  const int64_t xs[4] = {nhwc[0], nhwc[3], nhwc[1], nhwc[2]};
+  Geometry g;
+  g.src = {xs[0], xs[1], xs[2], xs[3]};
+  g.wei = {ws[0], ws[1], ws[2], ws[3]};
+  g.strides = {s, s};
+  g.dst = {xs[0], ws[0], 0, 0};
+  g.pad_l = {p, p};
+  g.pad_r = {p, p};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t size = xs[2 + d], k = ws[2 + d];
+    if (cfg[2]) {
+      const int64_t total = std::max<int64_t>((size + s - 1) / s * s - s + k - size, 0);
+      g.pad_l[d] = total / 2;
+      g.pad_r[d] = total - total / 2;
+    }
+    g.dst[2 + d] = (size + g.pad_l[d] + g.pad_r[d] - k) / s + 1;
+  }
+  return g;
+}
+
+memory::desc plain(const memory::dims &d, tag t) { return memory::desc(d, dt::f32, t); }
+memory::desc any(const memory::dims &d) { return memory::desc(d, dt::f32, tag::any); }
+memory::desc nhwc(const memory::dims &d) { return memory::desc(d, dt::f32, tag::nhwc); }
+
+// A buffer per thread for the blocked copy of a weight, grown to the largest one and reused: a fresh
+// allocation per call meant page faults on ~3x the model's weights every step.
+void *scratch(size_t bytes) {
+  struct Buffer {
+    void *data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  static thread_local Buffer b;
+  if (bytes > b.size) {
+    std::free(b.data);
+    b.size = (bytes + 4095) / 4096 * 4096;
+    b.data = std::aligned_alloc(64, b.size);
+    if (!b.data) {
+      b.size = 0;
+      throw std::bad_alloc();
+    }
+  }
+  return b.data;
+}
+
+// One primitive with its activations channels-last (bound as they are) and its weight, or weight
+// gradient, in oneDNN's blocked layout: the reorder from/to the user's OIHW buffer is built once.
+struct Op {
+  primitive prim;
+  int weights_arg;
+  memory::desc user, blocked;
+  reorder convert;
+  bool output;  // the weight gradient: reordered back after the primitive
+
+  template <typename PD>
+  Op(const PD &pd, int arg, const memory::desc &blocked_desc, const memory::dims &wei, bool out)
+      : prim(pd), weights_arg(arg), user(plain(wei, tag::oihw)), blocked(blocked_desc), output(out) {
+    if (user != blocked)
+      convert = out ? reorder(reorder::primitive_desc(cpu(), blocked, cpu(), user))
+                    : reorder(reorder::primitive_desc(cpu(), user, cpu(), blocked));
+  }
+
+  void execute(std::unordered_map<int, memory> args, void *weights) const {
+    stream s(cpu());
+    memory mine(user, cpu(), weights);
+    if (user != blocked) {
+      memory tmp(blocked, cpu(), scratch(blocked.get_size()));
+      if (!output) convert.execute(s, mine, tmp);
+      mine = tmp;
+    }
+    args.emplace(weights_arg, mine);
+    prim.execute(s, args);
+    if (output && user != blocked) {
+      memory back(user, cpu(), weights);
+      convert.execute(s, args.at(weights_arg), back);
+    }
+    s.wait();
+  }
+};
+
+// The three primitives of one geometry, built on first use and kept (creating one costs ~0.1-1 ms).
+struct Convs {
+  Geometry g;
+  convolution_forward::primitive_desc fwd_pd;
+  Op fwd;
+  std::unique_ptr<Op> data, weights;
+  std::once_flag data_once, weights_once;
+
+  explicit Convs(const Geometry &geo)
+      : g(geo),
+        fwd_pd(cpu(), prop_kind::forward_training, algorithm::convolution_direct, nhwc(g.src), any(g.wei), nhwc(g.dst),
+               g.strides, g.pad_l, g.pad_r),
+        fwd(fwd_pd, DNNL_ARG_WEIGHTS, fwd_pd.weights_desc(), g.wei, false) {}
+
+  const Op &backward_data() {
+    std::call_once(data_once, [&] {
+      convolution_backward_data::primitive_desc pd(cpu(), algorithm::convolution_direct, nhwc(g.src), any(g.wei),
+                                                   nhwc(g.dst), g.strides, g.pad_l, g.pad_r, fwd_pd);
+      data = std::make_unique<Op>(pd, DNNL_ARG_WEIGHTS, pd.weights_desc(), g.wei, false);
+    });
+    return *data;
+  }
+
+  const Op &backward_weights() {
+    std::call_once(weights_once, [&] {
+      convolution_backward_weights::primitive_desc pd(cpu(), algorithm::convolution_direct, nhwc(g.src), any(g.wei),
+                                                      nhwc(g.dst), g.strides, g.pad_l, g.pad_r, fwd_pd);
+      weights = std::make_unique<Op>(pd, DNNL_ARG_DIFF_WEIGHTS, pd.diff_weights_desc(), g.wei, true);
+    });
+    return *weights;
+  }
+};
+
+Convs &convs(const Geometry &g) {
+  static std::mutex lock;
+  static std::unordered_map<std::string, std::unique_ptr<Convs>> cache;
+  std::lock_guard<std::mutex> hold(lock);
+  auto &slot = cache[g.key()];
+  if (!slot) slot = std::make_unique<Convs>(g);
+  return *slot;
+}
+
+memory bind(const memory::dims &d, void *data) { return memory(nhwc(d), cpu(), data); }
+
+template <typename F>
+int guarded(const char *what, F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "bit-transfer %s: %s\n", what, e.what());
+    return 1;
+  }
+}
+
+#define F32(i) static_cast<float *>(params[i])
+#define CFG(i) static_cast<const int32_t *>(params[i])
+}  // namespace
+
+// (x (N,H,W,C), w (O,C,kh,kw), cfg (3,) int32) -> y (N,OH,OW,O)
+EXPORT int conv_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  return guarded("conv_fwd", [&] {
+    const Geometry g = geometry(shapes[0], shapes[1], CFG(2));
+    convs(g).fwd.execute({{DNNL_ARG_SRC, bind(g.src, F32(0))}, {DNNL_ARG_DST, bind(g.dst, F32(3))}}, F32(1));
+  });
+}
+
+// (dy, w, x (its shape only), cfg) -> dx
+EXPORT int conv_bwd_data(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 5) return 1;
+  return guarded("conv_bwd_data", [&] {
+    const Geometry g = geometry(shapes[2], shapes[1], CFG(3));
+    convs(g).backward_data().execute(
+        {{DNNL_ARG_DIFF_DST, bind(g.dst, F32(0))}, {DNNL_ARG_DIFF_SRC, bind(g.src, F32(4))}}, F32(1));
+  });
+}
+
+// (dy, x, w (its shape only), cfg) -> dw
+EXPORT int conv_bwd_weights(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 5) return 1;
+  return guarded("conv_bwd_weights", [&] {
+    const Geometry g = geometry(shapes[1], shapes[2], CFG(3));
+    convs(g).backward_weights().execute(
+        {{DNNL_ARG_DIFF_DST, bind(g.dst, F32(0))}, {DNNL_ARG_SRC, bind(g.src, F32(1))}}, F32(4));
+  });
+}
+
+// The oneDNN this library runs on, as major * 10000 + minor * 100 + patch (the separation test
+// checks it is 3.x while MindSpore's own libdnnl.so.2 stays 2.x in the same process).
+EXPORT int onednn_version() {
+  const dnnl_version_t *v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}
+
+// Which implementation oneDNN chose for a forward convolution of this geometry (e.g.
+// "brg:avx512_core", "jit:avx2"): for benchmarks and docs.
+EXPORT const char *conv_impl(const int64_t *xs, const int64_t *ws, const int32_t *cfg) {
+  static thread_local std::string name;
+  name = convs(geometry(xs, ws, cfg)).fwd_pd.impl_info_str();
+  return name.c_str();
+}
+"""
+FLAGS = ["-O2", "-std=c++17", "-fvisibility=hidden", "-shared", "-fPIC"]
+INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
+
+
+def prefix() -> Path | None:
+    """Where oneDNN 3's headers and libdnnl.so.3 are: $DNNLROOT (oneDNN's own convention), else this
+    Python environment (where the wheels put them)."""
+    for root in (os.environ.get("DNNLROOT"), sys.prefix):
+        if root and (Path(root) / "include/oneapi/dnnl/dnnl.hpp").is_file() and (Path(root) / "lib/libdnnl.so.3").exists():
+            return Path(root)
+    return None
+
+
+def _build() -> Path | None:
+    """The kernel library linked against this prefix's libdnnl.so.3 (rpath: no LD_LIBRARY_PATH), keyed
+    by the oneDNN version header too, so a new oneDNN rebuilds it. Raises RuntimeError saying why not."""
+    from bit_transfer import cpu_kernels
+
+    root = prefix()
+    if root is None:
+        raise RuntimeError(f"oneDNN 3 not installed ({INSTALL})")
+    version = (root / "include/oneapi/dnnl/dnnl_version.h").read_text(errors="replace")
+    flags = [*FLAGS, f"-I{root / 'include'}"]
+    lib = cpu_kernels.build("onednn_conv", SOURCE + "\n// " + " ".join(version.split()), flags,
+                            [str(root / "lib/libdnnl.so.3"), f"-Wl,-rpath,{root / 'lib'}"])
+    if lib is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    return lib
+
+
+@functools.cache
+def library() -> Path | None:
+    """The built kernel library, or None where MindSpore's convolutions must be used (one warning
+    when oneDNN or the compiler is missing or the build fails)."""
+    from bit_transfer import cpu_kernels
+
+    if os.environ.get("BIT_TRANSFER_ONEDNN", "1") == "0" or not cpu_kernels.available():
+        return None
+    try:
+        return _build()
+    except RuntimeError as e:
+        warnings.warn(f"bit-transfer: oneDNN convolutions unavailable ({e}); convolutions use MindSpore's "
+                      "built-in op, about 1.3x slower training on CPU. Set BIT_TRANSFER_ONEDNN=0 to silence this.",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+def out_size(size: int, kernel: int, stride: int, pad: int, same: bool) -> int:
+    """Output length of one spatial dim: TF-SAME (`same`) keeps ceil(size / stride); else `pad` per side."""
+    return -(-size // stride) if same else (size + 2 * pad - kernel) // stride + 1
+
+
+@functools.cache
+def conv_primitive(stride: int, pad: int, same: bool):
+    """`(x (N,H,W,C), w (O,C,kh,kw), cfg) -> y (N,OH,OW,O)` float32 (channels-last activations), the convolution with this stride and padding
+    (`same`: TF-SAME from the input size; else `pad` on every side), whose bprop runs oneDNN's
+    backward-data and backward-weights kernels (two ops: a gradient nobody reads, the stem's input,
+    is dropped from the graph). `cfg` is `config(stride, pad, same)`. None where unavailable."""
+    lib = library()
+    if lib is None:
+        return None
+    import mindspore as ms
+    from mindspore import ops
+
+    f32 = lambda *_: ms.float32  # noqa: E731
+
+    def fwd_shape(x, w, cfg):  # channels-last
+        return [x[0], out_size(x[1], w[2], stride, pad, same), out_size(x[2], w[3], stride, pad, same), w[0]]
+
+    data = ops.Custom(f"{lib}:conv_bwd_data", out_shape=lambda dy, w, x, cfg: x, out_dtype=f32, func_type="aot")
+    weights = ops.Custom(f"{lib}:conv_bwd_weights", out_shape=lambda dy, x, w, cfg: w, out_dtype=f32,
+                         func_type="aot")
+
+    def bprop(x, w, cfg, out, dout):
+        return data(dout, w, x, cfg), weights(dout, x, w, cfg), ops.zeros_like(cfg)
+
+    op = ops.Custom(f"{lib}:conv_fwd", out_shape=fwd_shape, out_dtype=f32, func_type="aot", bprop=bprop)
+    # MindSpore caches a Custom op's inferred shape by its function and attributes: without this,
+    # two geometries of one function shared the first one's output shape (PyNative).
+    op.add_prim_attr("geometry", f"{stride},{pad},{int(same)}")
+    return op
+
+
+def config(stride: int, pad: int, same: bool):
+    """The kernels' geometry input: int32 [stride, pad, same]."""
+    import mindspore as ms
+
+    return ms.Tensor([stride, pad, int(same)], ms.int32)
