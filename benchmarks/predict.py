@@ -48,7 +48,7 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import build_ours, make_data, median_rate, peak_rss_gb, torch_model  # noqa: E402
+from train_step import CLEAN_ENV, build_ours, make_data, median_rate, peak_rss_gb, torch_model  # noqa: E402
 
 CONFIGS = ("unfolded", "folded", "onnxruntime", "torch")
 LABELS = {
@@ -167,7 +167,7 @@ def predict_cli(args) -> dict:
     cmd = [sys.executable, "-m", "bit_transfer", "predict", args.model_file, args.e2e, "--quiet",
            "--image-size", str(args.size), "--batch-size", str(args.batch), "--device", "CPU"]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=CLEAN_ENV)  # see train_step.CLEAN_ENV
     wall = time.perf_counter() - t
     m = re.search(r"predicted (\d+) images? in [\d.]+ s \(([\d.]+) images/s\)", proc.stdout)
     if proc.returncode or not m:
@@ -195,7 +195,7 @@ def spawn(args, which: str, size: int, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--tmp", args.tmp, "--size", str(size), "--model", args.model,
            "--classes", str(args.classes), "--batch", str(args.batch), "--steps", str(steps_for(args, size)),
            "--warmup", str(args.warmup), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=CLEAN_ENV)  # see train_step.CLEAN_ENV
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
