@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -450,6 +451,30 @@ def _compile(command: list[str], source: str, link: list[str], lib: Path) -> Pat
     return lib
 
 
+_background: dict[str, threading.Thread] = {}
+
+
+def build_in_background(name: str, build_fn) -> None:
+    """Start compiling a kernel library in a thread (g++ runs outside the GIL) so the compile overlaps
+    the rest of start-up (imports, data checks); `wait_for_build(name)` joins it before the library is
+    needed. Errors are left to the foreground build, which raises them again with its warning."""
+    def quietly():
+        try:
+            build_fn()
+        except Exception:  # noqa: BLE001 - reported by the foreground build
+            pass
+
+    if name not in _background:
+        _background[name] = threading.Thread(target=quietly, name=f"build-{name}", daemon=True)
+        _background[name].start()
+
+
+def wait_for_build(name: str) -> None:
+    thread = _background.get(name)
+    if thread is not None:
+        thread.join()
+
+
 @functools.cache
 def _ops():
     """{name: Custom primitive} (gn, gn_relu, ws, all_finite), or None where MindSpore's ops must be used."""
@@ -459,6 +484,7 @@ def _ops():
 
     if runtime.available_devices() != ("CPU",):
         return None
+    wait_for_build("cpu_kernels")
     try:
         lib = build()
     except RuntimeError as e:

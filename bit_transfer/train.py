@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import checkpoint, data, distributed, models, planning, recipe as recipes, runlog, runtime
+from bit_transfer import checkpoint, data, distributed, models, onednn_conv, planning, recipe as recipes, runlog, runtime
 from bit_transfer.data import pipeline
 from bit_transfer.errors import Interrupted, RunError, UsageError, WeightsError
 from bit_transfer.evaluate import evaluate_split
@@ -130,6 +130,8 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
     latest = run.latest_checkpoint(log=say)
     say(f"run directory: {run}" + (" (resuming)" if latest else ""), flush=True)
     runtime.seed_everything(tcfg.seed)
+    if device == "CPU":  # compile the CPU kernels while the data is checked
+        onednn_conv.prebuild()
     dataset, info, plan = load_task(recipe, world, device, say)
     stop.check("loading the data", f"nothing was trained; {RESUME_HINT}")
     net = build_model(recipe.model, dataset.num_classes, log=say)
