@@ -44,13 +44,25 @@ SOURCE = r"""
 #include <omp.h>
 #endif
 
+// Threads for the kernels that run between oneDNN's convolutions (channels-last GroupNorm, weight
+// standardisation, the finite check; on the same GNU OpenMP team): one per 256 K values up to the
+// OpenMP maximum; 1 without -fopenmp. The NCHW GroupNorm (models without oneDNN) stays on 1.
+static int threads(int64_t values) {
+#ifdef _OPENMP
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), values >> 18)));
+#else
+  return 1;
+#endif
+}
+
 // Forward over R rows of K = Cg*HW values: row r is group (r % G) of sample r / G, its channel j
 // is (r % G)*Cg + j. gamma == nullptr: no affine (weight standardisation).
 // RELU: y = max(0, GroupNorm(x)) in the same pass (the pre-activation units always follow GN with ReLU).
 template <bool RELU>
 static void gn_forward(const float *x, const float *gamma, const float *beta, float eps, float *y, float *mean_out,
-                       float *rstd_out, int64_t R, int64_t Cg, int64_t HW, int64_t G) {
+                       float *rstd_out, int64_t R, int64_t Cg, int64_t HW, int64_t G, int nthreads = 1) {
   const int64_t K = Cg * HW;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     const float *xr = x + r * K;
     // Two passes (mean, then squared deviations), accumulated in float64 lanes: `omp simd
@@ -91,9 +103,10 @@ static void gn_forward(const float *x, const float *gamma, const float *beta, fl
 template <bool RELU>
 static void gn_backward(const float *dy, const float *x, const float *mean, const float *rstd, const float *gamma,
                         const float *y, float *dx, float *dgamma, float *dbeta, int64_t R, int64_t Cg, int64_t HW,
-                        int64_t G) {
+                        int64_t G, int nthreads = 1) {
   const int64_t K = Cg * HW;
   std::vector<double> pg(gamma ? R * Cg : 0), pb(gamma ? R * Cg : 0);  // per (row, channel): sum dz*xhat, sum dz
+#pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     const float m = mean[r], rs = rstd[r];
     const int64_t c0 = (r % G) * Cg;
@@ -173,16 +186,6 @@ extern "C" int gn_bwd(int nparam, void **params, int *, int64_t **shapes, const 
 }
 extern "C" int gn_relu_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   return gn_bwd_impl<true>(nparam, params, shapes);
-}
-
-// Threads for the channels-last kernels: one per 256 K values up to the OpenMP maximum (these run
-// between oneDNN's convolutions, on the same GNU OpenMP thread team); 1 without -fopenmp.
-static int threads(int64_t values) {
-#ifdef _OPENMP
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), values >> 18)));
-#else
-  return 1;
-#endif
 }
 
 // GroupNorm of channels-last activations (the layout of the oneDNN convolutions,
@@ -343,14 +346,15 @@ static int64_t trailing(int ndim, const int64_t *shape) {
 }
 extern "C" int ws_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   if (nparam != 5) return 1;
-  gn_forward<false>(CF(0), nullptr, nullptr, *CF(1), F(2), F(3), F(4), shapes[0][0], 1, trailing(ndims[0], shapes[0]), 1);
+  const int64_t O = shapes[0][0], K = trailing(ndims[0], shapes[0]);
+  gn_forward<false>(CF(0), nullptr, nullptr, *CF(1), F(2), F(3), F(4), O, 1, K, 1, threads(O * K));
   return 0;
 }
 // (dy, w, mean, rstd) -> dw
 extern "C" int ws_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   if (nparam != 5) return 1;
-  gn_backward<false>(CF(0), CF(1), CF(2), CF(3), nullptr, nullptr, F(4), nullptr, nullptr, shapes[0][0], 1,
-                     trailing(ndims[0], shapes[0]), 1);
+  const int64_t O = shapes[0][0], K = trailing(ndims[0], shapes[0]);
+  gn_backward<false>(CF(0), CF(1), CF(2), CF(3), nullptr, nullptr, F(4), nullptr, nullptr, O, 1, K, 1, threads(O * K));
   return 0;
 }
 #undef F
@@ -361,7 +365,14 @@ extern "C" int ws_bwd(int nparam, void **params, int *ndims, int64_t **shapes, c
 // ~410 ms R50x1 step for the same 23.5 M gradient values.
 extern "C" int all_finite(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   if (nparam < 2) return 1;
+  int64_t total = 0;
+  for (int t = 0; t < nparam - 1; ++t) {
+    int64_t n = 1;
+    for (int d = 0; d < ndims[t]; ++d) n *= shapes[t][d];
+    total += n;
+  }
   uint32_t bad = 0;
+#pragma omp parallel for num_threads(threads(total)) schedule(dynamic) reduction(| : bad)
   for (int t = 0; t < nparam - 1; ++t) {
     int64_t n = 1;
     for (int d = 0; d < ndims[t]; ++d) n *= shapes[t][d];

@@ -45,7 +45,7 @@ def test_kernel_matches_ops_group_norm_values_and_gradients(shape, groups, eps, 
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(8, 3, 7, 7), (16, 24, 1, 1), (5, 4, 3, 3)])
+@pytest.mark.parametrize("shape", [(8, 3, 7, 7), (16, 24, 1, 1), (5, 4, 3, 3), (512, 128, 3, 3)])  # the last: 2 threads
 def test_weight_standardisation_kernel_matches_group_norm_on_the_flat_view(shape):
     """The WS kernel works on (O, I, kh, kw) as is; the reference reshapes to (O, 1, I*kh*kw)."""
     from bit_transfer.models.resnetv2 import WS_EPS
