@@ -102,15 +102,25 @@ memory::desc plain(const memory::dims &d, tag t) { return memory::desc(d, dt::f3
 memory::desc any(const memory::dims &d) { return memory::desc(d, dt::f32, tag::any); }
 memory::desc nhwc(const memory::dims &d) { return memory::desc(d, dt::f32, tag::nhwc); }
 
-// A buffer per thread for the blocked copy of a weight, grown to the largest one and reused: a fresh
-// allocation per call meant page faults on ~3x the model's weights every step.
-void *scratch(size_t bytes) {
+primitive_attr user_scratchpad() {
+  primitive_attr attr;
+  attr.set_scratchpad_mode(scratchpad_mode::user);
+  return attr;
+}
+
+// Buffers per thread, grown to the largest request and reused (a fresh allocation per call meant
+// page faults on ~3x the model's weights every step): slot 0 the blocked copy of a weight, slot 1
+// oneDNN's scratchpad. The scratchpad is ours (scratchpad_mode::user), not the library's: with the
+// library's, a primitive created in one thread failed to run in another ("could not execute a
+// primitive": AVX2's GEMM backward-data, first run eagerly, then in MindSpore's graph thread).
+void *scratch(size_t bytes, int slot) {
   struct Buffer {
     void *data = nullptr;
     size_t size = 0;
     ~Buffer() { std::free(data); }
   };
-  static thread_local Buffer b;
+  static thread_local Buffer buffers[2];
+  Buffer &b = buffers[slot];
   if (bytes > b.size) {
     std::free(b.data);
     b.size = (bytes + 4095) / 4096 * 4096;
@@ -128,31 +138,41 @@ void *scratch(size_t bytes) {
 struct Op {
   primitive prim;
   int weights_arg;
-  memory::desc user, blocked;
+  memory::desc user, blocked, scratchpad, convert_scratchpad;
   reorder convert;
   bool output;  // the weight gradient: reordered back after the primitive
 
   template <typename PD>
   Op(const PD &pd, int arg, const memory::desc &blocked_desc, const memory::dims &wei, bool out)
-      : prim(pd), weights_arg(arg), user(plain(wei, tag::oihw)), blocked(blocked_desc), output(out) {
-    if (user != blocked)
-      convert = out ? reorder(reorder::primitive_desc(cpu(), blocked, cpu(), user))
-                    : reorder(reorder::primitive_desc(cpu(), user, cpu(), blocked));
+      : prim(pd), weights_arg(arg), user(plain(wei, tag::oihw)), blocked(blocked_desc),
+        scratchpad(pd.scratchpad_desc()), output(out) {
+    if (user != blocked) {
+      auto rpd = out ? reorder::primitive_desc(cpu(), blocked, cpu(), user, user_scratchpad())
+                     : reorder::primitive_desc(cpu(), user, cpu(), blocked, user_scratchpad());
+      convert = reorder(rpd);
+      convert_scratchpad = rpd.scratchpad_desc();
+    }
+  }
+
+  void reorder_weights(stream &s, memory &from, memory &to) const {
+    convert.execute(s, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                        {DNNL_ARG_SCRATCHPAD, memory(convert_scratchpad, cpu(), scratch(convert_scratchpad.get_size(), 1))}});
   }
 
   void execute(std::unordered_map<int, memory> args, void *weights) const {
     stream s(cpu());
     memory mine(user, cpu(), weights);
     if (user != blocked) {
-      memory tmp(blocked, cpu(), scratch(blocked.get_size()));
-      if (!output) convert.execute(s, mine, tmp);
+      memory tmp(blocked, cpu(), scratch(blocked.get_size(), 0));
+      if (!output) reorder_weights(s, mine, tmp);
       mine = tmp;
     }
     args.emplace(weights_arg, mine);
+    args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratchpad, cpu(), scratch(scratchpad.get_size(), 1)));
     prim.execute(s, args);
     if (output && user != blocked) {
       memory back(user, cpu(), weights);
-      convert.execute(s, args.at(weights_arg), back);
+      reorder_weights(s, args.at(weights_arg), back);
     }
     s.wait();
   }
@@ -169,13 +189,14 @@ struct Convs {
   explicit Convs(const Geometry &geo)
       : g(geo),
         fwd_pd(cpu(), prop_kind::forward_training, algorithm::convolution_direct, nhwc(g.src), any(g.wei), nhwc(g.dst),
-               g.strides, g.pad_l, g.pad_r),
+               g.strides, g.pad_l, g.pad_r, user_scratchpad()),
         fwd(fwd_pd, DNNL_ARG_WEIGHTS, fwd_pd.weights_desc(), g.wei, false) {}
 
   const Op &backward_data() {
     std::call_once(data_once, [&] {
       convolution_backward_data::primitive_desc pd(cpu(), algorithm::convolution_direct, nhwc(g.src), any(g.wei),
-                                                   nhwc(g.dst), g.strides, g.pad_l, g.pad_r, fwd_pd);
+                                                   nhwc(g.dst), g.strides, g.pad_l, g.pad_r, fwd_pd,
+                                                   user_scratchpad());
       data = std::make_unique<Op>(pd, DNNL_ARG_WEIGHTS, pd.weights_desc(), g.wei, false);
     });
     return *data;
@@ -184,7 +205,8 @@ struct Convs {
   const Op &backward_weights() {
     std::call_once(weights_once, [&] {
       convolution_backward_weights::primitive_desc pd(cpu(), algorithm::convolution_direct, nhwc(g.src), any(g.wei),
-                                                      nhwc(g.dst), g.strides, g.pad_l, g.pad_r, fwd_pd);
+                                                      nhwc(g.dst), g.strides, g.pad_l, g.pad_r, fwd_pd,
+                                                   user_scratchpad());
       weights = std::make_unique<Op>(pd, DNNL_ARG_DIFF_WEIGHTS, pd.diff_weights_desc(), g.wei, true);
     });
     return *weights;
