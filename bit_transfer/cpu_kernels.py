@@ -175,18 +175,15 @@ static int gn_bwd_impl(int nparam, void **params, int64_t **shapes) {
   return 0;
 }
 
-extern "C" int gn_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_fwd_impl<false>(nparam, params, shapes);
-}
-extern "C" int gn_relu_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_fwd_impl<true>(nparam, params, shapes);
-}
-extern "C" int gn_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_bwd_impl<false>(nparam, params, shapes);
-}
-extern "C" int gn_relu_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_bwd_impl<true>(nparam, params, shapes);
-}
+// The MindSpore aot entry point `name` running `impl<relu>`.
+#define BT_GN_ENTRY(name, impl, relu)                                                                        \
+  extern "C" int name(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) { \
+    return impl<relu>(nparam, params, shapes);                                                             \
+  }
+BT_GN_ENTRY(gn_fwd, gn_fwd_impl, false)
+BT_GN_ENTRY(gn_relu_fwd, gn_fwd_impl, true)
+BT_GN_ENTRY(gn_bwd, gn_bwd_impl, false)
+BT_GN_ENTRY(gn_relu_bwd, gn_bwd_impl, true)
 
 // GroupNorm of channels-last activations (the layout of the oneDNN convolutions,
 // bit_transfer/onednn_conv.py): x (N, HW, G, Cg), row r = n * G + g as above. Per sample, the
@@ -324,18 +321,11 @@ static int gn_nhwc_bwd_impl(int nparam, void **params, int64_t **shapes) {
                          shapes[0][0], shapes[0][1], shapes[0][2], shapes[0][3]);
   return 0;
 }
-extern "C" int gn_nhwc_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_nhwc_fwd_impl<false>(nparam, params, shapes);
-}
-extern "C" int gn_relu_nhwc_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_nhwc_fwd_impl<true>(nparam, params, shapes);
-}
-extern "C" int gn_nhwc_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_nhwc_bwd_impl<false>(nparam, params, shapes);
-}
-extern "C" int gn_relu_nhwc_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return gn_nhwc_bwd_impl<true>(nparam, params, shapes);
-}
+BT_GN_ENTRY(gn_nhwc_fwd, gn_nhwc_fwd_impl, false)
+BT_GN_ENTRY(gn_relu_nhwc_fwd, gn_nhwc_fwd_impl, true)
+BT_GN_ENTRY(gn_nhwc_bwd, gn_nhwc_bwd_impl, false)
+BT_GN_ENTRY(gn_relu_nhwc_bwd, gn_nhwc_bwd_impl, true)
+#undef BT_GN_ENTRY
 
 // Weight standardisation of a conv kernel in its own (O, I, kh, kw) layout, one row per output
 // channel, no affine (no reshape copies around the op): (w, eps (1,)) -> (y, mean (O,), rstd (O,)).
