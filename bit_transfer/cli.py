@@ -119,11 +119,14 @@ def _recipe_for_run(args):
 
 
 def cmd_fit(args) -> int:
-    from bit_transfer import distributed, train
-
     if args.node_rank >= args.nodes:
         raise UsageError(f"--node-rank {args.node_rank} is not below --nodes {args.nodes}; number the machines 0 .. nodes-1")
     r, run_dir = _recipe_for_run(args)
+    if r.train.device in ("auto", "CPU"):  # a first run compiles the CPU kernels while MindSpore imports
+        from bit_transfer import onednn_conv
+
+        onednn_conv.prebuild()
+    from bit_transfer import distributed, train
     if (args.devices > 1 or args.nodes > 1) and not distributed.launched_by_msrun():
         return _launch_ranks(args, r, run_dir)
     # --quiet is how this process prints, not part of the recipe (a resume must match the recipe)
