@@ -31,10 +31,10 @@ import time
 
 import numpy as np
 
-# The environment before anything imports MindSpore: its import sets GLOG_v, LD_LIBRARY_PATH,
-# PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION and HCCL_CONNECT_TIMEOUT in os.environ (arch_spec imports it
-# here), and a child started with those trained R50x1 at 12.0 img/s against 16.9 with this one
-# (same code, same machine, back to back). Every child gets this snapshot.
+# The environment before anything imports bit-transfer and MindSpore (arch_spec does, here): their
+# imports set GLOG_v, LD_LIBRARY_PATH, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION and HCCL_CONNECT_TIMEOUT
+# in os.environ. Once (an intermediate version of the oneDNN kernels) a child started with those
+# trained R50x1 at 12.0 img/s against 16.9 with this snapshot; every child gets the snapshot.
 CLEAN_ENV = dict(os.environ)
 
 
