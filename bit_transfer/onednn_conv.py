@@ -133,8 +133,9 @@ void *scratch(size_t bytes, int slot) {
   return b.data;
 }
 
-// One primitive with its activations channels-last (bound as they are) and its weight, or weight
-// gradient, in oneDNN's blocked layout: the reorder from/to the user's OIHW buffer is built once.
+// One primitive with its activations channels-last (bound as they are) and its weight
+// (DNNL_ARG_WEIGHTS) or weight gradient (DNNL_ARG_DIFF_WEIGHTS) in the blocked layout the primitive
+// chose: the reorder from/to the user's OIHW buffer is built once.
 struct Op {
   primitive prim;
   int weights_arg;
@@ -143,12 +144,12 @@ struct Op {
   bool output;  // the weight gradient: reordered back after the primitive
 
   template <typename PD>
-  Op(const PD &pd, int arg, const memory::desc &blocked_desc, const memory::dims &wei, bool out)
-      : prim(pd), weights_arg(arg), user(plain(wei, tag::oihw)), blocked(blocked_desc),
-        scratchpad(pd.scratchpad_desc()), output(out) {
+  Op(const PD &pd, int arg, const memory::dims &wei)
+      : prim(pd), weights_arg(arg), user(plain(wei, tag::oihw)), blocked(pd.query_md(query::exec_arg_md, arg)),
+        scratchpad(pd.scratchpad_desc()), output(arg == DNNL_ARG_DIFF_WEIGHTS) {
     if (user != blocked) {
-      auto rpd = out ? reorder::primitive_desc(cpu(), blocked, cpu(), user, user_scratchpad())
-                     : reorder::primitive_desc(cpu(), user, cpu(), blocked, user_scratchpad());
+      auto rpd = output ? reorder::primitive_desc(cpu(), blocked, cpu(), user, user_scratchpad())
+                        : reorder::primitive_desc(cpu(), user, cpu(), blocked, user_scratchpad());
       convert = reorder(rpd);
       convert_scratchpad = rpd.scratchpad_desc();
     }
@@ -190,26 +191,24 @@ struct Convs {
       : g(geo),
         fwd_pd(cpu(), prop_kind::forward_training, algorithm::convolution_direct, nhwc(g.src), any(g.wei), nhwc(g.dst),
                g.strides, g.pad_l, g.pad_r, user_scratchpad()),
-        fwd(fwd_pd, DNNL_ARG_WEIGHTS, fwd_pd.weights_desc(), g.wei, false) {}
+        fwd(fwd_pd, DNNL_ARG_WEIGHTS, g.wei) {}
 
   const Op &backward_data() {
-    std::call_once(data_once, [&] {
-      convolution_backward_data::primitive_desc pd(cpu(), algorithm::convolution_direct, nhwc(g.src), any(g.wei),
-                                                   nhwc(g.dst), g.strides, g.pad_l, g.pad_r, fwd_pd,
-                                                   user_scratchpad());
-      data = std::make_unique<Op>(pd, DNNL_ARG_WEIGHTS, pd.weights_desc(), g.wei, false);
-    });
-    return *data;
+    return backward<convolution_backward_data::primitive_desc>(data_once, data, DNNL_ARG_WEIGHTS);
+  }
+  const Op &backward_weights() {
+    return backward<convolution_backward_weights::primitive_desc>(weights_once, weights, DNNL_ARG_DIFF_WEIGHTS);
   }
 
-  const Op &backward_weights() {
-    std::call_once(weights_once, [&] {
-      convolution_backward_weights::primitive_desc pd(cpu(), algorithm::convolution_direct, nhwc(g.src), any(g.wei),
-                                                      nhwc(g.dst), g.strides, g.pad_l, g.pad_r, fwd_pd,
-                                                   user_scratchpad());
-      weights = std::make_unique<Op>(pd, DNNL_ARG_DIFF_WEIGHTS, pd.diff_weights_desc(), g.wei, true);
+ private:
+  template <typename PD>
+  const Op &backward(std::once_flag &once, std::unique_ptr<Op> &slot, int weights_arg) {
+    std::call_once(once, [&] {
+      PD pd(cpu(), algorithm::convolution_direct, nhwc(g.src), any(g.wei), nhwc(g.dst), g.strides, g.pad_l, g.pad_r,
+            fwd_pd, user_scratchpad());
+      slot = std::make_unique<Op>(pd, weights_arg, g.wei);
     });
-    return *weights;
+    return *slot;
   }
 };
 
@@ -273,14 +272,6 @@ EXPORT int conv_bwd_weights(int nparam, void **params, int *, int64_t **shapes, 
 EXPORT int onednn_version() {
   const dnnl_version_t *v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
-}
-
-// Which implementation oneDNN chose for a forward convolution of this geometry (e.g.
-// "brg:avx512_core", "jit:avx2"): for benchmarks and docs.
-EXPORT const char *conv_impl(const int64_t *xs, const int64_t *ws, const int32_t *cfg) {
-  static thread_local std::string name;
-  name = convs(geometry(xs, ws, cfg)).fwd_pd.impl_info_str();
-  return name.c_str();
 }
 """
 # -O1: the wrapper only binds buffers and calls oneDNN; -O2 compiled 0.3 s longer on every first run.
