@@ -51,27 +51,72 @@ def builtin_conv(x, w, stride, pad, same):
         (2, 16, 6, 6, 16, 3, 2, 1, False),  # fixed padding, stride 2
     ],
 )
-def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stride, pad, same):
+@pytest.mark.parametrize("residual", [False, True], ids=["conv", "conv_add"])
+def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stride, pad, same, residual):
+    """The convolution, and with `residual` the convolution that adds a residual as it writes its
+    output (oneDNN's binary post-op): values and gradients of x, w (and the residual) against
+    MindSpore's conv (+ add)."""
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((n, c, h, w)).astype(np.float32))
     wt = Tensor(rng.standard_normal((o, c, k, k)).astype(np.float32))
-    op, cfg = onednn_conv.conv_primitive(stride, pad, same), onednn_conv.config(stride, pad, same)
     want_y = builtin_conv(x, wt, stride, pad, same)
+    res = Tensor(rng.standard_normal(want_y.shape).astype(np.float32))
     r = Tensor(rng.standard_normal(want_y.shape).astype(np.float32))
+    op = onednn_conv.conv_primitive(stride, pad, same, residual=residual)
+    cfg = onednn_conv.config(stride, pad, same)
 
-    def ours(x, wt):
-        return (op(x.transpose(0, 2, 3, 1), wt, cfg).transpose(0, 3, 1, 2) * r).sum()
+    def forward(x, wt, res):
+        xl = x.transpose(0, 2, 3, 1)
+        y = op(xl, wt, res.transpose(0, 2, 3, 1), cfg) if residual else op(xl, wt, cfg)
+        return y.transpose(0, 3, 1, 2)
 
-    def theirs(x, wt):
-        return (builtin_conv(x, wt, stride, pad, same) * r).sum()
+    def ours(x, wt, res):
+        return (forward(x, wt, res) * r).sum()
 
-    close(op(x.transpose(0, 2, 3, 1), wt, cfg).transpose(0, 3, 1, 2).asnumpy(), want_y.asnumpy())
+    def theirs(x, wt, res):
+        y = builtin_conv(x, wt, stride, pad, same)
+        return ((y + res if residual else y) * r).sum()
+
+    close(forward(x, wt, res).asnumpy(), (want_y + res if residual else want_y).asnumpy())
     for jit in (False, True):
         wrap = ms.jit if jit else (lambda f: f)
-        got = wrap(ms.grad(ours, (0, 1)))(x, wt)
-        want = wrap(ms.grad(theirs, (0, 1)))(x, wt)
+        got = wrap(ms.grad(ours, (0, 1, 2)))(x, wt, res)
+        want = wrap(ms.grad(theirs, (0, 1, 2)))(x, wt, res)
         for g, e in zip(got, want):
             close(g.asnumpy(), e.asnumpy())
+
+
+@needs_onednn
+@pytest.mark.parametrize("residual", [False, True], ids=["conv", "conv_add"])
+def test_packed_weights_give_the_same_numbers_and_follow_new_values(residual):
+    """`config(packed=True)` (inference): the blocked copy made once gives the per-call reorder's
+    numbers exactly; a weight rewritten in place is repacked, at once after forget_packed() and, from
+    a sample of its values, even without it."""
+    rng = np.random.default_rng(4)
+    x = Tensor(rng.standard_normal((2, 13, 11, 32)).astype(np.float32))
+    res = Tensor(rng.standard_normal((2, 7, 6, 64)).astype(np.float32))
+    w = ms.Parameter(Tensor(rng.standard_normal((64, 32, 3, 3)).astype(np.float32)), name="w")
+    op = onednn_conv.conv_primitive(2, 1, False, residual=residual)
+    plain, packed = onednn_conv.config(2, 1, False), onednn_conv.config(2, 1, False, packed=True)
+
+    def run(cfg):
+        @ms.jit
+        def forward(x, r):
+            return op(x, w, r, cfg) if residual else op(x, w, cfg)
+
+        return forward(x, res).asnumpy()
+
+    first = run(packed)
+    np.testing.assert_array_equal(first, run(plain))
+    np.testing.assert_array_equal(run(packed), first)  # the kept copy
+    for forget in (True, False):
+        runtime.assign(w, rng.standard_normal(w.shape).astype(np.float32))
+        if forget:
+            onednn_conv.forget_packed()
+        want = run(plain)
+        assert np.abs(want - first).max() > 1.0
+        np.testing.assert_array_equal(run(packed), want)
+        first = want
 
 
 @needs_onednn
@@ -188,7 +233,7 @@ def test_the_library_exports_only_its_kernels():
     names = subprocess.run(["nm", "-D", "--defined-only", str(onednn_conv.library())], capture_output=True,
                            text=True).stdout
     exported = {line.split()[-1] for line in names.splitlines() if " T " in line}
-    assert exported == {"conv_fwd", "conv_bwd_data", "conv_bwd_weights", "onednn_version"}
+    assert exported == {"conv_fwd", "conv_forget", "conv_bwd_data", "conv_bwd_weights", "onednn_version"}
 
 
 def test_without_onednn_it_is_one_warning_and_mindspores_convolutions(monkeypatch, tmp_path):

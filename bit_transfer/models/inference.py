@@ -27,6 +27,7 @@ import weakref
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
+from bit_transfer import onednn_conv
 from bit_transfer.models.resnetv2 import ConvLayer, ResNetV2, StdConv2d
 
 
@@ -34,15 +35,18 @@ class FoldedConv2d(ConvLayer):
     """StdConv2d at inference: a plain conv on an already standardised weight (not trainable).
 
     Same signature as StdConv2d (ResNetV2 builds either); the weight starts at zero and is written
-    by FoldedResNetV2.refresh.
+    by FoldedResNetV2.refresh. Channels-last on oneDNN, the convolution keeps the weight in oneDNN's
+    blocked layout between calls (onednn_conv.config(packed=True)), repacked after a refresh.
     """
+
+    packed = True
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
         super().__init__(kernel, stride, padding)
         self.weight = Parameter(Tensor(np.zeros((cout, cin, kernel, kernel), np.float32)), requires_grad=False)
 
-    def construct(self, x):
-        return self.convolve(x, self.weight)
+    def construct(self, x, residual=None):
+        return self.convolve(x, self.weight, residual)
 
 
 class FoldedResNetV2(ResNetV2):
@@ -73,6 +77,7 @@ class FoldedResNetV2(ResNetV2):
         params = {p.name: p for p in self.get_parameters()}
         for name, value in inference_arrays(source).items():
             runtime.assign(params[name], value)
+        onednn_conv.forget_packed()  # the convolutions' blocked copies are of the old weights
 
 
 def fold(model: ResNetV2) -> FoldedResNetV2:

@@ -125,18 +125,25 @@ class ConvLayer(nn.Cell):
     convolution op, oneDNN's (bit_transfer/onednn_conv.py, float32 on CPU, padding inside the
     kernel) where it is available, else `ops.conv2d` after our own padding."""
 
+    packed = False  # inference layers: oneDNN keeps a blocked copy of the fixed weight
+
     def __init__(self, kernel: int, stride: int, padding: str):
         super().__init__()
         self.kernel, self.stride, self.dynamic, self.pad = conv_geometry(kernel, stride, padding)
         self.nhwc = False  # ResNetV2.set_layout; a layer on its own takes NCHW
         self.conv_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic)
         if self.conv_op is not None:  # a constant, not a Parameter: names and checkpoints unchanged
-            self.conv_cfg = onednn_conv.config(stride, self.pad, self.dynamic)
+            self.conv_add_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, residual=True)
+            self.conv_cfg = onednn_conv.config(stride, self.pad, self.dynamic, self.packed)
 
-    def convolve(self, x, w):
+    def convolve(self, x, w, residual=None):
+        """conv(x, w), plus `residual` when given (a bottleneck's last conv adds its shortcut)."""
         if self.nhwc:  # oneDNN, channels-last (only set where conv_op exists)
-            return self.conv_op(x, w, self.conv_cfg)
-        return padded_conv(x, w, self.kernel, self.stride, self.dynamic, self.pad)
+            if residual is None:
+                return self.conv_op(x, w, self.conv_cfg)
+            return self.conv_add_op(x, w, residual, self.conv_cfg)
+        y = padded_conv(x, w, self.kernel, self.stride, self.dynamic, self.pad)
+        return y if residual is None else y + residual
 
 
 class StdConv2d(ConvLayer):
@@ -155,13 +162,13 @@ class StdConv2d(ConvLayer):
         if self.ws_kernel is not None:  # a constant, not a Parameter: names and checkpoints unchanged
             self.ws_eps = Tensor([WS_EPS], ms.float32)
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
         # Per-output-channel standardisation is a one-group GroupNorm of the (O, 1, I*kh*kw)
         # view: fused kernels make the training step faster and use ~2x less memory than a
         # mean/var/rsqrt composite (benchmarks/model_speed.py --ws composite). The compiled CPU
         # kernel works on the (O, I, kh, kw) weight in place (the reshapes copied ~2 % of a step).
         w = self.standardised_weight(x.dtype == ms.float32)  # float32 kernels; amp models: the op
-        return self.convolve(x, w)
+        return self.convolve(x, w, residual)
 
     def standardised_weight(self, kernel: bool = True):
         """The standardised weight the layer convolves with; models/inference.py folds it once from here,
@@ -247,8 +254,7 @@ class PreActBottleneck(nn.Cell):
         shortcut = self.proj(out) if self.has_proj else x
         out = self.conv1(out)
         out = self.conv2(self.norm2(out))
-        out = self.conv3(self.norm3(out))
-        return out + shortcut
+        return self.conv3(self.norm3(out), shortcut)  # conv3(...) + shortcut, the add inside the conv
 
 
 class Stage(nn.Cell):
