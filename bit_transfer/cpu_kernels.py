@@ -350,6 +350,74 @@ extern "C" int ws_bwd(int nparam, void **params, int *ndims, int64_t **shapes, c
 #undef F
 #undef CF
 
+// The stem's max-pool on channels-last activations with zero padding (the official stem zero-pads,
+// then pools without padding: a padded zero can be the maximum, the pre-activation stem output being
+// signed). cfg = [kernel, stride, pad, same]: TF-SAME padding from the input size (`same`), else `pad`
+// on every side (as onednn_conv's geometry). Forward (x (N,H,W,C), cfg) -> (y (N,OH,OW,C), at), `at`
+// the input pixel (h * W + w) each maximum came from, -1 for a padded zero; the first maximum in
+// window order wins. Backward (dy, at, x (its shape only)) -> dx. Threads over samples.
+struct Pool {
+  int64_t N, H, W, C, OH, OW, k, s, top, left;
+  Pool(const int64_t *xs, const int64_t *ys, const int32_t *cfg)
+      : N(xs[0]), H(xs[1]), W(xs[2]), C(xs[3]), OH(ys[1]), OW(ys[2]), k(cfg[0]), s(cfg[1]) {
+    top = left = cfg[2];
+    if (cfg[3]) {  // TF-SAME: the odd pixel of padding after
+      top = std::max<int64_t>((OH - 1) * s + k - H, 0) / 2;
+      left = std::max<int64_t>((OW - 1) * s + k - W, 0) / 2;
+    }
+  }
+};
+
+extern "C" int max_pool_nhwc_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  const Pool p(shapes[0], shapes[2], static_cast<const int32_t *>(params[1]));
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[2]);
+  int32_t *at = static_cast<int32_t *>(params[3]);
+  const int64_t C = p.C;
+#pragma omp parallel for num_threads(threads(p.N * p.H * p.W * C))
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t oh = 0; oh < p.OH; ++oh)
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        float *yo = y + ((n * p.OH + oh) * p.OW + ow) * C;
+        int32_t *ao = at + ((n * p.OH + oh) * p.OW + ow) * C;
+        for (int64_t c = 0; c < C; ++c) yo[c] = -INFINITY, ao[c] = -1;
+        for (int64_t i = 0; i < p.k; ++i)
+          for (int64_t j = 0; j < p.k; ++j) {
+            const int64_t h = oh * p.s + i - p.top, w = ow * p.s + j - p.left;
+            const bool inside = h >= 0 && h < p.H && w >= 0 && w < p.W;
+            const float *xp = inside ? x + ((n * p.H + h) * p.W + w) * C : nullptr;
+            const int32_t pos = inside ? static_cast<int32_t>(h * p.W + w) : -1;
+            for (int64_t c = 0; c < C; ++c) {
+              const float v = inside ? xp[c] : 0.0f;
+              if (v > yo[c]) yo[c] = v, ao[c] = pos;
+            }
+          }
+      }
+  return 0;
+}
+
+extern "C" int max_pool_nhwc_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  const int64_t N = shapes[2][0], HW = shapes[2][1] * shapes[2][2], C = shapes[2][3];
+  const int64_t OHW = shapes[0][1] * shapes[0][2];
+  const float *dy = static_cast<const float *>(params[0]);
+  const int32_t *at = static_cast<const int32_t *>(params[1]);
+  float *dx = static_cast<float *>(params[3]);
+#pragma omp parallel for num_threads(threads(N * HW * C))
+  for (int64_t n = 0; n < N; ++n) {
+    float *dxn = dx + n * HW * C;
+    std::fill(dxn, dxn + HW * C, 0.0f);
+    for (int64_t o = 0; o < OHW; ++o) {
+      const float *d = dy + (n * OHW + o) * C;
+      const int32_t *a = at + (n * OHW + o) * C;
+      for (int64_t c = 0; c < C; ++c)
+        if (a[c] >= 0) dxn[a[c] * C + c] += d[c];
+    }
+  }
+  return 0;
+}
+
 // All inputs (float32, any shapes) free of inf and NaN -> bool output. One pass over the exponent
 // bits at memory speed; MindSpore 2.8's CPU ReduceSum (the portable check) took ~70 ms of a
 // ~410 ms R50x1 step for the same 23.5 M gradient values.
@@ -481,8 +549,8 @@ def _gn_name(relu: bool, nhwc: bool) -> str:
 
 
 @functools.cache
-def _ops():
-    """{name: Custom primitive} (gn, gn_relu, ws, all_finite), or None where MindSpore's ops must be used."""
+def _library() -> Path | None:
+    """The built kernel library, or None where MindSpore's ops must be used (one warning when it cannot be built)."""
     if os.environ.get("BIT_TRANSFER_CPU_KERNELS", "1") == "0":
         return None
     from bit_transfer import runtime
@@ -503,6 +571,14 @@ def _ops():
             RuntimeWarning,
             stacklevel=2,
         )
+    return lib
+
+
+@functools.cache
+def _ops():
+    """{name: Custom primitive} (gn, gn_relu, ws, all_finite), or None where MindSpore's ops must be used."""
+    lib = _library()
+    if lib is None:
         return None
     import mindspore as ms
     from mindspore import ops
@@ -558,6 +634,35 @@ def _ops():
         for nhwc in (False, True):
             kernels[_gn_name(relu, nhwc)] = group_norm(relu, nhwc)
     return kernels
+
+
+@functools.cache
+def max_pool_primitive(kernel: int, stride: int, pad: int, same: bool):
+    """The stem's zero-padded max-pool on channels-last activations, `(x (N,H,W,C), cfg) -> (y, at)`
+    (SOURCE's max_pool_nhwc; `cfg` = int32 [kernel, stride, pad, same], padding as
+    onednn_conv.config), whose bprop routes each gradient to the pixel its maximum came from. None
+    where MindSpore's ops must be used."""
+    lib = _library()
+    if lib is None:
+        return None
+    import mindspore as ms
+    from mindspore import ops
+
+    from bit_transfer.onednn_conv import out_size
+
+    def shape(x, *_):
+        return [x[0], out_size(x[1], kernel, stride, pad, same), out_size(x[2], kernel, stride, pad, same), x[3]]
+
+    bwd = ops.Custom(f"{lib}:max_pool_nhwc_bwd", out_shape=lambda dy, at, x: x, out_dtype=lambda *_: ms.float32,
+                     func_type="aot")
+
+    def bprop(x, cfg, out, dout):
+        return bwd(dout[0], out[1], x), ops.zeros_like(cfg)
+
+    op = ops.Custom(f"{lib}:max_pool_nhwc_fwd", out_shape=lambda x, cfg: (shape(x), shape(x)),
+                    out_dtype=lambda *_: (ms.float32, ms.int32), func_type="aot", bprop=bprop)
+    op.add_prim_attr("geometry", f"{kernel},{stride},{pad},{int(same)}")  # as onednn_conv.conv_primitive
+    return op
 
 
 def group_norm_primitive(relu: bool = False, nhwc: bool = False):

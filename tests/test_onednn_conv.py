@@ -151,6 +151,45 @@ def test_channels_last_group_norm_matches_mindspore(n, h, w, c, groups, relu):
 
 
 @needs_onednn
+@pytest.mark.parametrize("same", [False, True], ids=["fixed", "same"])
+@pytest.mark.parametrize("n,h,w,c", [(2, 64, 64, 64), (1, 33, 30, 8), (3, 7, 9, 16), (1, 1, 2, 4)])
+def test_channels_last_stem_pool_matches_mindspore(n, h, w, c, same):
+    """The stem's zero-padded max-pool kernel: values and gradients against zero_pad + MaxPool on NCHW
+    (fixed: 1 on every side; same: TF-SAME from the size), odd and tiny maps, signed inputs so padded
+    zeros win some windows."""
+    from bit_transfer.models.resnetv2 import zero_pad
+
+    rng = np.random.default_rng(5)
+    x = Tensor(rng.standard_normal((n, c, h, w)).astype(np.float32) - 0.5)
+    pad = 0 if same else 1
+    kernel, cfg = cpu_kernels.max_pool_primitive(3, 2, pad, same), Tensor([3, 2, pad, int(same)], ms.int32)
+    pool = ops.MaxPool(kernel_size=3, strides=2, pad_mode="VALID")
+
+    def theirs(x):
+        t, b = _same_pad(h, 3, 2) if same else (1, 1)
+        l, r = _same_pad(w, 3, 2) if same else (1, 1)
+        return pool(zero_pad(x, t, b, l, r))
+
+    def ours(x):
+        return kernel(x.transpose(0, 2, 3, 1), cfg)[0].transpose(0, 3, 1, 2)
+
+    want = theirs(x)
+    np.testing.assert_array_equal(ours(x).asnumpy(), want.asnumpy())
+    r = Tensor(rng.standard_normal(want.shape).astype(np.float32))
+
+    def ours_loss(x):
+        return (ours(x) * r).sum()
+
+    def theirs_loss(x):
+        return (theirs(x) * r).sum()
+
+    for jit in (False, True):
+        wrap = ms.jit if jit else (lambda f: f)
+        got, expected = wrap(ms.grad(ours_loss))(x), wrap(ms.grad(theirs_loss))(x)
+        close(got.asnumpy(), expected.asnumpy())  # an input in two windows: its sum in another order
+
+
+@needs_onednn
 @pytest.mark.parametrize("relu", [False, True])
 def test_one_element_groups_give_beta_exactly(relu):
     """A value equal to its group mean (one element per group: a 1x1 map, one channel per group) comes
@@ -168,13 +207,29 @@ def test_one_element_groups_give_beta_exactly(relu):
 @needs_onednn
 def test_a_channels_last_model_equals_its_nchw_form():
     """Logits and every parameter's gradient of a width-0.25 model at 97 px, micro-batch 1 and 3:
-    channels-last on oneDNN against MindSpore's NCHW ops, both padding modes."""
+    channels-last on oneDNN against MindSpore's NCHW ops, both padding modes.
+
+    The two layouts round differently (~1e-6), so a value that close to a threshold can fall on the
+    other side: a ReLU input near 0 (its gradient masked in one and not the other: 1e-3 of a GroupNorm
+    bias's gradient, seen in one of four runs with N(0, 1) norms), two near-equal maxima of a pooling
+    window (the gradient routed to the other pixel). So the GroupNorms here keep every ReLU input at
+    least ~0.5 from 0 (|gamma| <= 0.45, |beta| >= 2.5: a channel is live or dead), and the stem's
+    weight gradient, below the max-pool, gets 2e-2 (the stem's convolution and pool are checked on
+    equal inputs above). Some GroupNorm biases then get no gradient (a per-channel shift that the next
+    GroupNorm removes): those are compared at 1e-4 of the model's largest gradient, not of their noise.
+    Through ~20 layers of float32 sums in other orders a gradient differs by up to 3e-5 of its largest
+    value (1.1e-5 with MindSpore's stem too, same data): 1e-4 here, each kernel alone 1e-5 above."""
     assert channels_last_available()
+    runtime.seed_everything(0)
     rng = np.random.default_rng(2)
     for padding, batch in (("fixed", 1), ("same", 3)):
         model = create_model("custom", 5, depths=[1, 2, 1, 1], width=0.25, padding=padding)
-        for p in model.get_parameters():  # non-trivial norms and head
-            if "norm" in p.name or "head" in p.name:
+        for p in model.get_parameters():  # non-trivial norms and head, ReLU inputs away from 0
+            if "norm" in p.name and p.name.endswith("weight"):
+                runtime.assign(p, (rng.choice([-1, 1], p.shape) * rng.uniform(0.3, 0.45, p.shape)).astype(np.float32))
+            elif "norm" in p.name:
+                runtime.assign(p, (rng.choice([-1, 1], p.shape) * rng.uniform(2.5, 3.5, p.shape)).astype(np.float32))
+            elif "head" in p.name:
                 runtime.assign(p, rng.standard_normal(p.shape).astype(np.float32))
         x = Tensor(rng.uniform(-1, 1, (batch, 3, 97, 97)).astype(np.float32))
         params = model.trainable_params()
@@ -188,8 +243,10 @@ def test_a_channels_last_model_equals_its_nchw_form():
         assert not model.nhwc
         want = ms.value_and_grad(loss, None, params)(x)
         close(got[0].asnumpy(), want[0].asnumpy())
+        floor = 1e-4 * max(np.abs(e.asnumpy()).max() for e in want[1])
         for p, g, e in zip(params, got[1], want[1]):
-            close(g.asnumpy(), e.asnumpy(), rtol=RTOL if p.name != "root.conv.weight" else 2e-5)
+            err = np.abs(g.asnumpy() - e.asnumpy()).max() / max(np.abs(e.asnumpy()).max(), floor)
+            assert err <= (1e-4 if p.name != "root.conv.weight" else 2e-2), f"{p.name}: {err:.2e}"
 
 
 @needs_onednn

@@ -117,7 +117,8 @@ def conv_geometry(kernel: int, stride: int, padding: str) -> tuple[int, int, boo
 
 def channels_last_available() -> bool:
     """Whether models built now run channels-last on oneDNN (CPU, float32; onednn_conv.library())."""
-    return onednn_conv.library() is not None and cpu_kernels.group_norm_primitive(nhwc=True) is not None
+    return (onednn_conv.library() is not None and cpu_kernels.group_norm_primitive(nhwc=True) is not None
+            and cpu_kernels.max_pool_primitive(3, 2, 1, False) is not None)
 
 
 class ConvLayer(nn.Cell):
@@ -284,8 +285,15 @@ class Root(nn.Cell):
         self.dynamic = padding == "same"
         self.conv = conv(3, cout, 7, 2, padding)
         self.pool = ops.MaxPool(kernel_size=3, strides=2, pad_mode="VALID")
+        self.nhwc = False  # ResNetV2.set_layout: oneDNN's conv and our zero-padded pool, channels-last
+        pad = 0 if self.dynamic else 1
+        self.pool_nhwc = cpu_kernels.max_pool_primitive(3, 2, pad, self.dynamic)
+        if self.pool_nhwc is not None:
+            self.pool_cfg = Tensor([3, 2, pad, int(self.dynamic)], ms.int32)
 
     def construct(self, x):
+        if self.nhwc:  # NCHW images in, channels-last out
+            return self.pool_nhwc(self.conv(x.transpose(0, 2, 3, 1)), self.pool_cfg)[0]
         x = self.conv(x)
         if self.dynamic:
             top, bottom = _same_pad(x.shape[2], 3, 2)
@@ -332,11 +340,12 @@ class ResNetV2(nn.Cell):
         self.set_layout(channels_last_available())
 
     def set_layout(self, nhwc: bool) -> None:
-        """Channels-last activations after the stem (oneDNN convolutions and channels-last GroupNorm
-        kernels, bit_transfer/onednn_conv.py) or NCHW (MindSpore's ops, every device). Inputs and
-        outputs are the same either way. Set before compiling; `step.cast_model` sets NCHW for fp16."""
+        """Channels-last activations from the stem's convolution to the pooling (oneDNN convolutions,
+        channels-last GroupNorm and max-pool kernels: bit_transfer/onednn_conv.py, cpu_kernels.py) or
+        NCHW (MindSpore's ops, every device). Inputs (NCHW images) and outputs are the same either way.
+        Set before compiling; `step.cast_model` sets NCHW for fp16."""
         nhwc = bool(nhwc) and channels_last_available()
-        for cell in [self.norm, *(c for _, c in self.stages.cells_and_names())]:
+        for _, cell in self.cells_and_names():
             if hasattr(cell, "nhwc"):
                 cell.nhwc = nhwc
         self.nhwc = nhwc
@@ -364,9 +373,7 @@ class ResNetV2(nn.Cell):
                 p.requires_grad = not frozen
 
     def forward_features(self, x):
-        x = self.root(x)  # NCHW: MindSpore's CPU max-pool takes no other layout
-        if self.nhwc:
-            x = x.transpose(0, 2, 3, 1)
+        x = self.root(x)  # NCHW in; channels-last out when self.nhwc
         for stage in self.stages:
             x = stage(x)
         return self.norm(x).mean(axis=(1, 2) if self.nhwc else (2, 3))
