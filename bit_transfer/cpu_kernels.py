@@ -687,6 +687,12 @@ def all_finite_primitive():
     return None if found is None else found["all_finite"]
 
 
+def clear_caches() -> None:
+    """Forget the library and the primitives (tests: after changing the source or the environment)."""
+    for cached in (_library, _ops, max_pool_primitive):
+        cached.cache_clear()
+
+
 def available() -> bool:
     """Whether models and train steps built now use the compiled kernels."""
     return _ops() is not None

@@ -116,27 +116,27 @@ def test_kernels_build_wherever_a_compiler_is_present(monkeypatch):
         pytest.skip("no C++ compiler")
     assert cpu_kernels.build() is not None
     monkeypatch.delenv("BIT_TRANSFER_CPU_KERNELS", raising=False)
-    cpu_kernels._ops.cache_clear()
+    cpu_kernels.clear_caches()
     try:
         assert cpu_kernels.available()
     finally:
-        cpu_kernels._ops.cache_clear()
+        cpu_kernels.clear_caches()
 
 
 def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home):
     monkeypatch.delenv("BIT_TRANSFER_CPU_KERNELS", raising=False)
     monkeypatch.setattr(cpu_kernels, "SOURCE", cpu_kernels.SOURCE + "\n#error deliberately broken\n")
-    cpu_kernels._ops.cache_clear()
+    cpu_kernels.clear_caches()
     try:
         with pytest.warns(RuntimeWarning, match=r"compiled CPU kernels unavailable \(.*deliberately broken"):
             assert cpu_kernels.group_norm_primitive() is None
         assert cpu_kernels.all_finite_primitive() is None and not cpu_kernels.available()
     finally:
-        cpu_kernels._ops.cache_clear()
+        cpu_kernels.clear_caches()
 
 
 def test_an_unwritable_kernel_cache_is_a_build_failure_not_a_traceback(monkeypatch, tmp_path):
-    """_ops() turns this RuntimeError into its one warning and MindSpore's ops."""
+    """_library() turns this RuntimeError into its one warning and MindSpore's ops."""
     from bit_transfer import cpu_kernels
 
     if not cpu_kernels._compiler():
