@@ -635,6 +635,11 @@ def _ops():
             kernels[_gn_name(relu, nhwc)] = group_norm(relu, nhwc)
     return kernels
 
+def out_size(size: int, kernel: int, stride: int, pad: int, same: bool) -> int:
+    """Output length of one spatial dim of a convolution (onednn_conv) or pool (max_pool_primitive):
+    TF-SAME (`same`) keeps ceil(size / stride); else `pad` per side."""
+    return -(-size // stride) if same else (size + 2 * pad - kernel) // stride + 1
+
 
 @functools.cache
 def max_pool_primitive(kernel: int, stride: int, pad: int, same: bool):
@@ -648,7 +653,6 @@ def max_pool_primitive(kernel: int, stride: int, pad: int, same: bool):
     import mindspore as ms
     from mindspore import ops
 
-    from bit_transfer.onednn_conv import out_size
 
     def shape(x, *_):
         return [x[0], out_size(x[1], kernel, stride, pad, same), out_size(x[2], kernel, stride, pad, same), x[3]]

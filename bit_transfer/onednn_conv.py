@@ -408,10 +408,6 @@ def prebuild() -> None:
         cpu_kernels.build_in_background("onednn_conv", _build)
 
 
-def out_size(size: int, kernel: int, stride: int, pad: int, same: bool) -> int:
-    """Output length of one spatial dim: TF-SAME (`same`) keeps ceil(size / stride); else `pad` per side."""
-    return -(-size // stride) if same else (size + 2 * pad - kernel) // stride + 1
-
 
 @functools.cache
 def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False):
@@ -427,10 +423,12 @@ def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False):
     import mindspore as ms
     from mindspore import ops
 
+    from bit_transfer import cpu_kernels
+
     f32 = lambda *_: ms.float32  # noqa: E731
 
     def fwd_shape(x, w, *_):  # channels-last
-        return [x[0], out_size(x[1], w[2], stride, pad, same), out_size(x[2], w[3], stride, pad, same), w[0]]
+        return [x[0], cpu_kernels.out_size(x[1], w[2], stride, pad, same), cpu_kernels.out_size(x[2], w[3], stride, pad, same), w[0]]
 
     data = ops.Custom(f"{lib}:conv_bwd_data", out_shape=lambda dy, w, x, cfg: x, out_dtype=f32, func_type="aot")
     weights = ops.Custom(f"{lib}:conv_bwd_weights", out_shape=lambda dy, x, w, cfg: w, out_dtype=f32,
