@@ -52,32 +52,43 @@ def builtin_conv(x, w, stride, pad, same):
     ],
 )
 @pytest.mark.parametrize("residual", [False, True], ids=["conv", "conv_add"])
-def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stride, pad, same, residual):
-    """The convolution, and with `residual` the convolution that adds a residual as it writes its
-    output (oneDNN's binary post-op): values and gradients of x, w (and the residual) against
-    MindSpore's conv (+ add)."""
+@pytest.mark.parametrize("standardise", [False, True], ids=["", "ws"])
+def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stride, pad, same, residual, standardise):
+    """The convolution, with `residual` the convolution that adds a residual as it writes its output
+    (oneDNN's binary post-op), with `standardise` BiT's weight-standardised one (the standardisation
+    inside the kernels): values and gradients of x, the raw w (and the residual) against MindSpore's
+    conv (+ add) of the weight standardised by MindSpore's GroupNorm."""
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((n, c, h, w)).astype(np.float32))
-    wt = Tensor(rng.standard_normal((o, c, k, k)).astype(np.float32))
-    want_y = builtin_conv(x, wt, stride, pad, same)
+    wt = Tensor((rng.standard_normal((o, c, k, k)) * 0.1 + 0.03).astype(np.float32))
+
+    def ws(w):
+        return ops.group_norm(w.reshape(o, 1, -1), 1, None, None, 1e-10).reshape(w.shape) if standardise else w
+
+    want_y = builtin_conv(x, ws(wt), stride, pad, same)
     res = Tensor(rng.standard_normal(want_y.shape).astype(np.float32))
     r = Tensor(rng.standard_normal(want_y.shape).astype(np.float32))
-    op = onednn_conv.conv_primitive(stride, pad, same, residual=residual)
-    cfg = onednn_conv.config(stride, pad, same)
+    op = onednn_conv.conv_primitive(stride, pad, same, residual=residual, standardise=standardise)
+    cfg, eps = onednn_conv.config(stride, pad, same), Tensor([1e-10], ms.float32)
 
     def forward(x, wt, res):
-        xl = x.transpose(0, 2, 3, 1)
-        y = op(xl, wt, res.transpose(0, 2, 3, 1), cfg) if residual else op(xl, wt, cfg)
+        args = (x.transpose(0, 2, 3, 1), wt) + ((res.transpose(0, 2, 3, 1),) if residual else ())
+        y = op(*args, eps, cfg)[0] if standardise else op(*args, cfg)
         return y.transpose(0, 3, 1, 2)
 
     def ours(x, wt, res):
         return (forward(x, wt, res) * r).sum()
 
     def theirs(x, wt, res):
-        y = builtin_conv(x, wt, stride, pad, same)
+        y = builtin_conv(x, ws(wt), stride, pad, same)
         return ((y + res if residual else y) * r).sum()
 
     close(forward(x, wt, res).asnumpy(), (want_y + res if residual else want_y).asnumpy())
+    if standardise:  # the very values of the standardised weight the folded inference model keeps
+        w_hat = cpu_kernels.weight_standardisation_primitive()(wt, eps)[0]
+        plain = onednn_conv.conv_primitive(stride, pad, same)(x.transpose(0, 2, 3, 1), w_hat, cfg)
+        np.testing.assert_array_equal(forward(x, wt, res).asnumpy(),
+                                      (plain + res.transpose(0, 2, 3, 1) if residual else plain).transpose(0, 3, 1, 2).asnumpy())
     for jit in (False, True):
         wrap = ms.jit if jit else (lambda f: f)
         got = wrap(ms.grad(ours, (0, 1, 2)))(x, wt, res)
@@ -290,7 +301,8 @@ def test_the_library_exports_only_its_kernels():
     names = subprocess.run(["nm", "-D", "--defined-only", str(onednn_conv.library())], capture_output=True,
                            text=True).stdout
     exported = {line.split()[-1] for line in names.splitlines() if " T " in line}
-    assert exported == {"conv_fwd", "conv_forget", "conv_bwd_data", "conv_bwd_weights", "onednn_version"}
+    assert exported == {"conv_fwd", "conv_forget", "conv_bwd_data", "conv_bwd_weights", "conv_ws_fwd", "conv_ws_bwd_data",
+                        "conv_ws_bwd_weights", "onednn_version"}
 
 
 def test_without_onednn_it_is_one_warning_and_mindspores_convolutions(monkeypatch, tmp_path):

@@ -162,8 +162,15 @@ class StdConv2d(ConvLayer):
         self.ws_kernel = cpu_kernels.weight_standardisation_primitive()
         if self.ws_kernel is not None:  # a constant, not a Parameter: names and checkpoints unchanged
             self.ws_eps = Tensor([WS_EPS], ms.float32)
+        if self.conv_op is not None:  # channels-last: standardised inside oneDNN's convolution kernels
+            self.ws_conv_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, standardise=True)
+            self.ws_conv_add_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, True, True)
 
     def construct(self, x, residual=None):
+        if self.nhwc:  # the standardised weight goes straight into oneDNN's blocked layouts
+            if residual is None:
+                return self.ws_conv_op(x, self.weight, self.ws_eps, self.conv_cfg)[0]
+            return self.ws_conv_add_op(x, self.weight, residual, self.ws_eps, self.conv_cfg)[0]
         # Per-output-channel standardisation is a one-group GroupNorm of the (O, 1, I*kh*kw)
         # view: fused kernels make the training step faster and use ~2x less memory than a
         # mean/var/rsqrt composite (benchmarks/model_speed.py --ws composite). The compiled CPU
