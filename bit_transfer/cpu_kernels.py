@@ -1,6 +1,6 @@
 """Compiled CPU kernels (MindSpore `ops.Custom`, func_type "aot"): GroupNorm (optionally with the
-following ReLU fused in), weight standardisation, each with its backward, and the all-finite
-gradient check.
+following ReLU fused in), weight standardisation, the stem's zero-padded max-pool on channels-last
+activations, each with its backward, and the all-finite gradient check.
 
 Why: on CPU, MindSpore 2.8's `GroupNorm`/`GroupNormGrad` kernels run at ~9 ns per element (an
 elementwise op: ~0.3 ns), and they were ~half of a BiT training step (activations and weight

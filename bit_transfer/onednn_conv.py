@@ -4,12 +4,19 @@ backward).
 Why: MindSpore 2.8 bundles oneDNN 2.2 and hands it plain NCHW/OIHW layouts, so every CPU
 convolution runs as im2col + GEMM (~65 % of an R50x1 training step). oneDNN 3's brgemm convolutions
 read and write channels-last (N, H, W, C) activations as they are and run near the FMA peak on AVX2
-and AVX-512, so a model on these kernels keeps its activations channels-last between the stem and
-the pooling (models/resnetv2.py `set_layout`; GroupNorm has channels-last kernels in cpu_kernels.py).
-Weights stay (O, I, kh, kw) and are reordered into oneDNN's blocked layout per call (into one
-per-thread buffer); oneDNN-in-NCHW with reorders of the activations per call was no faster than
-MindSpore's convolutions. The maths is the same convolution; values and gradients match MindSpore's
-ops to ~1e-6 of the largest value (tests/test_onednn_conv.py). Measurements: docs/performance.md.
+and AVX-512, so a model on these kernels keeps its activations channels-last from the stem's
+convolution to the pooling (models/resnetv2.py `set_layout`; GroupNorm and the stem's max-pool have
+channels-last kernels in cpu_kernels.py). oneDNN-in-NCHW with reorders of the activations per call
+was no faster than MindSpore's convolutions.
+
+Weights stay (O, I, kh, kw) Parameters. Three ways into oneDNN's blocked layouts (one per-thread
+buffer): BiT's weight standardisation runs inside the kernels (`standardise`: the forward writes the
+standardised weight straight into the layout its primitive reads, backward-data again into its
+own, backward-weights reads the blocked gradient: no standardised copy, no reorders); plain
+convolutions reorder per call; inference weights (`config(packed=True)`) are packed once and kept.
+A residual block's last convolution adds the shortcut as it writes its output (`residual`). The
+maths is the same; values and gradients match MindSpore's ops to ~1e-6 of the largest value
+(tests/test_onednn_conv.py). Measurements: docs/performance.md.
 
 oneDNN comes from the package registry (`onednn-cpu-gomp` and `onednn-devel-cpu-gomp`: the
 library built with GNU OpenMP, the runtime MindSpore already loads, and its headers), installed into
