@@ -211,13 +211,16 @@ struct Op {
                         {DNNL_ARG_SCRATCHPAD, memory(convert_scratchpad, cpu(), scratch(convert_scratchpad.get_size(), 1))}});
   }
 
+  // This thread's buffer for the weight (or its gradient) in the blocked layout.
+  float *buffer() const { return static_cast<float *>(scratch(blocked.get_size(), 0)); }
+
   // `weights`: the user's OIHW buffer, or (`packed`) a buffer in the blocked layout (a weight
   // gradient is left there).
   void execute(std::unordered_map<int, memory> args, void *weights, bool packed = false) const {
     stream s(cpu());
     memory mine(packed ? blocked : user, cpu(), weights);
     if (!packed && user != blocked) {
-      memory tmp(blocked, cpu(), scratch(blocked.get_size(), 0));
+      memory tmp(blocked, cpu(), buffer());
       if (!output) reorder_weights(s, mine, tmp);
       mine = tmp;
     }
@@ -472,7 +475,7 @@ EXPORT int conv_ws_fwd(int nparam, void **params, int *, int64_t **shapes, const
     Convs &c = convs(g);
     const Op &op = residual ? c.forward_add() : c.fwd;
     ws_statistics(F32(1), rows, *F32(e), F32(e + 3), F32(e + 4));
-    float *blocked = static_cast<float *>(scratch(op.blocked.get_size(), 0));
+    float *blocked = op.buffer();
     standardise_into(F32(1), rows, F32(e + 3), F32(e + 4), op.at, blocked, op.blocked.get_size());
     std::unordered_map<int, memory> args{{DNNL_ARG_SRC, bind(g.src, F32(0))}, {DNNL_ARG_DST, bind(g.dst, F32(e + 2))}};
     if (residual) args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, bind(g.dst, F32(2)));
@@ -486,7 +489,7 @@ EXPORT int conv_ws_bwd_data(int nparam, void **params, int *, int64_t **shapes, 
   return guarded("conv_ws_bwd_data", [&] {
     const Geometry g = geometry(shapes[4], shapes[1], CFG(5));
     const Op &op = convs(g).backward_data();
-    float *blocked = static_cast<float *>(scratch(op.blocked.get_size(), 0));
+    float *blocked = op.buffer();
     standardise_into(F32(1), Rows(g.wei), F32(2), F32(3), op.at, blocked, op.blocked.get_size());
     op.execute({{DNNL_ARG_DIFF_DST, bind(g.dst, F32(0))}, {DNNL_ARG_DIFF_SRC, bind(g.src, F32(6))}}, blocked, true);
   });
@@ -498,7 +501,7 @@ EXPORT int conv_ws_bwd_weights(int nparam, void **params, int *, int64_t **shape
   return guarded("conv_ws_bwd_weights", [&] {
     const Geometry g = geometry(shapes[1], shapes[2], CFG(5));
     const Op &op = convs(g).backward_weights();
-    float *blocked = static_cast<float *>(scratch(op.blocked.get_size(), 0));
+    float *blocked = op.buffer();
     op.execute({{DNNL_ARG_DIFF_DST, bind(g.dst, F32(0))}, {DNNL_ARG_SRC, bind(g.src, F32(1))}}, blocked, true);
     ws_backward(blocked, op.at, F32(2), Rows(g.wei), F32(3), F32(4), F32(6));
   });
