@@ -300,6 +300,7 @@ memory bind(const memory::dims &d, void *data) { return memory(nhwc(d), cpu(), d
 struct Packed {
   std::shared_ptr<void> data;
   std::vector<float> sample;
+  int64_t bytes = 0;
 };
 std::mutex packed_lock;
 std::unordered_map<std::string, Packed> packed;
@@ -328,7 +329,7 @@ std::shared_ptr<void> packed_weights(const Op &op, const std::string &key, float
     memory from(op.user, cpu(), w), to(op.blocked, cpu(), data.get());
     op.reorder_weights(s, from, to);
     s.wait();
-    p = {data, sample};
+    p = {data, sample, static_cast<int64_t>(bytes)};
   }
   return p.data;
 }
@@ -366,10 +367,18 @@ EXPORT int conv_fwd(int nparam, void **params, int *, int64_t **shapes, const ch
   });
 }
 
-// Drops every packed weight (the next call of conv_fwd_packed packs again).
+// Drops every packed weight (the next packed convolution packs again).
 EXPORT void conv_forget() {
   std::lock_guard<std::mutex> hold(packed_lock);
   packed.clear();
+}
+
+// The bytes packed weights hold now (what FoldedResNetV2 costs beyond its parameters).
+EXPORT int64_t conv_packed_bytes() {
+  std::lock_guard<std::mutex> hold(packed_lock);
+  int64_t total = 0;
+  for (const auto &entry : packed) total += entry.second.bytes;
+  return total;
 }
 
 // Weight standardisation (BiT's StdConv2d: w_hat = (w - mean) * rstd per output channel, over its
@@ -663,12 +672,28 @@ def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False, st
     return op
 
 
+def _loaded() -> ctypes.CDLL | None:
+    """The kernel library MindSpore runs (dlopen of one path gives one copy), for its plain C entries."""
+    lib = library()
+    return None if lib is None else ctypes.CDLL(str(lib))
+
+
 def forget_packed() -> None:
     """Drop every packed inference weight (`config(..., packed=True)`): call after rewriting the
-    weights such convolutions read (FoldedResNetV2.refresh does). A no-op without the library."""
-    lib = library()
-    if lib is not None:  # the library MindSpore loaded: dlopen of one path gives one copy
-        ctypes.CDLL(str(lib)).conv_forget()
+    weights such convolutions read (FoldedResNetV2.refresh does) or when their model goes. A no-op
+    without the library."""
+    lib = _loaded()
+    if lib is not None:
+        lib.conv_forget()
+
+
+def packed_bytes() -> int:
+    """Bytes of packed inference weights held now (0 without the library)."""
+    lib = _loaded()
+    if lib is None:
+        return 0
+    lib.conv_packed_bytes.restype = ctypes.c_int64
+    return int(lib.conv_packed_bytes())
 
 
 def config(stride: int, pad: int, same: bool, packed: bool = False):

@@ -86,6 +86,24 @@ def test_refresh_follows_new_weights_in_a_compiled_graph():
     assert relative(step(x), want) <= 1e-5
 
 
+def test_packed_weights_go_with_their_model():
+    """Channels-last, a folded model's convolutions keep oneDNN-packed copies of its weights; they are
+    the size of the conv weights (padded blocks aside) and are freed when the model is."""
+    from bit_transfer import onednn_conv
+
+    model = tiny("fixed")
+    if not model.nhwc:
+        pytest.skip("channels-last oneDNN kernels not available here")
+    folded = fold(model)
+    step = EvalStep(folded, 2)
+    step(images(2, 40).asnumpy())
+    conv_bytes = sum(p.size * 4 for p in folded.get_parameters() if p.ndim == 4)
+    assert conv_bytes <= onednn_conv.packed_bytes() <= 2 * conv_bytes
+    del folded, step
+    gc.collect()
+    assert onednn_conv.packed_bytes() == 0
+
+
 def test_refresh_needs_its_model():
     model = tiny("fixed")
     folded = fold(model)

@@ -301,7 +301,7 @@ def test_the_library_exports_only_its_kernels():
     names = subprocess.run(["nm", "-D", "--defined-only", str(onednn_conv.library())], capture_output=True,
                            text=True).stdout
     exported = {line.split()[-1] for line in names.splitlines() if " T " in line}
-    assert exported == {"conv_fwd", "conv_forget", "conv_bwd_data", "conv_bwd_weights", "conv_ws_fwd", "conv_ws_bwd_data",
+    assert exported == {"conv_fwd", "conv_forget", "conv_packed_bytes", "conv_bwd_data", "conv_bwd_weights", "conv_ws_fwd", "conv_ws_bwd_data",
                         "conv_ws_bwd_weights", "onednn_version"}
 
 
