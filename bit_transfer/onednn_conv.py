@@ -43,7 +43,8 @@ SOURCE = r"""
 // Convolution forward, backward-data and backward-weights on oneDNN 3.x for MindSpore CPU custom
 // (aot) ops. Activations are channels-last (N, H, W, C), which oneDNN 3's brgemm convolutions read
 // and write as they are (no reorder per call; they run near the FMA peak on AVX2 and AVX-512);
-// weights stay (O, I, kh, kw) and are reordered into oneDNN's blocked layout per call. MindSpore 2.8
+// weights stay (O, I, kh, kw) and reach oneDNN's blocked layouts standardised by the conv_ws_*
+// kernels, reordered per call (conv_fwd, conv_bwd_*) or packed once (conv_fwd, cfg[3]). MindSpore 2.8
 // (its own oneDNN 2.2, plain NCHW) runs every convolution as im2col + GEMM.
 // Built with -fvisibility=hidden: only the kernel entry points are exported, and libdnnl.so.3 is a
 // dependency of this library alone (MindSpore's libdnnl.so.2 has another soname).
@@ -292,6 +293,13 @@ Convs &convs(const Geometry &g) {
 
 memory bind(const memory::dims &d, void *data) { return memory(nhwc(d), cpu(), data); }
 
+// A forward's activations: x, y and, for the residual variant, r (the binary post-op's input).
+std::unordered_map<int, memory> forward_args(const Geometry &g, float *x, float *y, float *r) {
+  std::unordered_map<int, memory> args{{DNNL_ARG_SRC, bind(g.src, x)}, {DNNL_ARG_DST, bind(g.dst, y)}};
+  if (r) args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, bind(g.dst, r));
+  return args;
+}
+
 // Inference weights (FoldedConv2d: fixed between refreshes) in the forward's blocked layout, packed
 // once per geometry and weight buffer instead of reordered on every call. conv_forget() drops them
 // all (FoldedResNetV2.refresh, after it rewrites the weights); a sample of the values, compared on
@@ -360,10 +368,8 @@ EXPORT int conv_fwd(int nparam, void **params, int *, int64_t **shapes, const ch
     const Geometry g = geometry(shapes[0], shapes[1], cfg);
     Convs &c = convs(g);
     const Op &op = residual ? c.forward_add() : c.fwd;
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, bind(g.src, F32(0))}, {DNNL_ARG_DST, bind(g.dst, F32(nparam - 1))}};
-    if (residual) args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, bind(g.dst, F32(2)));
     std::shared_ptr<void> w = cfg[3] ? packed_weights(op, g.key() + (residual ? "+" : ""), F32(1)) : nullptr;
-    op.execute(args, w ? w.get() : F32(1), w != nullptr);
+    op.execute(forward_args(g, F32(0), F32(nparam - 1), residual ? F32(2) : nullptr), w ? w.get() : F32(1), w != nullptr);
   });
 }
 
@@ -438,12 +444,8 @@ void standardise_into(const float *w, const Rows &r, const float *mean, const fl
       for (int64_t i0 = 0; i0 < r.I; i0 += IB) {  // in[(i0 + j) * KHW + hw] == in[i0 * KHW + hw] + j
         const int64_t ni = std::min(IB, r.I - i0);
         float *di = d + in[i0 * KHW + hw];
-        if (IB > 1) {
 #pragma omp simd
-          for (int64_t j = 0; j < ni; ++j) di[j] = (wo[(i0 + j) * KHW + hw] - m) * a;
-        } else {
-          di[0] = (wo[i0 * KHW + hw] - m) * a;
-        }
+        for (int64_t j = 0; j < ni; ++j) di[j] = (wo[(i0 + j) * KHW + hw] - m) * a;
       }
   }
 }
@@ -486,9 +488,7 @@ EXPORT int conv_ws_fwd(int nparam, void **params, int *, int64_t **shapes, const
     ws_statistics(F32(1), rows, *F32(e), F32(e + 3), F32(e + 4));
     float *blocked = op.buffer();
     standardise_into(F32(1), rows, F32(e + 3), F32(e + 4), op.at, blocked, op.blocked.get_size());
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, bind(g.src, F32(0))}, {DNNL_ARG_DST, bind(g.dst, F32(e + 2))}};
-    if (residual) args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, bind(g.dst, F32(2)));
-    op.execute(args, blocked, true);
+    op.execute(forward_args(g, F32(0), F32(e + 2), residual ? F32(2) : nullptr), blocked, true);
   });
 }
 
