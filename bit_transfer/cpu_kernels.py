@@ -32,18 +32,10 @@ import threading
 import warnings
 from pathlib import Path
 
-# Inline (not a package-data file) so every install has it.
-SOURCE = r"""
-// GroupNorm and weight standardisation forward/backward, and a finite check, for MindSpore CPU
-// custom (aot) ops. Single-threaded but for the channels-last GroupNorm (see CXX_FLAGS); float64 statistics.
-#include <cmath>
-#include <algorithm>
-#include <cstdint>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+# C++ both kernel libraries compile (this SOURCE and onednn_conv's, which standardises weights inside
+# its convolutions): one thread rule and one statistics routine, so the two give the same bits.
+# Needs <algorithm>, <cmath>, <cstdint> and, under -fopenmp, <omp.h>.
+SHARED_SOURCE = r"""
 // Threads for the kernels that run between oneDNN's convolutions (channels-last GroupNorm, weight
 // standardisation, the finite check; on the same GNU OpenMP team): one per 256 K values up to the
 // OpenMP maximum; 1 without -fopenmp. The NCHW GroupNorm (models without oneDNN) stays on 1.
@@ -55,6 +47,34 @@ static int threads(int64_t values) {
 #endif
 }
 
+// Mean and 1 / sqrt(var + eps) of K values: two passes (mean, then squared deviations), accumulated
+// in float64 lanes: `omp simd reduction` lets the compiler vectorise them (a plain double += loop is
+// one serial chain, which made the GroupNorm forward 3-4x slower than its backward).
+static void row_statistics(const float *x, int64_t K, float eps, float *mean, float *rstd) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < K; ++i) s += x[i];
+  const double m = s / K;
+  double v = 0.0;
+#pragma omp simd reduction(+ : v)
+  for (int64_t i = 0; i < K; ++i) { const double d = x[i] - m; v += d * d; }
+  *mean = static_cast<float>(m);
+  *rstd = static_cast<float>(1.0 / std::sqrt(v / K + eps));
+}
+"""
+
+# Inline (not a package-data file) so every install has it.
+SOURCE = r"""
+// GroupNorm and weight standardisation forward/backward, and a finite check, for MindSpore CPU
+// custom (aot) ops. Single-threaded but for the channels-last GroupNorm (see CXX_FLAGS); float64 statistics.
+#include <cmath>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+""" + SHARED_SOURCE + r"""
 // Forward over R rows of K = Cg*HW values: row r is group (r % G) of sample r / G, its channel j
 // is (r % G)*Cg + j. gamma == nullptr: no affine (weight standardisation).
 // RELU: y = max(0, GroupNorm(x)) in the same pass (the pre-activation units always follow GN with ReLU).
@@ -65,20 +85,8 @@ static void gn_forward(const float *x, const float *gamma, const float *beta, fl
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     const float *xr = x + r * K;
-    // Two passes (mean, then squared deviations), accumulated in float64 lanes: `omp simd
-    // reduction` lets the compiler vectorise them (a plain double += loop is one serial chain,
-    // which made the forward 3-4x slower than the backward).
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < K; ++i) s += xr[i];
-    const double m = s / K;
-    double v = 0.0;
-#pragma omp simd reduction(+ : v)
-    for (int64_t i = 0; i < K; ++i) { const double d = xr[i] - m; v += d * d; }
-    const float rstd = static_cast<float>(1.0 / std::sqrt(v / K + eps));
-    const float mf = static_cast<float>(m);
-    mean_out[r] = mf;
-    rstd_out[r] = rstd;
+    row_statistics(xr, K, eps, mean_out + r, rstd_out + r);
+    const float mf = mean_out[r], rstd = rstd_out[r];
     const int64_t c0 = (r % G) * Cg;
     float *yr = y + r * K;
     // (x - mean) * a + beta, not x * a + (beta - mean * a): the folded form cancels two products

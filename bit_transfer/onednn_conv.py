@@ -39,6 +39,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from bit_transfer import cpu_kernels
+
 SOURCE = r"""
 // Convolution forward, backward-data and backward-weights on oneDNN 3.x for MindSpore CPU custom
 // (aot) ops. Activations are channels-last (N, H, W, C), which oneDNN 3's brgemm convolutions read
@@ -392,31 +394,19 @@ EXPORT int64_t conv_packed_bytes() {
 // layout its primitive reads, backward-data writes it again into its own (from the saved
 // statistics), backward-weights reads the blocked weight gradient and writes the raw weight's. No
 // standardised OIHW copy, no reorders, no separate ops. Statistics and formulas are cpu_kernels'
-// ws_fwd / ws_bwd (float64 sums): the same bits as the folded inference weights.
+// ws_fwd / ws_bwd (SHARED_SOURCE's row_statistics): the same bits as the folded inference weights.
 #pragma GCC push_options
 #pragma GCC optimize("O3")  // these loops only: the rest binds buffers and calls oneDNN (-O1: 1 s less to build)
+""" + cpu_kernels.SHARED_SOURCE + r"""
 struct Rows {
   int64_t O, I, K;
   explicit Rows(const memory::dims &w) : O(w[0]), I(w[1]), K(w[1] * w[2] * w[3]) {}
-  int threads() const { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), O * K >> 18))); }
+  int threads() const { return ::threads(O * K); }
 };
 
 void ws_statistics(const float *w, const Rows &r, float eps, float *mean, float *rstd) {
 #pragma omp parallel for num_threads(r.threads()) schedule(static)
-  for (int64_t o = 0; o < r.O; ++o) {
-    const float *wo = w + o * r.K;
-    double s = 0.0, v = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < r.K; ++k) s += wo[k];
-    const double m = s / r.K;
-#pragma omp simd reduction(+ : v)
-    for (int64_t k = 0; k < r.K; ++k) {
-      const double d = wo[k] - m;
-      v += d * d;
-    }
-    mean[o] = static_cast<float>(m);
-    rstd[o] = static_cast<float>(1.0 / std::sqrt(v / r.K + eps));
-  }
+  for (int64_t o = 0; o < r.O; ++o) row_statistics(w + o * r.K, r.K, eps, mean + o, rstd + o);
 }
 
 // The loops run along the layout's innermost block (contiguous stores and loads): `ob` output
@@ -563,8 +553,6 @@ def prefix() -> Path | None:
 def _build() -> Path | None:
     """The kernel library linked against this prefix's libdnnl.so.3 (rpath: no LD_LIBRARY_PATH), keyed
     by the oneDNN version header too, so a new oneDNN rebuilds it. Raises RuntimeError saying why not."""
-    from bit_transfer import cpu_kernels
-
     root = prefix()
     if root is None:
         raise RuntimeError(f"oneDNN 3 not installed ({INSTALL})")
@@ -581,8 +569,6 @@ def _build() -> Path | None:
 def library() -> Path | None:
     """The built kernel library, or None where MindSpore's convolutions must be used (one warning
     when oneDNN or the compiler is missing or the build fails)."""
-    from bit_transfer import cpu_kernels
-
     if os.environ.get("BIT_TRANSFER_ONEDNN", "1") == "0" or not cpu_kernels.available():
         return None
     cpu_kernels.wait_for_build("onednn_conv")
@@ -599,8 +585,6 @@ def prebuild() -> None:
     """Compile both kernel libraries (cpu_kernels' and this one) in the background, side by side, at
     the start of a CPU run: a first run's start-up then pays ~1 s of compile instead of both in turn
     when the model is built. Nothing happens where the kernels are switched off."""
-    from bit_transfer import cpu_kernels
-
     if os.environ.get("BIT_TRANSFER_CPU_KERNELS", "1") == "0":
         return
     cpu_kernels.build_in_background("cpu_kernels", cpu_kernels.build)
@@ -626,8 +610,6 @@ def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False, st
         return None
     import mindspore as ms
     from mindspore import ops
-
-    from bit_transfer import cpu_kernels
 
     f32 = lambda *_: ms.float32  # noqa: E731
 
