@@ -127,18 +127,20 @@ class ConvLayer(nn.Cell):
     kernel) where it is available, else `ops.conv2d` after our own padding."""
 
     packed = False  # inference layers: oneDNN keeps a blocked copy of the fixed weight
+    standardise = False  # StdConv2d: its oneDNN ops standardise the weight inside the kernels
 
     def __init__(self, kernel: int, stride: int, padding: str):
         super().__init__()
         self.kernel, self.stride, self.dynamic, self.pad = conv_geometry(kernel, stride, padding)
         self.nhwc = False  # ResNetV2.set_layout; a layer on its own takes NCHW
-        self.conv_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic)
+        self.conv_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, False, self.standardise)
         if self.conv_op is not None:  # a constant, not a Parameter: names and checkpoints unchanged
-            self.conv_add_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, residual=True)
+            self.conv_add_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, True, self.standardise)
             self.conv_cfg = onednn_conv.config(stride, self.pad, self.dynamic, self.packed)
 
     def convolve(self, x, w, residual=None):
-        """conv(x, w), plus `residual` when given (a bottleneck's last conv adds its shortcut)."""
+        """conv(x, w), plus `residual` when given (a bottleneck's last conv adds its shortcut).
+        Channels-last, a standardising layer calls its ops itself (they take eps, give statistics)."""
         if self.nhwc:  # oneDNN, channels-last (only set where conv_op exists)
             if residual is None:
                 return self.conv_op(x, w, self.conv_cfg)
@@ -156,21 +158,20 @@ class StdConv2d(ConvLayer):
     input size when the stride is 2 (transformers' `global_padding: SAME`).
     """
 
+    standardise = True
+
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
         super().__init__(kernel, stride, padding)
         self.weight = Parameter(Tensor.from_numpy(_he_normal((cout, cin, kernel, kernel))))
         self.ws_kernel = cpu_kernels.weight_standardisation_primitive()
         if self.ws_kernel is not None:  # a constant, not a Parameter: names and checkpoints unchanged
             self.ws_eps = Tensor([WS_EPS], ms.float32)
-        if self.conv_op is not None:  # channels-last: standardised inside oneDNN's convolution kernels
-            self.ws_conv_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, standardise=True)
-            self.ws_conv_add_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, True, True)
 
     def construct(self, x, residual=None):
         if self.nhwc:  # the standardised weight goes straight into oneDNN's blocked layouts
             if residual is None:
-                return self.ws_conv_op(x, self.weight, self.ws_eps, self.conv_cfg)[0]
-            return self.ws_conv_add_op(x, self.weight, residual, self.ws_eps, self.conv_cfg)[0]
+                return self.conv_op(x, self.weight, self.ws_eps, self.conv_cfg)[0]
+            return self.conv_add_op(x, self.weight, residual, self.ws_eps, self.conv_cfg)[0]
         # Per-output-channel standardisation is a one-group GroupNorm of the (O, 1, I*kh*kw)
         # view: fused kernels make the training step faster and use ~2x less memory than a
         # mean/var/rsqrt composite (benchmarks/model_speed.py --ws composite). The compiled CPU
