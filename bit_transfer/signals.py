@@ -7,6 +7,9 @@ checkpoint write (`critical`): a signal there is acted on once the file is whole
 Python runs a handler once for any number of deliveries of one signal that arrive while the main
 thread is inside C code (a checkpoint write): two quick SIGTERMs read as one. Signals are counted
 from a wakeup pipe instead (CPython writes one byte per delivery), so a second signal is never lost.
+(A second signal sent within microseconds of the first, while the kernel still holds that one pending,
+is merged into it by the kernel and never delivered: no process can count it. A person's second Ctrl-C
+or `kill` is far later than that.)
 
 MindSpore installs its own C-level SIGINT handler when its context starts, and that handler sends
 the process SIGTERM (mindspore/ccsrc/utils/signal_util.cc, `DefaultIntHandler`), so Ctrl-C would

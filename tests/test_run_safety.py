@@ -99,8 +99,12 @@ def test_a_signal_inside_the_final_checkpoint_write_loses_nothing(task, tmp_path
 
 
 def test_two_signals_at_the_final_checkpoint_keep_it_whole_and_a_rerun_evaluates(task, tmp_path):
+    """20 ms apart, both inside the write (~30 ms here). Sent back to back, the kernel merges the second
+    into the first while that is still pending (a standard signal does not queue): one signal was counted,
+    the evaluation ran to its end and fit exited 0, in 5 of 6 runs on one machine (and once in CI)."""
     recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
-    code, out, err = signal_at(start_fit(recipe, run_dir), final_tmp(run_dir), [signal.SIGTERM, signal.SIGTERM])
+    code, out, err = signal_at(start_fit(recipe, run_dir), final_tmp(run_dir), [signal.SIGTERM, signal.SIGTERM],
+                               gap=0.02)
     assert code == 130, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("bit-transfer fit: interrupted: SIGTERM") and "rerun the same command" in line, err
