@@ -178,6 +178,8 @@ def predict_cli(args) -> dict:
 
 def child(args) -> None:
     start = time.perf_counter()
+    if args.child in ("prepare", "unfolded", "folded"):  # first, as the CLI: libgomp's spin count (bit_transfer/__init__.py)
+        import bit_transfer  # noqa: F401
     if args.child == "prepare":
         result = prepare(args)
     elif args.child == "e2e":
