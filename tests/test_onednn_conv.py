@@ -49,6 +49,8 @@ def builtin_conv(x, w, stride, pad, same):
         (3, 8, 9, 9, 16, 1, 2, 0, True),  # a strided 1x1 projection
         (1, 4, 97, 97, 8, 1, 1, 0, False),  # micro-batch 1, a 1x1 conv
         (2, 16, 6, 6, 16, 3, 2, 1, False),  # fixed padding, stride 2
+        (2, 24, 4, 4, 40, 3, 1, 1, False),  # a 4x4 output (the direct kernels on AVX-512), channels not in 16s
+        (3, 40, 7, 8, 24, 1, 2, 0, True),  # the same, strided 1x1
     ],
 )
 @pytest.mark.parametrize("residual", [False, True], ids=["conv", "conv_add"])
@@ -339,3 +341,42 @@ def test_mixed_precision_models_go_back_to_nchw():
     assert model.nhwc
     step.cast_model(model, "fp16")
     assert not model.nhwc and not any(getattr(c, "nhwc", False) for _, c in model.cells_and_names())
+
+
+IMPLEMENTATIONS = """
+import bit_transfer, mindspore as ms, numpy as np
+from bit_transfer import onednn_conv
+op, cfg = onednn_conv.conv_primitive(1, 1, False), onednn_conv.config(1, 1, False)
+for hw in (4, 8):
+    x, w = ms.Tensor(np.ones((2, hw, hw, 32), np.float32)), ms.Tensor(np.ones((32, 32, 3, 3), np.float32))
+    ms.grad(lambda x, w: op(x, w, cfg).sum(), (0, 1))(x, w)
+"""
+
+
+def implementations(**env) -> dict:
+    """{(direction, output size): oneDNN's implementation} from its verbose log of a real process."""
+    import os
+
+    out = subprocess.run([sys.executable, "-c", IMPLEMENTATIONS], capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"ONEDNN_VERBOSE": "1"} | env, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        p = line.split(",")
+        if "exec" in p and "convolution" in p:
+            i = p.index("convolution")
+            found[(p[i + 2], int(p[-2].split("oh")[1].split("k")[0]))] = p[i + 1]
+    return found
+
+
+@needs_onednn
+def test_outputs_of_4x4_pixels_run_the_direct_kernels_on_avx512_and_the_first_choice_elsewhere():
+    """Forward and backward-data of a <= 4x4 output take "jit:avx512_core" (faster there than oneDNN's
+    first choice, brgconv: onednn_conv's `preferred`); an 8x8 output and an AVX2 CPU keep oneDNN's."""
+    got = implementations()
+    avx512 = got[("forward_training", 8)].endswith("avx512_core")  # (not under ONEDNN_MAX_CPU_ISA=AVX2)
+    for direction in ("forward_training", "backward_data"):
+        assert got[(direction, 8)].startswith("brg"), got
+        assert (got[(direction, 4)] == "jit:avx512_core") == avx512, got
+    if avx512:  # the same process pretending to be an AVX2 machine: no direct kernel preferred, nothing fails
+        got = implementations(ONEDNN_MAX_CPU_ISA="AVX2")
+        assert got[("forward_training", 4)].startswith("brgconv") and got[("forward_training", 4)].endswith("avx2"), got
