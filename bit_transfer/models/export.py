@@ -83,13 +83,9 @@ def export_mindir(model: ResNetV2, out_dir, image_size: int, class_names=None) -
     needed = sum(p.asnumpy().nbytes for p in model.get_parameters())
 
     def write(tmp: Path) -> None:
-        # NCHW and MindSpore's convolutions in the file, not our oneDNN kernels (a library on this host)
-        layout = folded.nhwc
-        folded.set_layout(False)
-        try:  # MindSpore appends ".mindir" to the name it is given
+        with folded.builtin_ops():  # MindSpore's ops in the file, not our kernels (libraries on this host)
+            # MindSpore appends ".mindir" to the name it is given
             ms.export(folded, example, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
-        finally:
-            folded.set_layout(layout)
 
     with _cleanup_on_failure(out):
         _write(out.path / "model.mindir", write, needed, suffix=".mindir")

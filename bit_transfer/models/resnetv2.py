@@ -18,6 +18,7 @@ Parameter names (stable: checkpoints and optimiser state use them):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -357,6 +358,24 @@ class ResNetV2(nn.Cell):
             if hasattr(cell, "nhwc"):
                 cell.nhwc = nhwc
         self.nhwc = nhwc
+
+    @contextlib.contextmanager
+    def builtin_ops(self):
+        """MindSpore's own ops only (NCHW convolutions, `ops.group_norm`), e.g. for a MindIR file that
+        leaves this host: a compiled kernel is a Custom aot op naming a .so under this machine's kernel
+        cache, which MindSpore Lite or another machine cannot load. Restores the kernels afterwards."""
+        kept = [(c, a, getattr(c, a)) for _, c in self.cells_and_names() for a in ("gn_kernel", "ws_kernel")
+                if hasattr(c, a)]
+        layout = self.nhwc
+        self.set_layout(False)
+        for c, a, _ in kept:
+            setattr(c, a, None)
+        try:
+            yield self
+        finally:
+            for c, a, k in kept:
+                setattr(c, a, k)
+            self.set_layout(layout)
 
     def reset_head(self, num_classes: int) -> None:
         """Zero-initialised head (weight and bias), as BiT-HyperRule fine-tuning prescribes.
