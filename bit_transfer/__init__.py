@@ -10,11 +10,11 @@ _os.environ.setdefault("GLOG_v", "3")
 # otherwise fails with "Descriptors cannot be created directly".
 _os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 # Our CPU kernels (oneDNN, cpu_kernels) run on libgomp's threads, MindSpore's own ops and its graph
-# runtime on MindSpore's thread pool. After each kernel libgomp's idle threads spin 300,000 times
-# by default (https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html) on the cores that
-# MindSpore's threads need to launch the next op: ~40 us between R50x1's 540 ops per step on 2
-# cores. 10,000 spins: training at micro-batch 8 +7 % (docs/performance.md). libgomp reads it once,
-# when `import mindspore` loads it, hence here; a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
+# runtime on MindSpore's thread pool. After each kernel libgomp's idle threads spin 300,000 times by
+# default (https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html; ~5 ms here) on the cores
+# MindSpore's threads need. 10,000 spins (~0.2 ms) still bridge the ~40 us between two of our
+# kernels: training at micro-batch 8 +7 % (docs/performance.md). libgomp reads it once, when
+# `import mindspore` loads it, hence here; a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
