@@ -63,6 +63,7 @@ def composite_weight_standardisation():
 
 
 def bench_mindspore(args) -> None:
+    import bit_transfer  # noqa: F401  (first, as the CLI: libgomp's spin count, bit_transfer/__init__.py)
     import mindspore as ms
     from mindspore import nn, ops
 
