@@ -160,21 +160,18 @@ print(time.process_time() - t)
 """
 
 
-def test_libgomp_threads_stop_spinning_soon_after_a_kernel_unless_the_user_set_it(tmp_path):
+def test_libgomp_threads_stop_spinning_soon_after_a_kernel_unless_the_user_set_it(home):
     """bit_transfer/__init__.py sets GOMP_SPINCOUNT=10000 before MindSpore loads libgomp; with
     libgomp's default (300,000 spins) the idle threads hold the cores MindSpore's threads need."""
     import os
     import subprocess
     import sys
 
-    cxx = cpu_kernels._compiler()
-    if not cxx:
+    lib = cpu_kernels.build("omp_probe", 'extern "C" double work(int n) { double s = 0;\n'
+                            "#pragma omp parallel for reduction(+:s)\nfor (int i = 0; i < n; i++) s += i * 0.5;\n"
+                            "return s; }\n", ["-O1", "-fopenmp", "-shared", "-fPIC"])
+    if lib is None:
         pytest.skip("no C++ compiler here")
-    src = tmp_path / "omp.cc"
-    src.write_text('extern "C" double work(int n) { double s = 0;\n#pragma omp parallel for reduction(+:s)\n'
-                   "for (int i = 0; i < n; i++) s += i * 0.5;\nreturn s; }\n")
-    lib = tmp_path / "libomp_probe.so"
-    subprocess.run([cxx, "-O1", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
 
     def cpu_while_idle(**env):
         base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
