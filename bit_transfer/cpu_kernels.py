@@ -637,6 +637,7 @@ def _ops():
             kernels[_gn_name(relu, nhwc)] = group_norm(relu, nhwc)
     return kernels
 
+
 def out_size(size: int, kernel: int, stride: int, pad: int, same: bool) -> int:
     """Output length of one spatial dim of a convolution (onednn_conv) or pool (max_pool_primitive):
     TF-SAME (`same`) keeps ceil(size / stride); else `pad` per side."""
@@ -654,7 +655,6 @@ def max_pool_primitive(kernel: int, stride: int, pad: int, same: bool):
         return None
     import mindspore as ms
     from mindspore import ops
-
 
     def shape(x, *_):
         return [x[0], out_size(x[1], kernel, stride, pad, same), out_size(x[2], kernel, stride, pad, same), x[3]]

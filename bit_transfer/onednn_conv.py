@@ -613,7 +613,6 @@ def prebuild() -> None:
         cpu_kernels.build_in_background("onednn_conv", _build)
 
 
-
 @functools.cache
 def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False, standardise: bool = False):
     """`(x (N,H,W,C), w (O,C,kh,kw), cfg) -> y (N,OH,OW,O)` float32 (channels-last activations), the
