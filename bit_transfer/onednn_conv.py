@@ -433,9 +433,11 @@ void ws_statistics(const float *w, const Rows &r, float eps, float *mean, float 
 // The loops run along the layout's innermost block (contiguous stores and loads): `ob` output
 // channels side by side (the forward's and backward-weights' layouts), else `ib` input channels
 // (backward-data's), else element by element. A group of ob rows of w stays in L2 meanwhile.
-void standardise_into(const float *w, const Rows &r, const float *mean, const float *rstd, const Offsets &at, float *dst,
-                      size_t bytes) {
-  if (at.padded) std::memset(dst, 0, bytes);
+// Writes into `op`'s buffer (its blocked layout) and returns it.
+float *standardise_into(const Op &op, const float *w, const Rows &r, const float *mean, const float *rstd) {
+  const Offsets &at = op.at;
+  float *dst = op.buffer();
+  if (at.padded) std::memset(dst, 0, op.blocked.get_size());
   const int64_t *in = at.in.data(), K = r.K, B = at.ob, IB = at.ib, KHW = K / r.I;
 #pragma omp parallel for num_threads(r.threads()) schedule(static)
   for (int64_t o0 = 0; o0 < r.O; o0 += B) {
@@ -459,6 +461,7 @@ void standardise_into(const float *w, const Rows &r, const float *mean, const fl
         for (int64_t j = 0; j < ni; ++j) di[j] = (wo[(i0 + j) * KHW + hw] - m) * a;
       }
   }
+  return dst;
 }
 
 // dw = rstd * (g - mean(g) - w_hat * mean(g * w_hat)) per output channel, g gathered from the
@@ -497,8 +500,7 @@ EXPORT int conv_ws_fwd(int nparam, void **params, int *, int64_t **shapes, const
     Convs &c = convs(g);
     const Op &op = residual ? c.forward_add() : c.fwd;
     ws_statistics(F32(1), rows, *F32(e), F32(e + 3), F32(e + 4));
-    float *blocked = op.buffer();
-    standardise_into(F32(1), rows, F32(e + 3), F32(e + 4), op.at, blocked, op.blocked.get_size());
+    float *blocked = standardise_into(op, F32(1), rows, F32(e + 3), F32(e + 4));
     op.execute(forward_args(g, F32(0), F32(e + 2), residual ? F32(2) : nullptr), blocked, true);
   });
 }
@@ -509,8 +511,7 @@ EXPORT int conv_ws_bwd_data(int nparam, void **params, int *, int64_t **shapes, 
   return guarded("conv_ws_bwd_data", [&] {
     const Geometry g = geometry(shapes[4], shapes[1], CFG(5));
     const Op &op = convs(g).backward_data();
-    float *blocked = op.buffer();
-    standardise_into(F32(1), Rows(g.wei), F32(2), F32(3), op.at, blocked, op.blocked.get_size());
+    float *blocked = standardise_into(op, F32(1), Rows(g.wei), F32(2), F32(3));
     op.execute({{DNNL_ARG_DIFF_DST, bind(g.dst, F32(0))}, {DNNL_ARG_DIFF_SRC, bind(g.src, F32(6))}}, blocked, true);
   });
 }
