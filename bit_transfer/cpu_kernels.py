@@ -193,33 +193,49 @@ BT_GN_ENTRY(gn_relu_fwd, gn_fwd_impl, true)
 BT_GN_ENTRY(gn_bwd, gn_bwd_impl, false)
 BT_GN_ENTRY(gn_relu_bwd, gn_bwd_impl, true)
 
-// GroupNorm of channels-last activations (the layout of the oneDNN convolutions,
-// bit_transfer/onednn_conv.py): x (N, HW, G, Cg), row r = n * G + g as above. Per sample, the
-// per-channel sums run along the contiguous channels (vectorised over C); statistics in float64 as
-// above. (Blocks of ~64 channels, each pass over all pixels, to keep a block in L2 between passes:
-// 1.7x slower, the strided 256-byte rows defeat the prefetcher.)
-template <bool RELU>
+// GroupNorm of the oneDNN convolutions' activations (bit_transfer/onednn_conv.py), channels-last
+// in blocks: x (N, CB, HW, L), channel cb * L + l of pixel p at ((n * CB + cb) * HW + p) * L + l.
+// Channels-last (N, HW, C) is CB = 1, L = C; oneDNN's blocked nChw8c (AVX2 machines) is L = 8.
+// G groups of Cg = C / G consecutive channels (a group may span blocks); mean/rstd row n * G + g.
+// Per sample, the per-channel sums run along the contiguous lanes (vectorised over L); statistics
+// in float64 as above. (Blocks of ~64 channels, each pass over all pixels, to keep a block in L2
+// between passes: 1.7x slower channels-last, the strided 256-byte rows defeat the prefetcher.)
+struct Blocks {
+  int64_t N, CB, HW, L, G;
+  int64_t C() const { return CB * L; }
+  // The sample's (cb, p) rows of L lanes, in memory order: f(offset of the row, its first channel).
+  template <typename F>
+  void rows(int64_t n, F f) const {
+    for (int64_t cb = 0; cb < CB; ++cb)
+      for (int64_t p = 0; p < HW; ++p) f(((n * CB + cb) * HW + p) * L, cb * L);
+  }
+};
+// The kernels' lane count: LW if given at compile time (blocks of 8: the loops unroll, 1.2x faster
+// than a run-time 8), else B.L.
+#define BT_LANES (LW ? LW : B.L)
+
+template <bool RELU, int LW>
 static void gn_nhwc_forward(const float *x, const float *gamma, const float *beta, float eps, float *y, float *mean_out,
-                            float *rstd_out, int64_t N, int64_t HW, int64_t G, int64_t Cg) {
-  const int64_t C = G * Cg;
-  const double K = static_cast<double>(Cg * HW);
-#pragma omp parallel for num_threads(threads(N * HW * C)) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
+                            float *rstd_out, const Blocks &B) {
+  const int64_t C = B.C(), G = B.G, Cg = C / G, L = BT_LANES;
+  const double K = static_cast<double>(Cg * B.HW);
+#pragma omp parallel for num_threads(threads(B.N * B.HW * C)) schedule(static)
+  for (int64_t n = 0; n < B.N; ++n) {
     // One pass for both statistics: float64 sums of x and x^2 per channel (var = E[x^2] - E[x]^2
     // loses float32 precision only when |mean| > ~1e4 std; a second pass over the sample, as the
     // NCHW kernel's, cost ~25 % of this kernel).
     std::vector<double> acc(C, 0.0), acc2(C, 0.0);
     std::vector<float> m(C), a(C), b(C);
-    const float *xn = x + n * HW * C;
-    for (int64_t p = 0; p < HW; ++p) {
-      const float *xp = xn + p * C;
+    B.rows(n, [&](int64_t at, int64_t c0) {
+      const float *xp = x + at;
+      double *s = acc.data() + c0, *s2 = acc2.data() + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const double v = xp[c];
-        acc[c] += v;
-        acc2[c] += v * v;
+      for (int64_t l = 0; l < L; ++l) {
+        const double v = xp[l];
+        s[l] += v;
+        s2[l] += v * v;
       }
-    }
+    });
     for (int64_t g = 0; g < G; ++g) {
       double sum = 0.0, sq = 0.0;
       for (int64_t j = 0; j < Cg; ++j) sum += acc[g * Cg + j], sq += acc2[g * Cg + j];
@@ -233,46 +249,45 @@ static void gn_nhwc_forward(const float *x, const float *gamma, const float *bet
         b[g * Cg + j] = beta[g * Cg + j];
       }
     }
-    float *yn = y + n * HW * C;
-    for (int64_t p = 0; p < HW; ++p) {
-      const float *xp = xn + p * C;
-      float *yp = yn + p * C;
+    B.rows(n, [&](int64_t at, int64_t c0) {
+      const float *xp = x + at, *mc = m.data() + c0, *ac = a.data() + c0, *bc = b.data() + c0;
+      float *yp = y + at;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float z = (xp[c] - m[c]) * a[c] + b[c];
-        yp[c] = RELU ? (z > 0.f ? z : 0.f) : z;
+      for (int64_t l = 0; l < L; ++l) {
+        const float z = (xp[l] - mc[l]) * ac[l] + bc[l];
+        yp[l] = RELU ? (z > 0.f ? z : 0.f) : z;
       }
-    }
+    });
   }
 }
 
-template <bool RELU>
+template <bool RELU, int LW>
 static void gn_nhwc_backward(const float *dy, const float *x, const float *mean, const float *rstd, const float *gamma,
-                             const float *y, float *dx, float *dgamma, float *dbeta, int64_t N, int64_t HW, int64_t G,
-                             int64_t Cg) {
-  const int64_t C = G * Cg;
-  const double K = static_cast<double>(Cg * HW);
+                             const float *y, float *dx, float *dgamma, float *dbeta, const Blocks &B) {
+  const int64_t C = B.C(), G = B.G, Cg = C / G, L = BT_LANES, N = B.N;
+  const double K = static_cast<double>(Cg * B.HW);
   // Per sample and channel: sum dz*xhat and sum dz over the pixels, in float (as gn_backward's
   // per-channel sums; float64 lanes kept this loop from vectorising: 7x slower).
   std::vector<float> sa(N * C, 0.f), sb(N * C, 0.f);
-#pragma omp parallel for num_threads(threads(N * HW * C)) schedule(static)
+#pragma omp parallel for num_threads(threads(N * B.HW * C)) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     std::vector<float> m(C), rs(C), gm(C), mg(C), mgx(C);
     float *an = sa.data() + n * C, *bn = sb.data() + n * C;
-    const int64_t off = n * HW * C;
     for (int64_t c = 0; c < C; ++c) {
       m[c] = mean[n * G + c / Cg];
       rs[c] = rstd[n * G + c / Cg];
     }
-    for (int64_t p = 0; p < HW; ++p) {
-      const float *xp = x + off + p * C, *dp = dy + off + p * C, *yp = RELU ? y + off + p * C : nullptr;
+    B.rows(n, [&](int64_t at, int64_t c0) {
+      const float *xp = x + at, *dp = dy + at, *yp = RELU ? y + at : nullptr;
+      const float *mc = m.data() + c0, *rc = rs.data() + c0;
+      float *ac = an + c0, *bc = bn + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = RELU ? (yp[c] > 0.f ? dp[c] : 0.f) : dp[c];
-        an[c] += d * ((xp[c] - m[c]) * rs[c]);
-        bn[c] += d;
+      for (int64_t l = 0; l < L; ++l) {
+        const float d = RELU ? (yp[l] > 0.f ? dp[l] : 0.f) : dp[l];
+        ac[l] += d * ((xp[l] - mc[l]) * rc[l]);
+        bc[l] += d;
       }
-    }
+    });
     for (int64_t g = 0; g < G; ++g) {
       double sg = 0.0, sgx = 0.0;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
@@ -285,15 +300,17 @@ static void gn_nhwc_backward(const float *dy, const float *x, const float *mean,
         gm[c] = gamma[c] * rs[c];
       }
     }
-    for (int64_t p = 0; p < HW; ++p) {
-      const float *xp = x + off + p * C, *dp = dy + off + p * C, *yp = RELU ? y + off + p * C : nullptr;
-      float *out = dx + off + p * C;
+    B.rows(n, [&](int64_t at, int64_t c0) {
+      const float *xp = x + at, *dp = dy + at, *yp = RELU ? y + at : nullptr;
+      const float *mc = m.data() + c0, *rc = rs.data() + c0, *gc = gm.data() + c0, *mgc = mg.data() + c0,
+                  *mxc = mgx.data() + c0;
+      float *out = dx + at;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = RELU ? (yp[c] > 0.f ? dp[c] : 0.f) : dp[c];
-        out[c] = gm[c] * d - rs[c] * (mg[c] + ((xp[c] - m[c]) * rs[c]) * mgx[c]);
+      for (int64_t l = 0; l < L; ++l) {
+        const float d = RELU ? (yp[l] > 0.f ? dp[l] : 0.f) : dp[l];
+        out[l] = gc[l] * d - rc[l] * (mgc[l] + ((xp[l] - mc[l]) * rc[l]) * mxc[l]);
       }
-    }
+    });
   }
   for (int64_t c = 0; c < C; ++c) {  // over samples in float64, in order (the same for any thread count)
     double tg = 0.0, tb = 0.0;
@@ -306,12 +323,13 @@ static void gn_nhwc_backward(const float *dy, const float *x, const float *mean,
   }
 }
 
-// (x (N, HW, G, Cg), gamma (C,), beta (C,), eps (1,)) -> (y, mean (N*G,), rstd (N*G,))
+// (x (N, CB, HW, L), gamma (C,), beta (C,), eps (1,)) -> (y, mean (N*G,), rstd (N*G,)): G from mean's size.
 template <bool RELU>
 static int gn_nhwc_fwd_impl(int nparam, void **params, int64_t **shapes) {
   if (nparam != 7) return 1;
-  gn_nhwc_forward<RELU>(CF(0), CF(1), CF(2), *CF(3), F(4), F(5), F(6), shapes[0][0], shapes[0][1], shapes[0][2],
-                        shapes[0][3]);
+  const int64_t *xs = shapes[0];
+  const Blocks B{xs[0], xs[1], xs[2], xs[3], shapes[5][0] / xs[0]};
+  (B.L == 8 ? gn_nhwc_forward<RELU, 8> : gn_nhwc_forward<RELU, 0>)(CF(0), CF(1), CF(2), *CF(3), F(4), F(5), F(6), B);
   return 0;
 }
 // (dy, x, mean, rstd, gamma[, y if RELU]) -> (dx, dgamma, dbeta)
@@ -319,8 +337,10 @@ template <bool RELU>
 static int gn_nhwc_bwd_impl(int nparam, void **params, int64_t **shapes) {
   if (nparam != (RELU ? 9 : 8)) return 1;
   const int o = RELU ? 6 : 5;
-  gn_nhwc_backward<RELU>(CF(0), CF(1), CF(2), CF(3), CF(4), RELU ? CF(5) : nullptr, F(o), F(o + 1), F(o + 2),
-                         shapes[0][0], shapes[0][1], shapes[0][2], shapes[0][3]);
+  const int64_t *xs = shapes[1];
+  const Blocks B{xs[0], xs[1], xs[2], xs[3], shapes[2][0] / xs[0]};
+  (B.L == 8 ? gn_nhwc_backward<RELU, 8> : gn_nhwc_backward<RELU, 0>)(
+      CF(0), CF(1), CF(2), CF(3), CF(4), RELU ? CF(5) : nullptr, F(o), F(o + 1), F(o + 2), B);
   return 0;
 }
 BT_GN_ENTRY(gn_nhwc_fwd, gn_nhwc_fwd_impl, false)
@@ -328,6 +348,7 @@ BT_GN_ENTRY(gn_relu_nhwc_fwd, gn_nhwc_fwd_impl, true)
 BT_GN_ENTRY(gn_nhwc_bwd, gn_nhwc_bwd_impl, false)
 BT_GN_ENTRY(gn_relu_nhwc_bwd, gn_nhwc_bwd_impl, true)
 #undef BT_GN_ENTRY
+#undef BT_LANES
 
 // Weight standardisation of a conv kernel in its own (O, I, kh, kw) layout, one row per output
 // channel, no affine (no reshape copies around the op): (w, eps (1,)) -> (y, mean (O,), rstd (O,)).
@@ -586,33 +607,6 @@ def _ops():
     from mindspore import ops
 
     f32 = ms.float32
-
-    def group_norm(relu: bool, nhwc: bool):
-        """Forward primitive whose bprop is the matching backward kernel."""
-        name = _gn_name(relu, nhwc)
-        rows = (lambda x: (x[0] * x[2],)) if nhwc else (lambda x: (x[0],))
-        bwd = ops.Custom(
-            f"{lib}:{name}_bwd",
-            out_shape=lambda dy, x, mean, rstd, gamma, *y: (dy, gamma, gamma),
-            out_dtype=lambda *_: (f32, f32, f32),
-            func_type="aot",
-        )
-
-        def bprop(x, gamma, beta, eps, out, dout):
-            if relu:  # the ReLU output masks the incoming gradient
-                dx, dgamma, dbeta = bwd(dout[0], x, out[1], out[2], gamma, out[0])
-            else:
-                dx, dgamma, dbeta = bwd(dout[0], x, out[1], out[2], gamma)
-            return dx, dgamma, dbeta, ops.zeros_like(eps)
-
-        return ops.Custom(
-            f"{lib}:{name}_fwd",
-            out_shape=lambda x, gamma, beta, eps: (x, rows(x), rows(x)),
-            out_dtype=lambda *_: (f32, f32, f32),
-            func_type="aot",
-            bprop=bprop,
-        )
-
     ws_bwd = ops.Custom(f"{lib}:ws_bwd", out_shape=lambda dy, w, mean, rstd: dy, out_dtype=lambda *_: f32, func_type="aot")
 
     def ws_bprop(w, eps, out, dout):
@@ -633,9 +627,49 @@ def _ops():
     )
     kernels = {"ws": ws, "all_finite": finite}
     for relu in (False, True):
-        for nhwc in (False, True):
-            kernels[_gn_name(relu, nhwc)] = group_norm(relu, nhwc)
+        kernels[_gn_name(relu, False)] = _group_norm_op(lib, relu, False, lambda x: (x[0],))
     return kernels
+
+
+def _group_norm_op(lib: Path, relu: bool, nhwc: bool, rows):
+    """GroupNorm's forward Custom primitive, mean/rstd of shape `rows(x's shape)`, whose bprop is the
+    matching backward kernel."""
+    import mindspore as ms
+    from mindspore import ops
+
+    f32 = ms.float32
+    name = _gn_name(relu, nhwc)
+    bwd = ops.Custom(
+        f"{lib}:{name}_bwd",
+        out_shape=lambda dy, x, mean, rstd, gamma, *y: (dy, gamma, gamma),
+        out_dtype=lambda *_: (f32, f32, f32),
+        func_type="aot",
+    )
+
+    def bprop(x, gamma, beta, eps, out, dout):
+        if relu:  # the ReLU output masks the incoming gradient
+            dx, dgamma, dbeta = bwd(dout[0], x, out[1], out[2], gamma, out[0])
+        else:
+            dx, dgamma, dbeta = bwd(dout[0], x, out[1], out[2], gamma)
+        return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+    return ops.Custom(
+        f"{lib}:{name}_fwd",
+        out_shape=lambda x, gamma, beta, eps: (x, rows(x), rows(x)),
+        out_dtype=lambda *_: (f32, f32, f32),
+        func_type="aot",
+        bprop=bprop,
+    )
+
+
+@functools.cache
+def _channels_last_group_norm(relu: bool, groups: int):
+    lib = _library()
+    if lib is None:
+        return None
+    op = _group_norm_op(lib, relu, True, lambda x: (x[0] * groups,))
+    op.add_prim_attr("groups", groups)  # shapes are cached per function and attributes (onednn_conv)
+    return op
 
 
 def out_size(size: int, kernel: int, stride: int, pad: int, same: bool) -> int:
@@ -671,13 +705,16 @@ def max_pool_primitive(kernel: int, stride: int, pad: int, same: bool):
     return op
 
 
-def group_norm_primitive(relu: bool = False, nhwc: bool = False):
+def group_norm_primitive(relu: bool = False, groups: int = 0):
     """The forward Custom primitive `(x (R, Cg, HW), gamma (C,), beta (C,), eps (1,)) -> (y, mean, rstd)`
-    with R = N*groups and C = groups*Cg (float32), y = GroupNorm(x) or, with `relu`, max(0, GroupNorm(x));
-    with `nhwc` x is channels-last, (N, HW, groups, Cg), and mean/rstd are (N*groups,). None where the
-    built-in op must be used."""
+    with R = N*groups and C = groups*Cg (float32), y = GroupNorm(x) or, with `relu`, max(0, GroupNorm(x)).
+    With `groups` > 0, the channels-last kernel of the oneDNN models: x (N, CB, HW, L), channel cb*L + l
+    (channels-last: CB = 1, L = C; oneDNN's blocked nChw8c: L = 8), mean/rstd (N*groups,).
+    None where the built-in op must be used."""
+    if groups:
+        return _channels_last_group_norm(relu, groups)
     found = _ops()
-    return None if found is None else found[_gn_name(relu, nhwc)]
+    return None if found is None else found[_gn_name(relu, False)]
 
 
 def weight_standardisation_primitive():
@@ -695,7 +732,7 @@ def all_finite_primitive():
 
 def clear_caches() -> None:
     """Forget the library and the primitives (tests: after changing the source or the environment)."""
-    for cached in (_library, _ops, max_pool_primitive):
+    for cached in (_library, _ops, _channels_last_group_norm, max_pool_primitive):
         cached.cache_clear()
 
 

@@ -236,7 +236,7 @@ def cast_model(model: nn.Cell, precision: str) -> nn.Cell:
     if dtype is None:
         return model
     if hasattr(model, "set_layout"):  # the channels-last CPU kernels are float32 kernels
-        model.set_layout(False)
+        model.set_layout("nchw")
     if dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
         raise UsageError(
             "train.precision: bf16 needs Ascend or GPU: MindSpore's CPU backend has no bf16 kernels "

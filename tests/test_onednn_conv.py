@@ -29,6 +29,21 @@ def close(got, want, rtol=RTOL):
     assert err <= rtol, f"max error {err:.2e} of the largest value"
 
 
+def to_layout(x, layout):
+    """An NCHW tensor in one of the oneDNN layouts: channels-last (N, H, W, C) or blocked (N, C/8, H, W, 8)."""
+    if layout == "nhwc":
+        return x.transpose(0, 2, 3, 1)
+    n, c, h, w = x.shape
+    return x.reshape(n, c // 8, 8, h, w).transpose(0, 1, 3, 4, 2)
+
+
+def from_layout(x, layout):
+    if layout == "nhwc":
+        return x.transpose(0, 3, 1, 2)
+    n, cb, h, w, b = x.shape
+    return x.transpose(0, 1, 4, 2, 3).reshape(n, cb * b, h, w)
+
+
 def builtin_conv(x, w, stride, pad, same):
     """The reference: MindSpore's NCHW convolution after the padding our layers use."""
     if same:
@@ -39,27 +54,31 @@ def builtin_conv(x, w, stride, pad, same):
     return ops.conv2d(x, w, None, stride, "pad", pad)
 
 
+GEOMETRIES = [  # n, c, h, w, o, k, stride, pad, same
+    (1, 5, 97, 97, 7, 3, 2, 0, True),  # TF-SAME stride 2 at an odd size: the odd pixel after
+    (2, 5, 97, 95, 7, 3, 1, 1, False),  # a 3x3 unit conv, H != W
+    (1, 3, 23, 23, 4, 7, 2, 3, False),  # the stem's geometry
+    (3, 8, 9, 9, 16, 1, 2, 0, True),  # a strided 1x1 projection
+    (1, 4, 97, 97, 8, 1, 1, 0, False),  # micro-batch 1, a 1x1 conv
+    (2, 16, 6, 6, 16, 3, 2, 1, False),  # fixed padding, stride 2
+    (2, 24, 4, 4, 40, 3, 1, 1, False),  # a 4x4 output (the direct kernels on AVX-512), channels not in 16s
+    (3, 40, 7, 8, 24, 1, 2, 0, True),  # the same, strided 1x1
+    (1, 8, 13, 11, 16, 3, 2, 0, True),  # TF-SAME stride 2 at odd sizes, micro-batch 1 (blocked below)
+]
+# The blocked layout (AVX2 machines) where the channels come in 8s.
+CASES = [(*g, "nhwc") for g in GEOMETRIES] + [(*g, "nchw8c") for g in GEOMETRIES if g[1] % 8 == 0 == g[4] % 8]
+
+
 @needs_onednn
-@pytest.mark.parametrize(
-    "n,c,h,w,o,k,stride,pad,same",
-    [
-        (1, 5, 97, 97, 7, 3, 2, 0, True),  # TF-SAME stride 2 at an odd size: the odd pixel after
-        (2, 5, 97, 95, 7, 3, 1, 1, False),  # a 3x3 unit conv, H != W
-        (1, 3, 23, 23, 4, 7, 2, 3, False),  # the stem's geometry
-        (3, 8, 9, 9, 16, 1, 2, 0, True),  # a strided 1x1 projection
-        (1, 4, 97, 97, 8, 1, 1, 0, False),  # micro-batch 1, a 1x1 conv
-        (2, 16, 6, 6, 16, 3, 2, 1, False),  # fixed padding, stride 2
-        (2, 24, 4, 4, 40, 3, 1, 1, False),  # a 4x4 output (the direct kernels on AVX-512), channels not in 16s
-        (3, 40, 7, 8, 24, 1, 2, 0, True),  # the same, strided 1x1
-    ],
-)
+@pytest.mark.parametrize("n,c,h,w,o,k,stride,pad,same,layout", CASES)
 @pytest.mark.parametrize("residual", [False, True], ids=["conv", "conv_add"])
 @pytest.mark.parametrize("standardise", [False, True], ids=["", "ws"])
-def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stride, pad, same, residual, standardise):
+def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stride, pad, same, layout, residual,
+                                                          standardise):
     """The convolution, with `residual` the convolution that adds a residual as it writes its output
     (oneDNN's binary post-op), with `standardise` BiT's weight-standardised one (the standardisation
     inside the kernels): values and gradients of x, the raw w (and the residual) against MindSpore's
-    conv (+ add) of the weight standardised by MindSpore's GroupNorm."""
+    conv (+ add) of the weight standardised by MindSpore's GroupNorm, channels-last and blocked."""
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((n, c, h, w)).astype(np.float32))
     wt = Tensor((rng.standard_normal((o, c, k, k)) * 0.1 + 0.03).astype(np.float32))
@@ -74,9 +93,9 @@ def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stri
     cfg, eps = onednn_conv.config(stride, pad, same), Tensor([1e-10], ms.float32)
 
     def forward(x, wt, res):
-        args = (x.transpose(0, 2, 3, 1), wt) + ((res.transpose(0, 2, 3, 1),) if residual else ())
+        args = (to_layout(x, layout), wt) + ((to_layout(res, layout),) if residual else ())
         y = op(*args, eps, cfg)[0] if standardise else op(*args, cfg)
-        return y.transpose(0, 3, 1, 2)
+        return from_layout(y, layout)
 
     def ours(x, wt, res):
         return (forward(x, wt, res) * r).sum()
@@ -88,9 +107,8 @@ def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stri
     close(forward(x, wt, res).asnumpy(), (want_y + res if residual else want_y).asnumpy())
     if standardise:  # the very values of the standardised weight the folded inference model keeps
         w_hat = cpu_kernels.weight_standardisation_primitive()(wt, eps)[0]
-        plain = onednn_conv.conv_primitive(stride, pad, same)(x.transpose(0, 2, 3, 1), w_hat, cfg)
-        np.testing.assert_array_equal(forward(x, wt, res).asnumpy(),
-                                      (plain + res.transpose(0, 2, 3, 1) if residual else plain).transpose(0, 3, 1, 2).asnumpy())
+        plain = from_layout(onednn_conv.conv_primitive(stride, pad, same)(to_layout(x, layout), w_hat, cfg), layout)
+        np.testing.assert_array_equal(forward(x, wt, res).asnumpy(), (plain + res if residual else plain).asnumpy())
     for jit in (False, True):
         wrap = ms.jit if jit else (lambda f: f)
         got = wrap(ms.grad(ours, (0, 1, 2)))(x, wt, res)
@@ -134,21 +152,25 @@ def test_packed_weights_give_the_same_numbers_and_follow_new_values(residual):
 
 @needs_onednn
 @pytest.mark.parametrize("relu", [False, True], ids=["gn", "gn_relu"])
-@pytest.mark.parametrize("n,h,w,c,groups", [(2, 9, 7, 64, 32), (2, 1, 1, 256, 32), (3, 5, 5, 16, 16), (1, 13, 11, 96, 32)])
-def test_channels_last_group_norm_matches_mindspore(n, h, w, c, groups, relu):
+@pytest.mark.parametrize("layout", ["nhwc", "nchw8c"])
+@pytest.mark.parametrize("n,h,w,c,groups", [(2, 9, 7, 64, 32), (2, 1, 1, 256, 32), (3, 5, 5, 16, 16), (1, 13, 11, 96, 32),
+                                            (2, 3, 5, 24, 8)])
+def test_channels_last_group_norm_matches_mindspore(n, h, w, c, groups, relu, layout):
     """The channels-last kernel's values and gradients (x, gamma, beta) against ops.group_norm on NCHW,
-    including 1x1 maps and one channel per group. (Two values per group, a 1x1 map with Cg = 2, differ
-    by 3e-5 of the largest gradient from MindSpore in both our kernels: float32 cancellation.)"""
+    channels-last and blocked, including 1x1 maps, one channel per group and groups of 3 channels that
+    span two blocks of 8. (Two values per group, a 1x1 map with Cg = 2, differ by 3e-5 of the largest
+    gradient from MindSpore in both our kernels: float32 cancellation.)"""
     rng = np.random.default_rng(1)
     x = Tensor((rng.standard_normal((n, c, h, w)) * 3 + 1).astype(np.float32))
     gamma, beta = (Tensor(v.astype(np.float32)) for v in rng.standard_normal((2, c)))
     r = Tensor(rng.standard_normal((n, c, h, w)).astype(np.float32))
-    kernel, eps = cpu_kernels.group_norm_primitive(relu, nhwc=True), Tensor([1e-5], ms.float32)
+    kernel, eps = cpu_kernels.group_norm_primitive(relu, groups), Tensor([1e-5], ms.float32)
+    lanes = 8 if layout == "nchw8c" else c
 
     def ours(x, g, b):
-        xl = x.transpose(0, 2, 3, 1)
-        y = kernel(xl.reshape(n, h * w, groups, c // groups), g, b, eps)[0].reshape(xl.shape)
-        y = y.transpose(0, 3, 1, 2)
+        xl = to_layout(x, layout)
+        y = kernel(xl.reshape(n, c // lanes, h * w, lanes), g, b, eps)[0].reshape(xl.shape)
+        y = from_layout(y, layout)
         return ((y if relu else ops.relu(y)) * r).sum()
 
     def theirs(x, g, b):
@@ -209,18 +231,19 @@ def test_one_element_groups_give_beta_exactly(relu):
     out as beta, not rounding noise that changes with the batch (as the NCHW kernel's test)."""
     rng = np.random.default_rng(3)
     n, groups = 5, 32
-    x = (rng.standard_normal((n, 1, groups, 1)) * 30).astype(np.float32)
+    x = (rng.standard_normal((n, 1, 1, groups)) * 30).astype(np.float32)
     gamma, beta = rng.standard_normal((2, groups)).astype(np.float32)
-    kernel = cpu_kernels.group_norm_primitive(relu, nhwc=True)
+    kernel = cpu_kernels.group_norm_primitive(relu, groups)
     y = kernel(Tensor(x), Tensor(gamma), Tensor(beta), Tensor([1e-5], ms.float32))[0].asnumpy()
-    want = np.broadcast_to(beta.reshape(1, 1, groups, 1), x.shape)
+    want = np.broadcast_to(beta.reshape(1, 1, 1, groups), x.shape)
     np.testing.assert_array_equal(y, np.maximum(want, 0) if relu else want)
 
 
 @needs_onednn
-def test_a_channels_last_model_equals_its_nchw_form():
+@pytest.mark.parametrize("layout", ["nhwc", "nchw8c"])
+def test_a_channels_last_model_equals_its_nchw_form(layout):
     """Logits and every parameter's gradient of a width-0.25 model at 97 px, micro-batch 1 and 3:
-    channels-last on oneDNN against MindSpore's NCHW ops, both padding modes.
+    channels-last or blocked on oneDNN against MindSpore's NCHW ops, both padding modes.
 
     The two layouts round differently (~1e-6), so a value that close to a threshold can fall on the
     other side: a ReLU input near 0 (its gradient masked in one and not the other: 1e-3 of a GroupNorm
@@ -250,9 +273,10 @@ def test_a_channels_last_model_equals_its_nchw_form():
         def loss(x):
             return (model(x) ** 2).sum()
 
-        assert model.nhwc
+        model.set_layout(layout)
+        assert model.nhwc and model.layout == layout
         got = ms.value_and_grad(loss, None, params)(x)
-        model.set_layout(False)
+        model.set_layout("nchw")
         assert not model.nhwc
         want = ms.value_and_grad(loss, None, params)(x)
         close(got[0].asnumpy(), want[0].asnumpy())
@@ -303,8 +327,8 @@ def test_the_library_exports_only_its_kernels():
     names = subprocess.run(["nm", "-D", "--defined-only", str(onednn_conv.library())], capture_output=True,
                            text=True).stdout
     exported = {line.split()[-1] for line in names.splitlines() if " T " in line}
-    assert exported == {"conv_fwd", "conv_forget", "conv_packed_bytes", "conv_bwd_data", "conv_bwd_weights", "conv_ws_fwd", "conv_ws_bwd_data",
-                        "conv_ws_bwd_weights", "onednn_version"}
+    assert exported == {"conv_fwd", "conv_forget", "conv_packed_bytes", "conv_bwd_data", "conv_bwd_weights", "conv_ws_fwd",
+                        "conv_ws_bwd_data", "conv_ws_bwd_weights", "onednn_version", "onednn_activation_block"}
 
 
 def test_without_onednn_it_is_one_warning_and_mindspores_convolutions(monkeypatch, tmp_path):
@@ -380,3 +404,54 @@ def test_outputs_of_4x4_pixels_run_the_direct_kernels_on_avx512_and_the_first_ch
     if avx512:  # the same process pretending to be an AVX2 machine: no direct kernel preferred, nothing fails
         got = implementations(ONEDNN_MAX_CPU_ISA="AVX2")
         assert got[("forward_training", 4)].startswith("brgconv") and got[("forward_training", 4)].endswith("avx2"), got
+
+
+LAYOUT = """
+import bit_transfer
+from bit_transfer import onednn_conv
+from bit_transfer.models import create_model
+print(onednn_conv.activation_block(), create_model("custom", 3, depths=[1, 1, 1, 1], width=0.25).layout,
+      create_model("custom", 3, depths=[1, 1, 1, 1], width=0.3).layout)
+"""
+
+
+def layouts(**env) -> list[str]:
+    """(activation block, a width-0.25 model's layout, a width-0.3 model's) in a real process."""
+    import os
+
+    return subprocess.run([sys.executable, "-c", LAYOUT], capture_output=True, text=True, timeout=300,
+                          env=os.environ | env, check=True).stdout.split()[-3:]
+
+
+@needs_onednn
+def test_avx2_machines_run_blocked_activations_where_the_channels_come_in_eights():
+    """Where oneDNN's best instruction set is AVX2 (here: ONEDNN_MAX_CPU_ISA), models keep activations in
+    nChw8c (its convolutions 10 % faster there) if every layer has a multiple of 8 channels (width 0.3:
+    19 stem channels, channels-last); with AVX-512 they stay channels-last."""
+    assert layouts(ONEDNN_MAX_CPU_ISA="AVX2") == ["8", "nchw8c", "nhwc"]
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    import os
+
+    avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    avx512 &= not os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2")  # this suite run as AVX2
+    assert layouts() == (["0", "nhwc", "nhwc"] if avx512 else ["8", "nchw8c", "nhwc"])
+    model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.3)
+    with pytest.raises(ValueError, match="multiples of 8 channels"):
+        model.set_layout("nchw8c")
+
+
+@needs_onednn
+def test_a_blocked_folded_model_gives_the_training_models_logits():
+    """Inference (weights folded and packed) in nChw8c: the training model's logits in NCHW."""
+    from bit_transfer.models.inference import fold
+
+    rng = np.random.default_rng(6)
+    model = create_model("custom", 4, depths=[1, 1, 1, 1], width=0.25)
+    for p in model.get_parameters():
+        runtime.assign(p, (rng.standard_normal(p.shape) * 0.3).astype(np.float32))
+    x = Tensor(rng.uniform(-1, 1, (2, 3, 45, 45)).astype(np.float32))
+    model.set_layout("nchw")
+    want = model(x).asnumpy()
+    folded = fold(model)
+    folded.set_layout("nchw8c")
+    close(ms.jit(folded.construct)(x).asnumpy(), want)

@@ -118,8 +118,21 @@ def conv_geometry(kernel: int, stride: int, padding: str) -> tuple[int, int, boo
 
 def channels_last_available() -> bool:
     """Whether models built now run channels-last on oneDNN (CPU, float32; onednn_conv.library())."""
-    return (onednn_conv.library() is not None and cpu_kernels.group_norm_primitive(nhwc=True) is not None
+    return (onednn_conv.library() is not None and cpu_kernels.group_norm_primitive(groups=MAX_GROUPS) is not None
             and cpu_kernels.max_pool_primitive(3, 2, 1, False) is not None)
+
+
+# Activation layouts: MindSpore's ops (every device, fp16), or oneDNN's convolutions with our
+# kernels around them, channels-last or blocked in 8 channels (AVX2; onednn_conv.activation_block).
+LAYOUTS = ("nchw", "nhwc", "nchw8c")
+
+
+def best_layout(channels) -> str:
+    """The fastest layout available here for a model with these channel counts."""
+    if not channels_last_available():
+        return "nchw"
+    blocked = onednn_conv.activation_block() == 8 and all(c % 8 == 0 for c in channels)
+    return "nchw8c" if blocked else "nhwc"
 
 
 class ConvLayer(nn.Cell):
@@ -218,16 +231,16 @@ class GroupNormAct(nn.Cell):
         self.weight = Parameter(Tensor(np.ones(channels, np.float32)))
         self.bias = Parameter(Tensor(np.zeros(channels, np.float32)))
         self.gn_kernel = cpu_kernels.group_norm_primitive(relu=act)  # ReLU fused into the kernel
-        self.gn_kernel_nhwc = cpu_kernels.group_norm_primitive(relu=act, nhwc=True)
-        self.nhwc = False  # ResNetV2.set_layout: channels-last (float32, compiled kernels only)
+        self.gn_kernel_nhwc = cpu_kernels.group_norm_primitive(relu=act, groups=self.groups)
+        self.nhwc = False  # ResNetV2.set_layout: the oneDNN layouts (float32, compiled kernels only)
         if self.gn_kernel is not None:
             self.eps = Tensor([GN_EPS], ms.float32)
 
     def construct(self, x):
-        if self.nhwc:
-            n, h, w, c = x.shape
-            y = self.gn_kernel_nhwc(x.reshape(n, h * w, self.groups, c // self.groups), self.weight, self.bias,
-                                    self.eps)[0]
+        if self.nhwc:  # the kernel's (N, CB, HW, L): channels-last (N, H, W, C) or blocked (N, C/8, H, W, 8)
+            rows = (x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.shape[4]) if x.ndim == 5 else \
+                (x.shape[0], 1, x.shape[1] * x.shape[2], x.shape[3])
+            y = self.gn_kernel_nhwc(x.reshape(rows), self.weight, self.bias, self.eps)[0]
             return y.reshape(x.shape)
         # The compiled kernels are float32 kernels and serve float32 models: under fp16 (amp O2) on
         # CPU they trained nothing (zero features; tests/test_train.py::test_fp16_trains...), so
@@ -295,14 +308,19 @@ class Root(nn.Cell):
         self.conv = conv(3, cout, 7, 2, padding)
         self.pool = ops.MaxPool(kernel_size=3, strides=2, pad_mode="VALID")
         self.nhwc = False  # ResNetV2.set_layout: oneDNN's conv and our zero-padded pool, channels-last
+        self.block = 0  # ResNetV2.set_layout: 8 to hand on oneDNN's blocked nChw8c
         pad = 0 if self.dynamic else 1
         self.pool_nhwc = cpu_kernels.max_pool_primitive(3, 2, pad, self.dynamic)
         if self.pool_nhwc is not None:
             self.pool_cfg = Tensor([3, 2, pad, int(self.dynamic)], ms.int32)
 
     def construct(self, x):
-        if self.nhwc:  # NCHW images in, channels-last out
-            return self.pool_nhwc(self.conv(x.transpose(0, 2, 3, 1)), self.pool_cfg)[0]
+        if self.nhwc:  # NCHW images in, channels-last (or blocked) out
+            y = self.pool_nhwc(self.conv(x.transpose(0, 2, 3, 1)), self.pool_cfg)[0]
+            if self.block:  # (N, H, W, C) -> (N, C/8, H, W, 8); after the pool, on 4x fewer pixels
+                n, h, w, c = y.shape
+                y = y.reshape(n, h, w, c // self.block, self.block).transpose(0, 3, 1, 2, 4)
+            return y
         x = self.conv(x)
         if self.dynamic:
             top, bottom = _same_pad(x.shape[2], 3, 2)
@@ -345,19 +363,29 @@ class ResNetV2(nn.Cell):
         self.num_features = cin
         self.num_classes = 0
         self.reset_head(num_classes)
-        self.nhwc = False
-        self.set_layout(channels_last_available())
+        self.channels = [root, *mids, *(4 * m for m in mids)]
+        self.nhwc, self.block, self.layout = False, 0, "nchw"
+        self.set_layout("auto")
 
-    def set_layout(self, nhwc: bool) -> None:
-        """Channels-last activations from the stem's convolution to the pooling (oneDNN convolutions,
-        channels-last GroupNorm and max-pool kernels: bit_transfer/onednn_conv.py, cpu_kernels.py) or
-        NCHW (MindSpore's ops, every device). Inputs (NCHW images) and outputs are the same either way.
-        Set before compiling; `step.cast_model` sets NCHW for fp16."""
-        nhwc = bool(nhwc) and channels_last_available()
+    def set_layout(self, layout: str = "auto") -> None:
+        """The activations' layout from the stem's convolution to the pooling (LAYOUTS): "nhwc"
+        channels-last or "nchw8c" blocked (oneDNN convolutions with our GroupNorm and max-pool kernels
+        around them: bit_transfer/onednn_conv.py, cpu_kernels.py), or "nchw" (MindSpore's ops, every
+        device); "auto": the fastest here (`best_layout`). Inputs (NCHW images) and outputs are the
+        same either way. Set before compiling; `step.cast_model` sets NCHW for fp16. A oneDNN layout
+        where oneDNN is missing falls back to NCHW."""
+        if layout not in (*LAYOUTS, "auto"):
+            raise ValueError(f"layout {layout!r}: one of {', '.join(LAYOUTS)} or auto")
+        if layout == "auto" or (layout != "nchw" and not channels_last_available()):
+            layout = best_layout(self.channels)
+        if layout == "nchw8c" and any(c % 8 for c in self.channels):
+            raise ValueError(f"layout nchw8c needs multiples of 8 channels, not {self.channels}")
         for _, cell in self.cells_and_names():
             if hasattr(cell, "nhwc"):
-                cell.nhwc = nhwc
-        self.nhwc = nhwc
+                cell.nhwc = layout != "nchw"
+            if hasattr(cell, "block"):
+                cell.block = 8 if layout == "nchw8c" else 0
+        self.layout = layout
 
     @contextlib.contextmanager
     def builtin_ops(self):
@@ -366,8 +394,8 @@ class ResNetV2(nn.Cell):
         cache, which MindSpore Lite or another machine cannot load. Restores the kernels afterwards."""
         kept = [(c, a, getattr(c, a)) for _, c in self.cells_and_names() for a in ("gn_kernel", "ws_kernel")
                 if hasattr(c, a)]
-        layout = self.nhwc
-        self.set_layout(False)
+        layout = self.layout
+        self.set_layout("nchw")
         for c, a, _ in kept:
             setattr(c, a, None)
         try:
@@ -400,10 +428,13 @@ class ResNetV2(nn.Cell):
                 p.requires_grad = not frozen
 
     def forward_features(self, x):
-        x = self.root(x)  # NCHW in; channels-last out when self.nhwc
+        x = self.root(x)  # NCHW in; self.layout out
         for stage in self.stages:
             x = stage(x)
-        return self.norm(x).mean(axis=(1, 2) if self.nhwc else (2, 3))
+        x = self.norm(x)
+        if self.block:  # (N, C/8, H, W, 8) -> (N, C/8, 8) -> (N, C): channel c/8 * 8 + c%8
+            return x.mean(axis=(2, 3)).reshape(x.shape[0], -1)
+        return x.mean(axis=(1, 2) if self.nhwc else (2, 3))
 
     def construct(self, x):
         return self.head(self.forward_features(x))
