@@ -7,7 +7,10 @@ read and write channels-last (N, H, W, C) activations as they are and run near t
 and AVX-512, so a model on these kernels keeps its activations channels-last from the stem's
 convolution to the pooling (models/resnetv2.py `set_layout`; GroupNorm and the stem's max-pool have
 channels-last kernels in cpu_kernels.py). oneDNN-in-NCHW with reorders of the activations per call
-was no faster than MindSpore's convolutions.
+was no faster than MindSpore's convolutions. On AVX2 machines (no AVX-512) the activations are in
+oneDNN's blocked nChw8c instead, (N, C/8, H, W, 8) tensors (`activation_block`): there oneDNN 3.2's
+kernels for it ran R50x1's convolutions 10 % faster than its channels-last ones. The kernels tell
+the two apart by the activation's rank.
 
 Weights stay (O, I, kh, kw) Parameters. Three ways into oneDNN's blocked layouts (one per-thread
 buffer): BiT's weight standardisation runs inside the kernels (`standardise`: the forward writes the
@@ -44,7 +47,8 @@ from bit_transfer import cpu_kernels
 SOURCE = r"""
 // Convolution forward, backward-data and backward-weights on oneDNN 3.x for MindSpore CPU custom
 // (aot) ops. Activations are channels-last (N, H, W, C), which oneDNN 3's brgemm convolutions read
-// and write as they are (no reorder per call; they run near the FMA peak on AVX2 and AVX-512);
+// and write as they are (no reorder per call; they run near the FMA peak on AVX2 and AVX-512), or,
+// as 5-dim tensors, oneDNN's blocked nChw8c (N, C/8, H, W, 8) (faster on AVX2: activation_block);
 // weights stay (O, I, kh, kw) and reach oneDNN's blocked layouts standardised by the conv_ws_*
 // kernels, reordered per call (conv_fwd, conv_bwd_*) or packed once (conv_fwd, cfg[3]). MindSpore 2.8
 // (its own oneDNN 2.2, plain NCHW) runs every convolution as im2col + GEMM.
@@ -387,7 +391,8 @@ int guarded(const char *what, F f) {
 #define CFG(i) static_cast<const int32_t *>(params[i])
 }  // namespace
 
-// (x (N,H,W,C), w (O,C,kh,kw), [r (N,OH,OW,O),] cfg (4,) int32) -> y (N,OH,OW,O) = conv(x, w) [+ r].
+// (x (N,H,W,C), w (O,C,kh,kw), [r (N,OH,OW,O),] cfg (4,) int32) -> y (N,OH,OW,O) = conv(x, w) [+ r]
+// (or blocked: x (N,C/8,H,W,8), r and y (N,O/8,OH,OW,8)).
 // cfg = [stride, pad, same, packed]; `packed`: w is fixed until conv_forget() (inference), so its
 // blocked copy is made once and kept.
 EXPORT int conv_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
@@ -634,7 +639,8 @@ def prebuild() -> None:
 
 @functools.cache
 def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False, standardise: bool = False):
-    """`(x (N,H,W,C), w (O,C,kh,kw), cfg) -> y (N,OH,OW,O)` float32 (channels-last activations), the
+    """`(x (N,H,W,C), w (O,C,kh,kw), cfg) -> y (N,OH,OW,O)` float32 (channels-last activations; or
+    blocked: x (N,C/8,H,W,8) -> y (N,O/8,OH,OW,8)), the
     convolution with this stride and padding (`same`: TF-SAME from the input size; else `pad` on
     every side), whose bprop runs oneDNN's backward-data and backward-weights kernels (two ops: a
     gradient nobody reads, the stem's input, is dropped from the graph). `cfg` is `config(...)`.

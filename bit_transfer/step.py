@@ -235,7 +235,7 @@ def cast_model(model: nn.Cell, precision: str) -> nn.Cell:
     dtype = PRECISIONS[precision]
     if dtype is None:
         return model
-    if hasattr(model, "set_layout"):  # the channels-last CPU kernels are float32 kernels
+    if hasattr(model, "set_layout"):  # the oneDNN layouts' CPU kernels are float32 kernels
         model.set_layout("nchw")
     if dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
         raise UsageError(

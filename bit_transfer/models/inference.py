@@ -35,8 +35,9 @@ class FoldedConv2d(ConvLayer):
     """StdConv2d at inference: a plain conv on an already standardised weight (not trainable).
 
     Same signature as StdConv2d (ResNetV2 builds either); the weight starts at zero and is written
-    by FoldedResNetV2.refresh. Channels-last on oneDNN, the convolution keeps the weight in oneDNN's
-    blocked layout between calls (onednn_conv.config(packed=True)), repacked after a refresh.
+    by FoldedResNetV2.refresh. On oneDNN (channels-last or blocked activations), the convolution keeps
+    the weight in oneDNN's blocked layout between calls (onednn_conv.config(packed=True)), repacked
+    after a refresh.
     """
 
     packed = True
