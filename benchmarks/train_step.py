@@ -92,7 +92,8 @@ def run_ours(args, batch: int, precision: str) -> dict:
     model = step.cast_model(model, precision)
     train = step.TrainStep(model, momentum=0.9, weight_decay=0.0, batch_split=args.split, precision=precision)
     ev = step.EvalStep(model, batch)
-    out = {"framework": f"bit-transfer (mindspore {ms.__version__})", "batch": batch, "precision": precision}
+    layout = getattr(model, "layout", "nchw")  # nhwc / nchw8c on oneDNN (nchw8c on AVX2), nchw on MindSpore's ops
+    out = {"framework": f"bit-transfer (mindspore {ms.__version__}, {layout})", "batch": batch, "precision": precision}
     model.set_train(True)
     call = lambda: train([(x, y, y)] * args.split, 0.003, 1.0)  # noqa: E731
     out["train_compile_s"] = first_call(call)
