@@ -135,7 +135,7 @@ primitive_attr user_scratchpad() {
 
 // Buffers per thread, grown to the largest request and reused (a fresh allocation per call meant
 // page faults on ~3x the model's weights every step): slot 0 the blocked copy of a weight, slot 1
-// oneDNN's scratchpad. The scratchpad is ours (scratchpad_mode::user), not the library's: with the
+// oneDNN's scratchpad, 2-4 activations in another layout (Op::execute). The scratchpad is ours (scratchpad_mode::user), not the library's: with the
 // library's, a primitive created in one thread failed to run in another ("could not execute a
 // primitive": AVX2's GEMM backward-data, first run eagerly, then in MindSpore's graph thread).
 void *scratch(size_t bytes, int slot) {
@@ -144,7 +144,7 @@ void *scratch(size_t bytes, int slot) {
     size_t size = 0;
     ~Buffer() { std::free(data); }
   };
-  static thread_local Buffer buffers[2];
+  static thread_local Buffer buffers[5];
   Buffer &b = buffers[slot];
   if (bytes > b.size) {
     std::free(b.data);
@@ -196,9 +196,15 @@ struct Offsets {
   }
 };
 
-// One primitive with its activations channels-last (bound as they are) and its weight
-// (DNNL_ARG_WEIGHTS) or weight gradient (DNNL_ARG_DIFF_WEIGHTS) in the blocked layout the primitive
-// chose: the reorder from/to the user's OIHW buffer is built once.
+// The activation arguments a convolution may take, inputs first; Op::execute relayouts them.
+const int ACTIVATIONS[] = {DNNL_ARG_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                           DNNL_ARG_DST, DNNL_ARG_DIFF_SRC};
+bool is_output(int arg) { return arg == DNNL_ARG_DST || arg == DNNL_ARG_DIFF_SRC; }
+
+// One primitive with its activations in the model's layout (bound as they are, unless the
+// primitive runs another: `implemented` below) and its weight (DNNL_ARG_WEIGHTS) or weight gradient
+// (DNNL_ARG_DIFF_WEIGHTS) in the blocked layout the primitive chose: the reorder from/to the user's
+// OIHW buffer is built once.
 struct Op {
   primitive prim;
   int weights_arg;
@@ -206,11 +212,16 @@ struct Op {
   reorder convert;
   bool output;  // the weight gradient: reordered back after the primitive
   Offsets at;   // of the blocked layout
+  std::unordered_map<int, memory::desc> acts;  // the activations' layouts the primitive runs on
 
   template <typename PD>
   Op(const PD &pd, int arg, const memory::dims &wei)
       : prim(pd), weights_arg(arg), user(plain(wei, tag::oihw)), blocked(pd.query_md(query::exec_arg_md, arg)),
         scratchpad(pd.scratchpad_desc()), output(arg == DNNL_ARG_DIFF_WEIGHTS), at(blocked) {
+    for (int a : ACTIVATIONS) {
+      const memory::desc md = pd.query_md(query::exec_arg_md, a);
+      if (!md.is_zero()) acts.emplace(a, md);
+    }
     if (user != blocked) {
       auto rpd = output ? reorder::primitive_desc(cpu(), blocked, cpu(), user, user_scratchpad())
                         : reorder::primitive_desc(cpu(), user, cpu(), blocked, user_scratchpad());
@@ -231,6 +242,7 @@ struct Op {
   // gradient is left there).
   void execute(std::unordered_map<int, memory> args, void *weights, bool packed = false) const {
     stream s(cpu());
+    std::vector<std::pair<memory, memory>> back = relayout(s, args);
     memory mine(packed ? blocked : user, cpu(), weights);
     if (!packed && user != blocked) {
       memory tmp(blocked, cpu(), buffer());
@@ -241,12 +253,41 @@ struct Op {
     args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratchpad, cpu(), scratch(scratchpad.get_size(), 1)));
     prim.execute(s, args);
     if (output && !packed && user != blocked) {
-      memory back(user, cpu(), weights);
-      reorder_weights(s, args.at(weights_arg), back);
+      memory mine_back(user, cpu(), weights);
+      reorder_weights(s, args.at(weights_arg), mine_back);
     }
+    for (auto &[from, to] : back) reorder(from, to).execute(s, from, to);
     s.wait();
   }
+
+ private:
+  // Activations bound in another layout than the primitive's go through this thread's buffers:
+  // inputs reordered now; the outputs' (buffer, user memory) pairs returned, to reorder after.
+  std::vector<std::pair<memory, memory>> relayout(stream &s, std::unordered_map<int, memory> &args) const {
+    std::vector<std::pair<memory, memory>> back;
+    int slot = 2;
+    for (int a : ACTIVATIONS) {
+      auto bound = args.find(a);
+      auto wanted = acts.find(a);
+      if (bound == args.end() || wanted == acts.end() || bound->second.get_desc() == wanted->second) continue;
+      memory mine(wanted->second, cpu(), scratch(wanted->second.get_size(), slot++));
+      if (is_output(a)) back.emplace_back(mine, bound->second);
+      else reorder(bound->second, mine).execute(s, bound->second, mine);
+      bound->second = mine;
+    }
+    return back;
+  }
 };
+
+// oneDNN's nChw8c kernels do not cover every geometry: where only its reference implementation is
+// left (a 3x3 stride-2 convolution from 2x2 to 1x1 pixels: backward-weights 260 ms at micro-batch
+// 128 instead of ~1), the primitive runs channels-last and Op reorders the activations around it.
+template <typename Make>
+auto implemented(Make make, const Geometry &g) -> decltype(make(g.act)) {
+  auto pd = make(g.act);
+  if (g.act == tag::nhwc || std::strncmp(pd.impl_info_str(), "ref", 3) != 0) return pd;
+  return make(tag::nhwc);
+}
 
 // oneDNN's first choice on AVX-512 is brgconv, whose kernels block along output rows; for outputs of
 // at most 4x4 pixels (R50's last stage at 128 px) its older direct kernels ("jit:avx512_core") run
@@ -273,18 +314,12 @@ struct Convs {
 
   explicit Convs(const Geometry &geo)
       : g(geo),
-        fwd_pd(forward_pd(user_scratchpad())),
+        fwd_pd(forward_pd(false)),
         fwd(fwd_pd, DNNL_ARG_WEIGHTS, g.wei) {}
 
   // The forward with the residual added in its epilogue (a binary post-op: no separate pass).
   const Op &forward_add() {
-    std::call_once(add_once, [&] {
-      primitive_attr attr = user_scratchpad();
-      post_ops ops;
-      ops.append_binary(algorithm::binary_add, act(g, g.dst));
-      attr.set_post_ops(ops);
-      add = std::make_unique<Op>(forward_pd(attr), DNNL_ARG_WEIGHTS, g.wei);
-    });
+    std::call_once(add_once, [&] { add = std::make_unique<Op>(forward_pd(true), DNNL_ARG_WEIGHTS, g.wei); });
     return *add;
   }
   const Op &backward_data() {
@@ -295,22 +330,30 @@ struct Convs {
   }
 
  private:
-  convolution_forward::primitive_desc forward_pd(const primitive_attr &attr) const {
-    return preferred([&] {
+  convolution_forward::primitive_desc forward_pd(bool residual) const {
+    auto make = [&](tag t) {
+      primitive_attr attr = user_scratchpad();
+      if (residual) {
+        post_ops ops;
+        ops.append_binary(algorithm::binary_add, plain(g.dst, t));
+        attr.set_post_ops(ops);
+      }
       return convolution_forward::primitive_desc(cpu(), prop_kind::forward_training, algorithm::convolution_direct,
-                                                 act(g, g.src), any(g.wei), act(g, g.dst), g.strides, g.pad_l, g.pad_r,
-                                                 attr);
-    }, g);
+                                                 plain(g.src, t), any(g.wei), plain(g.dst, t), g.strides, g.pad_l,
+                                                 g.pad_r, attr);
+    };
+    return preferred([&] { return implemented(make, g); }, g);
   }
 
   template <typename PD>
   const Op &backward(std::once_flag &once, std::unique_ptr<Op> &slot, int weights_arg) {
     std::call_once(once, [&] {
-      auto make = [&] {
-        return PD(cpu(), algorithm::convolution_direct, act(g, g.src), any(g.wei), act(g, g.dst), g.strides,
+      auto make = [&](tag t) {
+        return PD(cpu(), algorithm::convolution_direct, plain(g.src, t), any(g.wei), plain(g.dst, t), g.strides,
                   g.pad_l, g.pad_r, fwd_pd, user_scratchpad());
       };
-      slot = std::make_unique<Op>(weights_arg == DNNL_ARG_WEIGHTS ? preferred(make, g) : make(), weights_arg, g.wei);
+      auto made = [&] { return implemented(make, g); };
+      slot = std::make_unique<Op>(weights_arg == DNNL_ARG_WEIGHTS ? preferred(made, g) : made(), weights_arg, g.wei);
     });
     return *slot;
   }
