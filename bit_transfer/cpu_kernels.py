@@ -664,6 +664,7 @@ def _group_norm_op(lib: Path, relu: bool, nhwc: bool, rows):
 
 @functools.cache
 def _channels_last_group_norm(relu: bool, groups: int):
+    """The oneDNN layouts' GroupNorm for `groups` groups (its mean/rstd shape needs the count)."""
     lib = _library()
     if lib is None:
         return None

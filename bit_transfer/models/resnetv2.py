@@ -238,9 +238,9 @@ class GroupNormAct(nn.Cell):
 
     def construct(self, x):
         if self.nhwc:  # the kernel's (N, CB, HW, L): channels-last (N, H, W, C) or blocked (N, C/8, H, W, 8)
-            rows = (x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.shape[4]) if x.ndim == 5 else \
+            blocks = (x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.shape[4]) if x.ndim == 5 else \
                 (x.shape[0], 1, x.shape[1] * x.shape[2], x.shape[3])
-            y = self.gn_kernel_nhwc(x.reshape(rows), self.weight, self.bias, self.eps)[0]
+            y = self.gn_kernel_nhwc(x.reshape(blocks), self.weight, self.bias, self.eps)[0]
             return y.reshape(x.shape)
         # The compiled kernels are float32 kernels and serve float32 models: under fp16 (amp O2) on
         # CPU they trained nothing (zero features; tests/test_train.py::test_fp16_trains...), so
