@@ -135,9 +135,10 @@ primitive_attr user_scratchpad() {
 
 // Buffers per thread, grown to the largest request and reused (a fresh allocation per call meant
 // page faults on ~3x the model's weights every step): slot 0 the blocked copy of a weight, slot 1
-// oneDNN's scratchpad, 2-4 activations in another layout (Op::execute). The scratchpad is ours (scratchpad_mode::user), not the library's: with the
-// library's, a primitive created in one thread failed to run in another ("could not execute a
-// primitive": AVX2's GEMM backward-data, first run eagerly, then in MindSpore's graph thread).
+// oneDNN's scratchpad, slots 2-4 activations in another layout (Op::execute). The scratchpad is ours
+// (scratchpad_mode::user), not the library's: with the library's, a primitive created in one thread
+// failed to run in another ("could not execute a primitive": AVX2's GEMM backward-data, first run
+// eagerly, then in MindSpore's graph thread).
 void *scratch(size_t bytes, int slot) {
   struct Buffer {
     void *data = nullptr;
@@ -714,14 +715,15 @@ def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False, st
         weights = ops.Custom(f"{lib}:conv_ws_bwd_weights", out_shape=lambda dy, x, w, m, r, cfg: w, out_dtype=f32,
                              func_type="aot")
 
-        def grads(x, w, cfg, out, dout):
-            return data(dout[0], w, out[1], out[2], x, cfg), weights(dout[0], x, w, out[1], out[2], cfg)
-
+        # The bprops call the ops themselves: a helper function between them (a closure called from
+        # a closure) failed once to compile, "The name 'data' is not defined" (MindSpore 2.8).
         def bprop(x, w, eps, cfg, out, dout):
-            return (*grads(x, w, cfg, out, dout), ops.zeros_like(eps), ops.zeros_like(cfg))
+            return (data(dout[0], w, out[1], out[2], x, cfg), weights(dout[0], x, w, out[1], out[2], cfg),
+                    ops.zeros_like(eps), ops.zeros_like(cfg))
 
         def bprop_residual(x, w, r, eps, cfg, out, dout):
-            return (*grads(x, w, cfg, out, dout), dout[0], ops.zeros_like(eps), ops.zeros_like(cfg))
+            return (data(dout[0], w, out[1], out[2], x, cfg), weights(dout[0], x, w, out[1], out[2], cfg), dout[0],
+                    ops.zeros_like(eps), ops.zeros_like(cfg))
 
         op = ops.Custom(f"{lib}:conv_ws_fwd", out_shape=lambda x, w, *_: (fwd_shape(x, w), (w[0],), (w[0],)),
                         out_dtype=lambda *_: (ms.float32, ms.float32, ms.float32), func_type="aot",

@@ -49,7 +49,10 @@ def test_two_ranks_end_with_the_parameters_of_one_rank(two_ranks, tmp_path):
     assert_params_close(final_params(two), final_params(tmp_path / "one"), atol=EQUAL_MATHS_ATOL)
     m2 = json.loads((two / "metrics.json").read_text())
     assert m2["world"] == 2 and one["world"] == 1
-    assert m2["top1"] == pytest.approx(one["top1"]) and m2["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    # The eval loss follows the parameters' last-bit differences: 2e-6 apart channels-last, 1.6e-4 with
+    # AVX2's blocked activations (parameters 3.5e-5 apart there: another trajectory, as sensitive
+    # as the comment in recipe_file says), so 1e-3; a wrong gradient sum is off by far more.
+    assert m2["top1"] == pytest.approx(one["top1"]) and m2["loss"] == pytest.approx(one["loss"], rel=1e-3)
     assert m2["eval_images"] == one["eval_images"] == 32  # the sharded eval covered the whole split once
     # the logged loss is that of the whole logical batch, as on one rank
     l2 = [r["train/loss"] for r in read_jsonl(two / "metrics.jsonl") if "train/loss" in r]

@@ -456,7 +456,7 @@ def layouts(**env) -> list[str]:
 def test_avx2_machines_run_blocked_activations_where_the_channels_come_in_eights():
     """Where oneDNN's best instruction set is AVX2 (here: ONEDNN_MAX_CPU_ISA), models keep activations in
     nChw8c (its convolutions 10 % faster there) if every layer has a multiple of 8 channels (width 0.3:
-    19 stem channels, channels-last); with AVX-512 they stay channels-last."""
+    19 stem channels, channels-last); with AVX-512 they stay channels-last; BIT_TRANSFER_LAYOUT overrides."""
     assert layouts(ONEDNN_MAX_CPU_ISA="AVX2") == ["8", "nchw8c", "nhwc"]
     flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     import os
@@ -464,6 +464,10 @@ def test_avx2_machines_run_blocked_activations_where_the_channels_come_in_eights
     avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
     avx512 &= not os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2")  # this suite run as AVX2
     assert layouts() == (["0", "nhwc", "nhwc"] if avx512 else ["8", "nchw8c", "nhwc"])
+    # BIT_TRANSFER_LAYOUT chooses (channels not in 8s stay channels-last)
+    assert layouts(ONEDNN_MAX_CPU_ISA="AVX2", BIT_TRANSFER_LAYOUT="nhwc")[1:] == ["nhwc", "nhwc"]
+    assert layouts(BIT_TRANSFER_LAYOUT="nchw8c")[1:] == ["nchw8c", "nhwc"]
+    assert layouts(BIT_TRANSFER_LAYOUT="nchw")[1:] == ["nchw", "nchw"]
     model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.3)
     with pytest.raises(ValueError, match="multiples of 8 channels"):
         model.set_layout("nchw8c")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import numpy as np
 import mindspore as ms
@@ -128,9 +129,15 @@ LAYOUTS = ("nchw", "nhwc", "nchw8c")
 
 
 def best_layout(channels) -> str:
-    """The fastest layout available here for a model with these channel counts."""
+    """The fastest layout available here for a model with these channel counts, unless
+    BIT_TRANSFER_LAYOUT names one (nchw, nhwc; nchw8c where the channels come in 8s)."""
     if not channels_last_available():
         return "nchw"
+    chosen = os.environ.get("BIT_TRANSFER_LAYOUT", "")
+    if chosen == "nchw8c" and any(c % 8 for c in channels):
+        chosen = "nhwc"
+    if chosen in LAYOUTS:
+        return chosen
     blocked = onednn_conv.activation_block() == 8 and all(c % 8 == 0 for c in channels)
     return "nchw8c" if blocked else "nhwc"
 
