@@ -125,7 +125,6 @@ Geometry geometry(const int64_t *x, int ndim, const int64_t *ws, const int32_t *
 
 memory::desc plain(const memory::dims &d, tag t) { return memory::desc(d, dt::f32, t); }
 memory::desc any(const memory::dims &d) { return memory::desc(d, dt::f32, tag::any); }
-memory::desc act(const Geometry &g, const memory::dims &d) { return memory::desc(d, dt::f32, g.act); }
 
 primitive_attr user_scratchpad() {
   primitive_attr attr;
@@ -197,15 +196,15 @@ struct Offsets {
   }
 };
 
-// The activation arguments a convolution may take, inputs first; Op::execute relayouts them.
+// The activation arguments a convolution may take (Op reorders those its primitive runs in another layout).
 const int ACTIVATIONS[] = {DNNL_ARG_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
                            DNNL_ARG_DST, DNNL_ARG_DIFF_SRC};
 bool is_output(int arg) { return arg == DNNL_ARG_DST || arg == DNNL_ARG_DIFF_SRC; }
 
-// One primitive with its activations in the model's layout (bound as they are, unless the
-// primitive runs another: `implemented` below) and its weight (DNNL_ARG_WEIGHTS) or weight gradient
-// (DNNL_ARG_DIFF_WEIGHTS) in the blocked layout the primitive chose: the reorder from/to the user's
-// OIHW buffer is built once.
+// One primitive of geometry g with its activations in the model's layout (g.act, bound as they are,
+// unless the primitive runs another: `implemented` below) and its weight (DNNL_ARG_WEIGHTS) or weight
+// gradient (DNNL_ARG_DIFF_WEIGHTS) in the blocked layout the primitive chose: the reorder from/to the
+// user's OIHW buffer is built once.
 struct Op {
   primitive prim;
   int weights_arg;
@@ -213,15 +212,15 @@ struct Op {
   reorder convert;
   bool output;  // the weight gradient: reordered back after the primitive
   Offsets at;   // of the blocked layout
-  std::unordered_map<int, memory::desc> acts;  // the activations' layouts the primitive runs on
+  std::unordered_map<int, memory::desc> relaid;  // activations the primitive runs in another layout
 
   template <typename PD>
-  Op(const PD &pd, int arg, const memory::dims &wei)
-      : prim(pd), weights_arg(arg), user(plain(wei, tag::oihw)), blocked(pd.query_md(query::exec_arg_md, arg)),
+  Op(const PD &pd, int arg, const Geometry &g)
+      : prim(pd), weights_arg(arg), user(plain(g.wei, tag::oihw)), blocked(pd.query_md(query::exec_arg_md, arg)),
         scratchpad(pd.scratchpad_desc()), output(arg == DNNL_ARG_DIFF_WEIGHTS), at(blocked) {
     for (int a : ACTIVATIONS) {
       const memory::desc md = pd.query_md(query::exec_arg_md, a);
-      if (!md.is_zero()) acts.emplace(a, md);
+      if (!md.is_zero() && md != plain(md.get_dims(), g.act)) relaid.emplace(a, md);
     }
     if (user != blocked) {
       auto rpd = output ? reorder::primitive_desc(cpu(), blocked, cpu(), user, user_scratchpad())
@@ -262,16 +261,16 @@ struct Op {
   }
 
  private:
-  // Activations bound in another layout than the primitive's go through this thread's buffers:
-  // inputs reordered now; the outputs' (buffer, user memory) pairs returned, to reorder after.
+  // The activations the primitive runs in another layout than the model's (none, but where
+  // `implemented` fell back) go through this thread's buffers: inputs reordered now; the outputs'
+  // (buffer, user memory) pairs returned, to reorder after.
   std::vector<std::pair<memory, memory>> relayout(stream &s, std::unordered_map<int, memory> &args) const {
     std::vector<std::pair<memory, memory>> back;
     int slot = 2;
-    for (int a : ACTIVATIONS) {
+    for (const auto &[a, md] : relaid) {
       auto bound = args.find(a);
-      auto wanted = acts.find(a);
-      if (bound == args.end() || wanted == acts.end() || bound->second.get_desc() == wanted->second) continue;
-      memory mine(wanted->second, cpu(), scratch(wanted->second.get_size(), slot++));
+      if (bound == args.end()) continue;
+      memory mine(md, cpu(), scratch(md.get_size(), slot++));
       if (is_output(a)) back.emplace_back(mine, bound->second);
       else reorder(bound->second, mine).execute(s, bound->second, mine);
       bound->second = mine;
@@ -316,11 +315,11 @@ struct Convs {
   explicit Convs(const Geometry &geo)
       : g(geo),
         fwd_pd(forward_pd(false)),
-        fwd(fwd_pd, DNNL_ARG_WEIGHTS, g.wei) {}
+        fwd(fwd_pd, DNNL_ARG_WEIGHTS, g) {}
 
   // The forward with the residual added in its epilogue (a binary post-op: no separate pass).
   const Op &forward_add() {
-    std::call_once(add_once, [&] { add = std::make_unique<Op>(forward_pd(true), DNNL_ARG_WEIGHTS, g.wei); });
+    std::call_once(add_once, [&] { add = std::make_unique<Op>(forward_pd(true), DNNL_ARG_WEIGHTS, g); });
     return *add;
   }
   const Op &backward_data() {
@@ -354,7 +353,7 @@ struct Convs {
                   g.pad_l, g.pad_r, fwd_pd, user_scratchpad());
       };
       auto made = [&] { return implemented(make, g); };
-      slot = std::make_unique<Op>(weights_arg == DNNL_ARG_WEIGHTS ? preferred(made, g) : made(), weights_arg, g.wei);
+      slot = std::make_unique<Op>(weights_arg == DNNL_ARG_WEIGHTS ? preferred(made, g) : made(), weights_arg, g);
     });
     return *slot;
   }
@@ -369,7 +368,7 @@ Convs &convs(const Geometry &g) {
   return *slot;
 }
 
-memory bind(const Geometry &g, const memory::dims &d, void *data) { return memory(act(g, d), cpu(), data); }
+memory bind(const Geometry &g, const memory::dims &d, void *data) { return memory(plain(d, g.act), cpu(), data); }
 
 // A forward's activations: x, y and, for the residual variant, r (the binary post-op's input).
 std::unordered_map<int, memory> forward_args(const Geometry &g, float *x, float *y, float *r) {
