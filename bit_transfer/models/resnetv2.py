@@ -128,18 +128,20 @@ def channels_last_available() -> bool:
 LAYOUTS = ("nchw", "nhwc", "nchw8c")
 
 
+def in_eights(channels) -> bool:
+    """Whether nchw8c can hold these channel counts (blocks of 8, no padded channels)."""
+    return all(c % 8 == 0 for c in channels)
+
+
 def best_layout(channels) -> str:
     """The fastest layout available here for a model with these channel counts, unless
     BIT_TRANSFER_LAYOUT names one (nchw, nhwc; nchw8c where the channels come in 8s)."""
     if not channels_last_available():
         return "nchw"
     chosen = os.environ.get("BIT_TRANSFER_LAYOUT", "")
-    if chosen == "nchw8c" and any(c % 8 for c in channels):
-        chosen = "nhwc"
-    if chosen in LAYOUTS:
-        return chosen
-    blocked = onednn_conv.activation_block() == 8 and all(c % 8 == 0 for c in channels)
-    return "nchw8c" if blocked else "nhwc"
+    if chosen not in LAYOUTS:
+        chosen = "nchw8c" if onednn_conv.activation_block() == 8 else "nhwc"
+    return "nhwc" if chosen == "nchw8c" and not in_eights(channels) else chosen
 
 
 class ConvLayer(nn.Cell):
@@ -385,7 +387,7 @@ class ResNetV2(nn.Cell):
             raise ValueError(f"layout {layout!r}: one of {', '.join(LAYOUTS)} or auto")
         if layout == "auto" or (layout != "nchw" and not channels_last_available()):
             layout = best_layout(self.channels)
-        if layout == "nchw8c" and any(c % 8 for c in self.channels):
+        if layout == "nchw8c" and not in_eights(self.channels):
             raise ValueError(f"layout nchw8c needs multiples of 8 channels, not {self.channels}")
         for _, cell in self.cells_and_names():
             if hasattr(cell, "nhwc"):
