@@ -4,6 +4,7 @@ sizes, whole models equal their NCHW form, two oneDNNs live in one process, and 
 one warning and MindSpore's convolutions."""
 
 import ctypes
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -378,12 +379,14 @@ for hw in (4, 8):
 """
 
 
-def implementations(**env) -> dict:
-    """{(direction, output size): oneDNN's implementation} from its verbose log of a real process."""
-    import os
+def run(script: str, **env) -> str:
+    """The stdout of `script` in a real process, these environment variables added to ours."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=os.environ | env, check=True).stdout
 
-    out = subprocess.run([sys.executable, "-c", IMPLEMENTATIONS], capture_output=True, text=True, timeout=300,
-                         env=os.environ | {"ONEDNN_VERBOSE": "1"} | env, check=True).stdout
+
+def implementations(out: str) -> dict:
+    """{(direction, output size): oneDNN's implementation} from a process's verbose log (ONEDNN_VERBOSE=1)."""
     found = {}
     for line in out.splitlines():
         p = line.split(",")
@@ -409,14 +412,9 @@ def test_blocked_geometries_without_a_kernel_run_channels_last_not_the_reference
     """A 3x3 stride-2 convolution from 2x2 to 1x1 pixels has only oneDNN's reference implementation in
     nChw8c (backward-weights 260 ms at micro-batch 128, the demo 5x slower): it must run channels-last,
     its activations reordered (values: the 2x2 geometry of the convolution test above)."""
-    import os
-
-    env = os.environ | {"ONEDNN_VERBOSE": "1"} | ({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
-    out = subprocess.run([sys.executable, "-c", BLOCKED_2X2], capture_output=True, text=True, timeout=300, env=env,
-                         check=True).stdout
-    lines = [line.split(",") for line in out.splitlines() if ",exec," in line and ",convolution," in line]
-    convs = {p[p.index("convolution") + 2]: p[p.index("convolution") + 1] for p in lines}  # direction: impl
-    assert set(convs) == {"forward_training", "backward_data", "backward_weights"}
+    out = run(BLOCKED_2X2, ONEDNN_VERBOSE="1", **({"ONEDNN_MAX_CPU_ISA": isa} if isa else {}))
+    convs = implementations(out)
+    assert {direction for direction, _ in convs} == {"forward_training", "backward_data", "backward_weights"}
     assert not [impl for impl in convs.values() if impl.startswith("ref")], convs
     assert any(",reorder," in line for line in out.splitlines())  # the activations, to and from nhwc
 
@@ -425,13 +423,13 @@ def test_blocked_geometries_without_a_kernel_run_channels_last_not_the_reference
 def test_outputs_of_4x4_pixels_run_the_direct_kernels_on_avx512_and_the_first_choice_elsewhere():
     """Forward and backward-data of a <= 4x4 output take "jit:avx512_core" (faster there than oneDNN's
     first choice, brgconv: onednn_conv's `preferred`); an 8x8 output and an AVX2 CPU keep oneDNN's."""
-    got = implementations()
+    got = implementations(run(IMPLEMENTATIONS, ONEDNN_VERBOSE="1"))
     avx512 = got[("forward_training", 8)].endswith("avx512_core")  # (not under ONEDNN_MAX_CPU_ISA=AVX2)
     for direction in ("forward_training", "backward_data"):
         assert got[(direction, 8)].startswith("brg"), got
         assert (got[(direction, 4)] == "jit:avx512_core") == avx512, got
     if avx512:  # the same process pretending to be an AVX2 machine: no direct kernel preferred, nothing fails
-        got = implementations(ONEDNN_MAX_CPU_ISA="AVX2")
+        got = implementations(run(IMPLEMENTATIONS, ONEDNN_VERBOSE="1", ONEDNN_MAX_CPU_ISA="AVX2"))
         assert got[("forward_training", 4)].startswith("brgconv") and got[("forward_training", 4)].endswith("avx2"), got
 
 
@@ -446,10 +444,7 @@ print(onednn_conv.activation_block(), create_model("custom", 3, depths=[1, 1, 1,
 
 def layouts(**env) -> list[str]:
     """(activation block, a width-0.25 model's layout, a width-0.3 model's) in a real process."""
-    import os
-
-    return subprocess.run([sys.executable, "-c", LAYOUT], capture_output=True, text=True, timeout=300,
-                          env=os.environ | env, check=True).stdout.split()[-3:]
+    return run(LAYOUT, **env).split()[-3:]
 
 
 @needs_onednn
@@ -459,8 +454,6 @@ def test_avx2_machines_run_blocked_activations_where_the_channels_come_in_eights
     19 stem channels, channels-last); with AVX-512 they stay channels-last; BIT_TRANSFER_LAYOUT overrides."""
     assert layouts(ONEDNN_MAX_CPU_ISA="AVX2") == ["8", "nchw8c", "nhwc"]
     flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    import os
-
     avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
     avx512 &= not os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2")  # this suite run as AVX2
     assert layouts() == (["0", "nhwc", "nhwc"] if avx512 else ["8", "nchw8c", "nhwc"])
