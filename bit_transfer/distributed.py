@@ -12,9 +12,11 @@ import functools
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,19 +114,51 @@ def _path_with_this_python() -> str:
 
 
 def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> int:
-    """Run `fit` on `devices` ranks under msrun and wait; name the rank that failed, if any."""
+    """Run `fit` on `devices` ranks under msrun and wait; name the rank that failed, if any.
+
+    Rank 0's log (tailed by msrun) is printed as it comes, without msrun's own chatter.
+    """
     log_dir = run_dir / "msrun"
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = msrun_command(fit_args + ["--run-dir", str(run_dir)], devices=devices, log_dir=log_dir, **msrun_kw)
     env = dict(os.environ, PATH=_path_with_this_python())
     print(f"launching {devices} ranks with msrun; worker logs in {log_dir}", flush=True)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout.splitlines():  # rank 0's log (tailed by msrun), without msrun's own chatter
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if FAILED_WORKER.search(line):
+            _stop_scheduler_soon(proc.pid)
         if not re.match(r"^\[(WARNING|INFO|ERROR|DEBUG)\] ", line) and "Traceback" not in line:
-            print(line, flush=True)
-    if proc.returncode == 0:
+            print(line, end="", flush=True)
+    if proc.wait() == 0:
         return 0
-    raise RunError(failure_message(proc.stdout, log_dir))
+    raise RunError(failure_message("".join(output), log_dir))
+
+
+# msrun's line for a worker that died; it then kills the other workers, but waits for its scheduler,
+# which declares the dead node lost only after MindSpore's node timeout (30 s measured): a stopped
+# run would sit that long before saying so. A low MS_NODE_TIMEOUT instead would fail healthy runs
+# whose heartbeats are late on a loaded machine.
+FAILED_WORKER = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
+SCHEDULER_GRACE_S = 3.0  # msrun kills the workers first (within its 1 s poll); then its scheduler goes
+
+
+def _stop_scheduler_soon(msrun_pid: int) -> None:
+    timer = threading.Timer(SCHEDULER_GRACE_S, _kill_children, [msrun_pid])
+    timer.daemon = True
+    timer.start()
+
+
+def _kill_children(pid: int) -> None:
+    """SIGKILL what `pid` still has running (Linux /proc; elsewhere msrun keeps its own timing)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
 
 
 def failure_message(msrun_output: str, log_dir: Path) -> str:
@@ -135,7 +169,7 @@ def failure_message(msrun_output: str, log_dir: Path) -> str:
         m = re.search(r"bit-transfer rank (\d+) of \d+, pid (\d+)", text)
         if m:
             pids[m.group(2)] = (int(m.group(1)), log, text)
-    m = re.search(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)", msrun_output)
+    m = FAILED_WORKER.search(msrun_output)
     if m and m.group(1) in pids:
         rank, log, text = pids[m.group(1)]
         errors = [ln for ln in text.splitlines() if "error:" in ln.lower() or ln.startswith(("RuntimeError", "Error", "bit-transfer"))]

@@ -111,4 +111,5 @@ def test_a_rank_that_dies_stops_the_run_with_its_name(task, tmp_path):
     assert proc.returncode == 1, out[-2000:] + err[-2000:]
     assert "rank 1 failed" in err and "rerun the same command to resume" in err
     assert err.strip().count("\n") == 0, err  # one line, no traceback
-    assert time.time() - t0 < 120
+    # msrun alone waited ~33 s more for its scheduler to time the dead rank out (launch() stops it)
+    assert time.time() - t0 < 15, time.time() - t0
