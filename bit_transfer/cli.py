@@ -132,7 +132,11 @@ def cmd_fit(args) -> int:
     # --quiet is how this process prints, not part of the recipe (a resume must match the recipe)
     m = train.fit(r, run_dir=run_dir, quiet=True if args.quiet else None, stop_after=args.stop_after,
                   resume=bool(args.resume))
-    return 130 if m.get("stopped_by_signal") else 0
+    if m.get("stopped_by_signal"):
+        # a rank's nonzero exit makes msrun kill the others, maybe while rank 0 still writes the
+        # checkpoint; the launcher (`--devices`) returns the 130
+        return 0 if distributed.launched_by_msrun() else 130
+    return 0
 
 
 def _launch_ranks(args, r, run_dir) -> int:
@@ -152,7 +156,7 @@ def _launch_ranks(args, r, run_dir) -> int:
         fit_args.append("--quiet")
     if args.stop_after is not None:
         fit_args.append(f"--stop-after={args.stop_after}")
-    distributed.launch(
+    return distributed.launch(
         fit_args,
         run.path.resolve(),
         devices=args.devices,
@@ -161,7 +165,6 @@ def _launch_ranks(args, r, run_dir) -> int:
         master_addr=args.master_addr,
         master_port=args.master_port,
     )
-    return 0
 
 
 def cmd_eval(args) -> int:

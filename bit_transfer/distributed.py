@@ -8,6 +8,7 @@ documented multi-machine form) each worker finds its rank from the environment m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer.errors import RunError, UsageError
+from bit_transfer.errors import Interrupted, RunError, UsageError
 
 MSRUN_ENV = "MS_WORKER_NUM"  # set by msrun in every worker it spawns
 
@@ -116,24 +117,78 @@ def _path_with_this_python() -> str:
 def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> int:
     """Run `fit` on `devices` ranks under msrun and wait; name the rank that failed, if any.
 
-    Rank 0's log (tailed by msrun) is printed as it comes, without msrun's own chatter.
+    Rank 0's log (tailed by msrun) is printed as it comes, without msrun's own chatter. SIGINT,
+    SIGTERM and SIGHUP here go on to the workers, which stop together at a step, checkpoint and
+    exit (`fit`'s own signal handling); then 130, as a one-rank `fit`. msrun runs in its own
+    session: Ctrl-C would otherwise reach it too, and it kills the workers outright.
     """
     log_dir = run_dir / "msrun"
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = msrun_command(fit_args + ["--run-dir", str(run_dir)], devices=devices, log_dir=log_dir, **msrun_kw)
     env = dict(os.environ, PATH=_path_with_this_python())
     print(f"launching {devices} ranks with msrun; worker logs in {log_dir}", flush=True)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if FAILED_WORKER.search(line):
-            _stop_scheduler_soon(proc.pid)
-        if not re.match(r"^\[(WARNING|INFO|ERROR|DEBUG)\] ", line) and "Traceback" not in line:
-            print(line, end="", flush=True)
-    if proc.wait() == 0:
-        return 0
-    raise RunError(failure_message("".join(output), log_dir))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    output, signalled = [], []
+
+    def forward(signum):
+        signalled.append(signum)
+        if not _signal_workers(proc.pid, signal.SIGTERM if signum == signal.SIGHUP else signum):
+            proc.send_signal(signal.SIGINT)  # no workers found (no /proc): msrun stops them its way
+
+    with _forwarding_signals(forward):
+        for line in proc.stdout:
+            output.append(line)
+            if FAILED_WORKER.search(line):
+                _stop_scheduler_soon(proc.pid)
+            if not re.match(r"^\[(WARNING|INFO|ERROR|DEBUG)\] ", line) and "Traceback" not in line:
+                print(line, end="", flush=True)
+        code = proc.wait()
+    if signalled and code != 0:  # stopped before training began (the workers exit 0 once it has)
+        raise Interrupted(f"{signal.Signals(signalled[0]).name}: the ranks were stopped; "
+                          "rerun the same command to resume from the last checkpoint")
+    if code != 0:
+        raise RunError(failure_message("".join(output), log_dir))
+    return 130 if signalled else 0
+
+
+@contextlib.contextmanager
+def _forwarding_signals(forward):
+    """Call `forward(signum)` for SIGINT/SIGTERM/SIGHUP instead of dying of them, until the block ends."""
+    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, lambda signum, _frame: forward(signum)) for s in caught}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc; elsewhere none)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+    return kids
+
+
+def _signal_workers(msrun_pid: int, signum: int) -> int:
+    """Send `signum` to msrun's workers (the processes running our worker entry), not to its scheduler
+    (the workers stop gracefully on SIGINT and SIGTERM only); how many there were."""
+    entry = str(Path(__file__).resolve().parent / "entry" / "msrun_worker.py").encode()
+    sent = 0
+    for pid in _children(msrun_pid):
+        try:
+            if entry in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signum)
+                sent += 1
+        except OSError:
+            continue
+    return sent
 
 
 # msrun's line for a worker that died; it then kills the other workers, but waits for its scheduler,
@@ -151,13 +206,11 @@ def _stop_scheduler_soon(msrun_pid: int) -> None:
 
 
 def _kill_children(pid: int) -> None:
-    """SIGKILL what `pid` still has running (Linux /proc; elsewhere msrun keeps its own timing)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """SIGKILL what `pid` still has running."""
+    for child in _children(pid):
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            os.kill(child, signal.SIGKILL)
+        except OSError:
             continue
 
 

@@ -1,5 +1,6 @@
 """Data-parallel fit on 2 CPU ranks with msrun (loopback only), against a 1-rank run."""
 
+import contextlib
 import json
 import os
 import re
@@ -89,32 +90,69 @@ def test_resume_a_two_rank_checkpoint_on_one_rank(task, tmp_path):
     assert_params_close(final_params(tmp_path / "run"), final_params(tmp_path / "straight"), atol=EQUAL_MATHS_ATOL)
 
 
-def test_a_rank_that_dies_stops_the_run_with_its_name(task, tmp_path):
+def _two_ranks_training(task, tmp_path, check):
+    """`fit --devices 2` on an endless recipe in its own session; `check(proc, run, shown, pids)` once
+    rank 0 has shown a step, with the ranks' pids; whatever happens, no rank is left training."""
     rec = recipe_file(task, tmp_path, rule__steps=100000)
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bit_transfer", "fit", str(rec), "--devices", "2", "--run-dir", str(run), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
     )
     shown = []  # the launcher's stdout, line by line as it arrives
     reader = threading.Thread(target=lambda: shown.extend(proc.stdout), daemon=True)
     reader.start()
-    log1 = run / "msrun" / "worker_1.log"
-    deadline = time.time() + 120
-    pid = None
-    while time.time() < deadline and pid is None:  # rank 1's pid, once rank 0 has shown a step
-        text = log1.read_text() if log1.exists() else ""
-        m = re.search(r"bit-transfer rank 1 of 2, pid (\d+)", text)
-        if m and any(line.startswith("step ") for line in shown):
-            pid = int(m.group(1))
-        time.sleep(0.5)
-    assert pid, f"no step shown while training: {shown[-5:]}"  # rank 0's lines stream, not at the end
-    t0 = time.time()
-    os.kill(pid, signal.SIGKILL)
-    assert proc.wait(timeout=180) == 1
-    reader.join(timeout=10)
-    err = proc.stderr.read()
-    assert "rank 1 failed" in err and "rerun the same command to resume" in err
-    assert err.strip().count("\n") == 0, err  # one line, no traceback
-    # msrun alone waited ~33 s more for its scheduler to time the dead rank out (launch() stops it)
-    assert time.time() - t0 < 15, time.time() - t0
+    pids = {}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (len(pids) == 2 and any(ln.startswith("step ") for ln in shown)):
+            for log in (run / "msrun").glob("worker_*.log"):
+                pids.update(re.findall(r"bit-transfer rank (\d) of 2, pid (\d+)", log.read_text()))
+            time.sleep(0.5)
+        assert len(pids) == 2 and any(ln.startswith("step ") for ln in shown), f"no step shown while training: {shown[-5:]}"
+        check(proc, run, shown, {int(r): int(p) for r, p in pids.items()})
+        reader.join(timeout=10)
+    finally:
+        for pid in [proc.pid] + [int(p) for p in pids.values()]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie is gone too
+
+
+def test_a_rank_that_dies_stops_the_run_with_its_name(task, tmp_path):
+    """Rank 0's lines stream as it trains (they came only at the end before); the launcher names the
+    dead rank in one line within seconds (msrun alone waited ~33 s more for its scheduler)."""
+    def check(proc, run, shown, pids):
+        t0 = time.time()
+        os.kill(pids[1], signal.SIGKILL)
+        assert proc.wait(timeout=180) == 1
+        err = proc.stderr.read()
+        assert "rank 1 failed" in err and "rerun the same command to resume" in err
+        assert err.strip().count("\n") == 0, err  # one line, no traceback
+        assert time.time() - t0 < 15, time.time() - t0
+        assert _gone(pids[0])
+
+    _two_ranks_training(task, tmp_path, check)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_stops_the_ranks_together_with_a_checkpoint(task, tmp_path, signum):
+    """Was: SIGTERM killed the launcher alone and left msrun's ranks training in the background;
+    Ctrl-C reached msrun, which killed the ranks without a checkpoint."""
+    def check(proc, run, shown, pids):
+        os.kill(proc.pid, signum)
+        assert proc.wait(timeout=120) == 130, proc.stderr.read()
+        assert proc.stderr.read() == ""
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["stopped_by_signal"] and m["world"] == 2
+        assert (run / "checkpoints" / f"step-{m['steps']:06d}.ckpt").exists()
+        assert all(_gone(pid) for pid in pids.values())
+
+    _two_ranks_training(task, tmp_path, check)
