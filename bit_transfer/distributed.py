@@ -117,10 +117,11 @@ def _path_with_this_python() -> str:
 def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> int:
     """Run `fit` on `devices` ranks under msrun and wait; name the rank that failed, if any.
 
-    Rank 0's log (tailed by msrun) is printed as it comes, without msrun's own chatter. SIGINT,
-    SIGTERM and SIGHUP here go on to the workers, which stop together at a step, checkpoint and
-    exit (`fit`'s own signal handling); then 130, as a one-rank `fit`. msrun runs in its own
-    session: Ctrl-C would otherwise reach it too, and it kills the workers outright.
+    Rank 0's log (tailed by msrun) is printed as it comes, without msrun's own chatter and nothing
+    from a traceback on (the one-line error names the log). SIGINT, SIGTERM and SIGHUP here go on
+    to the workers, which stop together at a step, checkpoint and exit (`fit`'s own signal
+    handling); then 130, as a one-rank `fit`. msrun runs in its own session: Ctrl-C would otherwise
+    reach it too, and it kills the workers outright.
     """
     log_dir = run_dir / "msrun"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> i
     print(f"launching {devices} ranks with msrun; worker logs in {log_dir}", flush=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    output, signalled = [], []
+    output, signalled, failing = [], [], False
 
     def forward(signum):
         signalled.append(signum)
@@ -141,7 +142,8 @@ def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> i
             output.append(line)
             if FAILED_WORKER.search(line):
                 _stop_scheduler_soon(proc.pid)
-            if not re.match(r"^\[(WARNING|INFO|ERROR|DEBUG)\] ", line) and "Traceback" not in line:
+            failing = failing or line.startswith("Traceback")  # msrun's or a rank's: the logs keep it
+            if not failing and not re.match(r"^\[(WARNING|INFO|ERROR|DEBUG)\] ", line):
                 print(line, end="", flush=True)
         code = proc.wait()
     if signalled and code != 0:  # stopped before training began (the workers exit 0 once it has)

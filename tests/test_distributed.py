@@ -137,6 +137,7 @@ def test_a_rank_that_dies_stops_the_run_with_its_name(task, tmp_path):
         assert "rank 1 failed" in err and "rerun the same command to resume" in err
         assert err.strip().count("\n") == 0, err  # one line, no traceback
         assert time.time() - t0 < 15, time.time() - t0
+        assert not [ln for ln in shown if ln.lstrip().startswith(("Traceback", 'File "', "RuntimeError"))]
         assert _gone(pids[0])
 
     _two_ranks_training(task, tmp_path, check)
