@@ -144,9 +144,15 @@ def _launch_ranks(args, r, run_dir) -> int:
     run directory, then start msrun with N workers running this same fit, and wait."""
     from pathlib import Path
 
+    import signal
+
     from bit_transfer import data, distributed
     from bit_transfer.rundir import RunDir
 
+    def interrupted(signum, _frame):  # before any rank starts there is nothing to stop but this check
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
     data.load(r.data).check_readable(r.data.workers)
     run = RunDir.claim(run_dir, kind="fit", parent=r.log.dir, name=r.name, must_exist=bool(args.resume))
     run.check_recipe(r.to_dict())
