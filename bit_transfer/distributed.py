@@ -117,11 +117,11 @@ def _path_with_this_python() -> str:
 def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> int:
     """Run `fit` on `devices` ranks under msrun and wait; name the rank that failed, if any.
 
-    Rank 0's log (tailed by msrun) is printed as it comes, without msrun's own chatter and nothing
-    from a traceback on (the one-line error names the log). SIGINT, SIGTERM and SIGHUP here go on
-    to the workers, which stop together at a step, checkpoint and exit (`fit`'s own signal
-    handling); then 130, as a one-rank `fit`. msrun runs in its own session: Ctrl-C would otherwise
-    reach it too, and it kills the workers outright.
+    Rank 0's log (tailed by msrun) is printed as it comes (`_relay`; the one-line error names the
+    log of a rank that failed). SIGINT, SIGTERM and SIGHUP here go on to the workers, which stop
+    together at a step, checkpoint and exit (`fit`'s own signal handling); then 130, as a one-rank
+    `fit`. msrun runs in its own session: Ctrl-C would otherwise reach it too, and it kills the
+    workers outright.
     """
     log_dir = run_dir / "msrun"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> i
     print(f"launching {devices} ranks with msrun; worker logs in {log_dir}", flush=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    output, signalled, failing = [], [], False
+    signalled = []
 
     def forward(signum):
         signalled.append(signum)
@@ -138,20 +138,36 @@ def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> i
             proc.send_signal(signal.SIGINT)  # no workers found (no /proc): msrun stops them its way
 
     with _forwarding_signals(forward):
-        for line in proc.stdout:
-            output.append(line)
-            if FAILED_WORKER.search(line):
-                _stop_scheduler_soon(proc.pid)
-            failing = failing or line.startswith("Traceback")  # msrun's or a rank's: the logs keep it
-            if not failing and not re.match(r"^\[(WARNING|INFO|ERROR|DEBUG)\] ", line):
-                print(line, end="", flush=True)
-        code = proc.wait()
+        try:
+            output = _relay(proc)
+            code = proc.wait()
+        except BaseException:  # this process is going (a bug): stop the ranks rather than orphan them
+            _signal_workers(proc.pid, signal.SIGTERM)
+            raise
     if signalled and code != 0:  # stopped before training began (the workers exit 0 once it has)
         raise Interrupted(f"{signal.Signals(signalled[0]).name}: the ranks were stopped; "
                           "rerun the same command to resume from the last checkpoint")
     if code != 0:
-        raise RunError(failure_message("".join(output), log_dir))
+        raise RunError(failure_message(output, log_dir))
     return 130 if signalled else 0
+
+
+def _relay(proc: subprocess.Popen) -> str:
+    """msrun's output, all of it; printed as it comes but for msrun's chatter, anything from a
+    traceback on and anything once our stdout is closed (`fit ... | head`: the ranks train on). A
+    failed worker's line stops msrun's scheduler soon after."""
+    output, failing, shown = [], False, True
+    for line in proc.stdout:
+        output.append(line)
+        if FAILED_WORKER.search(line):
+            _stop_scheduler_soon(proc.pid)
+        failing = failing or line.startswith("Traceback")  # msrun's or a rank's: the logs keep it
+        if shown and not failing and not re.match(r"^\[(WARNING|INFO|ERROR|DEBUG)\] ", line):
+            try:
+                print(line, end="", flush=True)
+            except (BrokenPipeError, ValueError):
+                shown = False
+    return "".join(output)
 
 
 @contextlib.contextmanager
