@@ -142,9 +142,8 @@ def cmd_fit(args) -> int:
 def _launch_ranks(args, r, run_dir) -> int:
     """`fit --devices N`: check the data here (a bad image is one line, not N stack traces), claim the
     run directory, then start msrun with N workers running this same fit, and wait."""
-    from pathlib import Path
-
     import signal
+    from pathlib import Path
 
     from bit_transfer import data, distributed
     from bit_transfer.rundir import RunDir

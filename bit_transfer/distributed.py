@@ -197,14 +197,18 @@ def _children(pid: int) -> list[int]:
 def _signal_workers(msrun_pid: int, signum: int) -> int:
     """Send `signum` to msrun's workers (the processes running our worker entry), not to its scheduler
     (the workers stop gracefully on SIGINT and SIGTERM only); how many there were."""
-    entry = str(Path(__file__).resolve().parent / "entry" / "msrun_worker.py").encode()
+    return _signal_children(msrun_pid, signum, str(Path(__file__).resolve().parent / "entry" / "msrun_worker.py"))
+
+
+def _signal_children(pid: int, signum: int, running: str = "") -> int:
+    """Send `signum` to `pid`'s children whose command line holds `running`; how many got it."""
     sent = 0
-    for pid in _children(msrun_pid):
+    for child in _children(pid):
         try:
-            if entry in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signum)
+            if running.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
+                os.kill(child, signum)
                 sent += 1
-        except OSError:
+        except OSError:  # gone meanwhile
             continue
     return sent
 
@@ -218,18 +222,10 @@ SCHEDULER_GRACE_S = 3.0  # msrun kills the workers first (within its 1 s poll); 
 
 
 def _stop_scheduler_soon(msrun_pid: int) -> None:
-    timer = threading.Timer(SCHEDULER_GRACE_S, _kill_children, [msrun_pid])
+    """SIGKILL what msrun still runs (its scheduler) in SCHEDULER_GRACE_S."""
+    timer = threading.Timer(SCHEDULER_GRACE_S, _signal_children, [msrun_pid, signal.SIGKILL])
     timer.daemon = True
     timer.start()
-
-
-def _kill_children(pid: int) -> None:
-    """SIGKILL what `pid` still has running."""
-    for child in _children(pid):
-        try:
-            os.kill(child, signal.SIGKILL)
-        except OSError:
-            continue
 
 
 def failure_message(msrun_output: str, log_dir: Path) -> str:
