@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import checkpoint, data, distributed, models, onednn_conv, planning, recipe as recipes, runlog, runtime
+from bit_transfer import (checkpoint, compile_cache, data, distributed, models, onednn_conv, planning, recipe as recipes,
+                          runlog, runtime)
 from bit_transfer.data import pipeline
 from bit_transfer.errors import Interrupted, RunError, UsageError, WeightsError
 from bit_transfer.evaluate import evaluate_split
@@ -143,7 +144,8 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
     # batch_split is kept from the checkpoint on resume: the global micro-batch (batch / batch_split)
     # and so the data stream stay the same whatever the number of ranks now.
     layout = planning.batch_layout(plan.batch_size, batch_split, world=world.size)
-    step_fn = _train_step(model, plan, tcfg, batch_split, world.size)
+    step_fn = _train_step(model, plan, tcfg, batch_split, world.size,
+                          compile_cache.enabled(device, tcfg.jit, world.size), say)
     # Periodic evaluation runs the training model: a folded copy (models/inference.py, 1.2x faster
     # inference) would hold a second copy of the conv weights for the whole run (+0.1 GB for R50x1,
     # +3.7 GB for R152x4 on an accelerator). `eval`/`predict`, which drop the training model, fold.
@@ -203,9 +205,9 @@ def build_model(model_cfg, num_classes: int, *, log=print):
     return model
 
 
-def _train_step(model, plan, tcfg, batch_split: int, ranks: int):
+def _train_step(model, plan, tcfg, batch_split: int, ranks: int, cache: bool, say):
     return TrainStep(model, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=batch_split,
-                     precision=tcfg.precision, jit=tcfg.jit, ranks=ranks)
+                     precision=tcfg.precision, jit=tcfg.jit, ranks=ranks, compile_cache=cache, log=say)
 
 
 def _restore(model, step_fn, params: dict, path: Path) -> None:

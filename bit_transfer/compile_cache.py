@@ -1,0 +1,262 @@
+"""Reusing the compiled training step across runs: MindSpore's compile cache, made safe.
+
+Compiling R50x1's train step takes ~7 s of the ~10 s before a run's first step; loading it from
+MindSpore's compile cache takes ~1 s. MindSpore 2.8 does not key that cache by the graph: it names
+a cached graph by its place in the process's compile order, in one directory fixed at the process's
+first cached compile, and checks only a hash of the entry script's own imports
+(mindspore/ccsrc/frontend/jit/ps/compile_cache_manager.cc: `GetCompileCachePath(idx)`,
+`CanLoadCache`). Used as it is, another model, micro-batch or resume order would load the wrong
+graph. So here:
+
+- a process caches exactly one graph, its first training step, with the cache switched on for that
+  step only: the graph is always number 0 of its directory;
+- the directory is named by a hash of everything that shapes that graph (`key`): the cells and
+  their settings, every Parameter's name, shape and dtype, the step's settings and input shapes,
+  bit-transfer's source, MindSpore's version, the CPU's features and the environment that picks
+  kernels;
+- an entry is written to a private directory and renamed into place with a manifest of its files'
+  hashes once the step has run; an entry whose files do not match is removed and rebuilt.
+
+The step's Parameters must be reachable from a Cell (step.py `_StepCell`): a cache load rebinds a
+graph's Parameters by name from the compiled object's `parameters_dict()`, and a plain function
+has none (its cached graph computed NaN). Verified on CPU only, so used only there
+(docs/performance.md); BIT_TRANSFER_COMPILE_CACHE=0 turns it off. Entries are ~1 MB, in
+paths.home()/compile-cache, and safe to delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from bit_transfer import paths
+
+VERSION = 1  # of the key's recipe: bump when what goes into it changes
+MANIFEST = "manifest.json"
+MIN_FREE = 64 << 20  # an entry is ~1 MB; leave the disk to checkpoints when it runs low
+_ENV_PREFIXES = ("BIT_TRANSFER_", "ONEDNN_", "DNNL_", "MS_", "OMP_", "KMP_")
+_ENV_IGNORED = ("BIT_TRANSFER_HOME", "BIT_TRANSFER_BAR", "BIT_TRANSFER_COMPILE_CACHE", "MS_COMPILER_CACHE_")
+_CELL_BASE_KEPT = ("training", "requires_grad", "mixed_precision_type")
+_used = False  # MindSpore fixes the cache directory at a process's first cached compile
+
+
+def root() -> Path:
+    return paths.home() / "compile-cache"
+
+
+def enabled(device: str, jit: bool, ranks: int) -> bool:
+    """On for compiled single-process CPU steps (the case verified), unless BIT_TRANSFER_COMPILE_CACHE=0."""
+    return os.environ.get("BIT_TRANSFER_COMPILE_CACHE", "1") != "0" and jit and ranks == 1 and device == "CPU"
+
+
+@contextlib.contextmanager
+def first_step(cell, inputs, settings: dict, log=print):
+    """Around a step's first call (which compiles it): load its graph from the cache, or save it.
+
+    Does nothing after the process's first use, or when the cache cannot be used; a cache that
+    cannot be written costs one line, never the run.
+    """
+    global _used
+    if _used:
+        yield
+        return
+    _used = True
+    try:
+        key = graph_key(cell, inputs, settings)
+        entry, work = _prepare(root(), key)
+    except (OSError, ValueError, SyntaxError) as e:  # home not writable; an entry script MindSpore cannot read
+        log(f"compile cache off for this run: {_reason(e)}")
+        yield
+        return
+    _switch(work)
+    try:
+        yield
+    except BaseException:
+        _switch(None)
+        if work != entry:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    _switch(None)
+    if work == entry:
+        log(f"compiled step loaded from {entry}")
+        return
+    try:
+        _publish(work, entry)
+        log(f"compiled step saved to {entry}")
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        log(f"compile cache not saved: {_reason(e)}")
+
+
+def graph_key(cell, inputs, settings: dict) -> str:
+    """A hash of everything that shapes the compiled graph of `cell` called on `inputs`."""
+    parts = {
+        "version": VERSION,
+        "settings": settings,
+        "cells": [_describe_cell(name, c) for name, c in cell.cells_and_names()],
+        "parameters": [(p.name, tuple(p.shape), str(p.dtype), bool(p.requires_grad))
+                       for p in cell.get_parameters()],
+        "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
+        "environment": environment(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def environment() -> dict:
+    """What outside the graph's own code decides what MindSpore compiles it to."""
+    import mindspore as ms
+    from mindspore.common import api
+
+    return {
+        "bit_transfer": _source_digest(),
+        "mindspore": ms.__version__,
+        "mindspore_library": _file_stamp(Path(ms.__file__).parent / "_c_expression.so"),
+        "device": ms.get_context("device_target"),
+        "python": sys.version,
+        "machine": platform.machine(),
+        "cpu": _cpu_flags(),
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(_ENV_PREFIXES) and not k.startswith(_ENV_IGNORED)},
+        # MindSpore's own check (`CanLoadCache`): the same files, so its answer is always ours
+        "mindspore_dependencies": _files_digest(api._get_compile_cache_dep_files()),
+    }
+
+
+def _describe_cell(name: str, cell) -> tuple:
+    """A cell's class and its plain settings (kernel, stride, padding, layout, groups, ...)."""
+    from mindspore import nn
+
+    base = _cell_base_attributes(nn)
+    settings = {k: v for k, v in vars(cell).items()
+                if (k not in base or k in _CELL_BASE_KEPT) and isinstance(v, (bool, int, float, str, tuple, type(None)))}
+    return name, f"{type(cell).__module__}.{type(cell).__qualname__}", sorted(settings.items())
+
+
+_BASE: set[str] = set()
+
+
+def _cell_base_attributes(nn) -> set[str]:
+    if not _BASE:
+        _BASE.update(vars(nn.Cell()))
+    return _BASE
+
+
+def _source_digest() -> str:
+    package = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(package.rglob("*")):
+        if f.suffix in (".py", ".cc", ".cpp", ".h") and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _files_digest(files) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.encode() + b"\0" + Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def _file_stamp(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "absent"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return hashlib.sha256(line.encode()).hexdigest()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ----------------------------------------------------------------------------- entries on disk
+def _prepare(cache: Path, key: str) -> tuple[Path, Path]:
+    """(entry, where this process's compile reads or writes): the entry itself when it is complete,
+    else a new private directory; a damaged entry is removed."""
+    entry = cache / key
+    if entry.is_dir():
+        if _intact(entry):
+            return entry, entry
+        shutil.rmtree(entry, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(cache)
+    st = os.statvfs(cache)
+    if st.f_bavail * st.f_frsize < MIN_FREE:  # MindSpore would fail half-way, with two ERROR lines
+        raise OSError(errno.ENOSPC, f"less than {MIN_FREE >> 20} MB free", str(cache))
+    work = cache / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    return entry, work
+
+
+def _publish(work: Path, entry: Path) -> None:
+    """The manifest, then one rename: readers see a whole entry or none (another process's equal
+    entry, renamed first, is kept)."""
+    files = _manifest(work)
+    if not any(name.endswith(".mindir") for name in files):
+        raise OSError(f"MindSpore wrote no graph to {work}")
+    (work / MANIFEST).write_text(json.dumps(files, sort_keys=True))
+    try:
+        os.rename(work, entry)
+    except OSError:
+        if not _intact(entry):
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _intact(entry: Path) -> bool:
+    try:
+        recorded = json.loads((entry / MANIFEST).read_text())
+        return bool(recorded) and _manifest(entry) == recorded
+    except (OSError, ValueError):
+        return False
+
+
+def _manifest(directory: Path) -> dict[str, str]:
+    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(directory.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def _remove_abandoned(cache: Path) -> None:
+    """Private directories of processes that died while compiling."""
+    for d in cache.glob(".tmp-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _switch(directory: Path | None) -> None:
+    import mindspore as ms
+
+    if directory is None:
+        ms.set_context(enable_compile_cache=False)
+    else:
+        ms.set_context(enable_compile_cache=True, compile_cache_path=str(directory))
+
+
+def _reason(e: BaseException) -> str:
+    where = getattr(e, "filename", None)
+    return f"{getattr(e, 'strerror', None) or e}" + (f" ({where})" if where else "")

@@ -1,0 +1,108 @@
+"""The compiled training step reused across runs (compile_cache.py): the same weights whether the
+step was compiled, loaded or rebuilt, a key that tells graphs apart, and a cache that can fail
+without failing the run. Real `bit-transfer fit` processes on a tiny model."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, scratch_fs, write_recipe
+from datagen import final_params, pattern_task, tiny_recipe
+
+SAVED, LOADED, OFF = "compiled step saved to", "compiled step loaded from", "compile cache off"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return pattern_task(tmp_path_factory.mktemp("patterns") / "cifar-10-batches-py", n_train=40, n_test=8)
+
+
+def _fit(recipe_path, run_dir, home, **env):
+    out = subprocess.run([sys.executable, "-m", "bit_transfer", "fit", str(recipe_path), "--run-dir", str(run_dir)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, BIT_TRANSFER_HOME=str(home), PYTHONUNBUFFERED="1", **env))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    return out.stdout
+
+
+def _entries(home):
+    return sorted(p for p in (home / "compile-cache").iterdir() if not p.name.startswith("."))
+
+
+def _same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_second_fit_loads_the_step_and_a_damaged_entry_is_rebuilt_with_the_same_weights(task, tmp_path):
+    """Micro-batching (gradient sums held in Parameters) and MixUp: the step's Parameters must be
+    rebound by name on a load (a step compiled as a plain function trained on NaN from its cache)."""
+    home = tmp_path / "home"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(task, tmp_path, rule__steps=4, rule__mixup_alpha=0.2,
+                                                           train__batch_split=2))
+    first = _fit(recipe, tmp_path / "compiled", home)
+    assert SAVED in first and LOADED not in first
+    (entry,) = _entries(home)
+    assert (entry / "manifest.json").is_file()
+
+    second = _fit(recipe, tmp_path / "loaded", home)
+    assert f"{LOADED} {entry}" in second
+
+    graph = next(entry.rglob("*.mindir"))
+    graph.chmod(0o600)
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    abandoned = home / "compile-cache" / f".tmp-{entry.name}-{dead.pid}"  # a process killed while compiling
+    abandoned.mkdir()
+    third = _fit(recipe, tmp_path / "rebuilt", home)
+    assert SAVED in third and LOADED not in third
+    assert _entries(home) == [entry] and not abandoned.exists() and not list((home / "compile-cache").glob(".tmp-*"))
+
+    _fit(recipe, tmp_path / "uncached", home, BIT_TRANSFER_COMPILE_CACHE="0")
+    reference = final_params(tmp_path / "uncached")
+    assert all(np.isfinite(v).all() for v in reference.values())
+    for run in ("compiled", "loaded", "rebuilt"):
+        _same_weights(final_params(tmp_path / run), reference)
+
+
+def test_graph_keys_tell_apart_what_shapes_the_graph():
+    from bit_transfer import compile_cache, runtime
+    from bit_transfer.models import create_model
+    from bit_transfer.step import TrainStep
+
+    runtime.setup("CPU")
+    x = np.zeros((4, 3, 16, 16), np.float32), np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)
+
+    def key(inputs=x, split=1, **model):
+        args = dict(depths=[1, 1, 1, 1], width=0.125) | model
+        step = TrainStep(create_model("custom", 3, **args), momentum=0.9, weight_decay=0.0, batch_split=split)
+        return compile_cache.graph_key(step._cell, inputs, step._settings)
+
+    base = key()
+    assert key() == base  # a model built twice
+    assert key(padding="same") != base  # the stride-2 convolutions pad from the input size
+    assert key(width=0.25) != base
+    assert key(depths=[1, 1, 2, 1]) != base
+    assert key(split=2) != base
+    assert key(inputs=tuple(a[:2] for a in x)) != base
+
+
+def test_an_unusable_cache_costs_one_line_not_the_run(task, tmp_path):
+    """A nearly full disk under the cache, then a cache path that is a file."""
+    home = tmp_path / "home"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(task, tmp_path, rule__steps=2))
+    with scratch_fs(home / "compile-cache", size="8m"):
+        out = _fit(recipe, tmp_path / "full", home)
+        assert f"{OFF} for this run: less than 64 MB free ({home / 'compile-cache'})" in out, out
+        assert not _entries(home)
+    (home / "compile-cache").rmdir()
+    (home / "compile-cache").write_text("not a directory")
+    out = _fit(recipe, tmp_path / "blocked", home)
+    assert OFF in out
+    _same_weights(final_params(tmp_path / "full"), final_params(tmp_path / "blocked"))
