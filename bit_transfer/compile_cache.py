@@ -85,7 +85,11 @@ def first_step(cell, inputs, settings: dict, log=print):
         raise
     _switch(None)
     if work == entry:
-        log(f"compiled step loaded from {entry}")
+        if _intact(entry):
+            log(f"compiled step loaded from {entry}")
+        else:  # MindSpore did not load it and compiled (and wrote) anew: the next run rebuilds it
+            shutil.rmtree(entry, ignore_errors=True)
+            log(f"compile cache: {entry} did not load; removed")
         return
     try:
         _publish(work, entry)
@@ -193,8 +197,7 @@ def _prepare(cache: Path, key: str) -> tuple[Path, Path]:
         shutil.rmtree(entry, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(cache)
-    st = os.statvfs(cache)
-    if st.f_bavail * st.f_frsize < MIN_FREE:  # MindSpore would fail half-way, with two ERROR lines
+    if shutil.disk_usage(cache).free < MIN_FREE:  # MindSpore would fail half-way, with two ERROR lines
         raise OSError(errno.ENOSPC, f"less than {MIN_FREE >> 20} MB free", str(cache))
     work = cache / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)

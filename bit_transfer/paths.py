@@ -9,5 +9,6 @@ DEFAULT_HOME = "~/.cache/bit-transfer"
 
 
 def home() -> Path:
-    """$BIT_TRANSFER_HOME, else ~/.cache/bit-transfer (subfolders: weights, hf, data-cache, features)."""
+    """$BIT_TRANSFER_HOME, else ~/.cache/bit-transfer (subfolders: weights, hf, data-cache, features, kernels,
+    compile-cache)."""
     return Path(os.environ.get("BIT_TRANSFER_HOME") or DEFAULT_HOME).expanduser()

@@ -2,6 +2,8 @@
 step was compiled, loaded or rebuilt, a key that tells graphs apart, and a cache that can fail
 without failing the run. Real `bit-transfer fit` processes on a tiny model."""
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -39,36 +41,58 @@ def _same_weights(a, b):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_a_second_fit_loads_the_step_and_a_damaged_entry_is_rebuilt_with_the_same_weights(task, tmp_path):
+def test_a_second_fit_loads_the_step_and_trains_the_same_weights(task, tmp_path):
     """Micro-batching (gradient sums held in Parameters) and MixUp: the step's Parameters must be
-    rebound by name on a load (a step compiled as a plain function trained on NaN from its cache)."""
+    rebound by name on a load (a step compiled as a plain function trained on NaN from its cache).
+    An entry MindSpore refuses (here: its check of the entry script's imports fails) is compiled
+    anew, then removed."""
     home = tmp_path / "home"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(task, tmp_path, rule__steps=4, rule__mixup_alpha=0.2,
                                                            train__batch_split=2))
     first = _fit(recipe, tmp_path / "compiled", home)
     assert SAVED in first and LOADED not in first
     (entry,) = _entries(home)
-    assert (entry / "manifest.json").is_file()
-
     second = _fit(recipe, tmp_path / "loaded", home)
     assert f"{LOADED} {entry}" in second
 
-    graph = next(entry.rglob("*.mindir"))
-    graph.chmod(0o600)
-    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    abandoned = home / "compile-cache" / f".tmp-{entry.name}-{dead.pid}"  # a process killed while compiling
-    abandoned.mkdir()
-    third = _fit(recipe, tmp_path / "rebuilt", home)
-    assert SAVED in third and LOADED not in third
-    assert _entries(home) == [entry] and not abandoned.exists() and not list((home / "compile-cache").glob(".tmp-*"))
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (dependencies,) = entry.rglob("compile_dependency.hash")
+    dependencies.chmod(0o600)
+    dependencies.write_text("0" * 64)
+    manifest[str(dependencies.relative_to(entry))] = hashlib.sha256(b"0" * 64).hexdigest()
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    third = _fit(recipe, tmp_path / "refused", home)
+    assert f"compile cache: {entry} did not load; removed" in third and not entry.exists()
 
     _fit(recipe, tmp_path / "uncached", home, BIT_TRANSFER_COMPILE_CACHE="0")
     reference = final_params(tmp_path / "uncached")
     assert all(np.isfinite(v).all() for v in reference.values())
-    for run in ("compiled", "loaded", "rebuilt"):
+    for run in ("compiled", "loaded", "refused"):
         _same_weights(final_params(tmp_path / run), reference)
+
+
+def test_a_damaged_entry_and_abandoned_work_are_removed(tmp_path):
+    from bit_transfer import compile_cache
+
+    cache, key = tmp_path / "compile-cache", "k" * 32
+    work = cache / "work"
+    (work / "rank_0").mkdir(parents=True)
+    (work / "rank_0" / "compile_cache_0.mindir").write_bytes(b"graph" * 100)
+    compile_cache._publish(work, cache / key)
+    assert compile_cache._prepare(cache, key) == (cache / key, cache / key)  # intact: used as it is
+
+    graph = cache / key / "rank_0" / "compile_cache_0.mindir"
+    graph.write_bytes(graph.read_bytes()[:250])  # a half-written or damaged file
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    abandoned = cache / f".tmp-{key}-{dead.pid}"  # a process killed while compiling
+    alive = cache / f".tmp-{key}-{os.getppid()}"  # another process compiling now
+    abandoned.mkdir()
+    alive.mkdir()
+    entry, work = compile_cache._prepare(cache, key)
+    assert entry == cache / key and not entry.exists()
+    assert work == cache / f".tmp-{key}-{os.getpid()}" and work.is_dir()
+    assert not abandoned.exists() and alive.exists()
 
 
 def test_graph_keys_tell_apart_what_shapes_the_graph():
@@ -94,15 +118,28 @@ def test_graph_keys_tell_apart_what_shapes_the_graph():
 
 
 def test_an_unusable_cache_costs_one_line_not_the_run(task, tmp_path):
-    """A nearly full disk under the cache, then a cache path that is a file."""
+    """A nearly full disk under the cache: the run goes on without it and says so in one line."""
     home = tmp_path / "home"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(task, tmp_path, rule__steps=2))
     with scratch_fs(home / "compile-cache", size="8m"):
         out = _fit(recipe, tmp_path / "full", home)
         assert f"{OFF} for this run: less than 64 MB free ({home / 'compile-cache'})" in out, out
         assert not _entries(home)
-    (home / "compile-cache").rmdir()
-    (home / "compile-cache").write_text("not a directory")
-    out = _fit(recipe, tmp_path / "blocked", home)
-    assert OFF in out
-    _same_weights(final_params(tmp_path / "full"), final_params(tmp_path / "blocked"))
+
+
+def test_a_file_where_the_cache_goes_is_named_and_left_alone(home, monkeypatch):
+    from bit_transfer import compile_cache, runtime
+    from bit_transfer.models import create_model
+    from bit_transfer.step import TrainStep
+
+    runtime.setup("CPU")
+    monkeypatch.setattr(compile_cache, "_used", False)  # this process may have trained already
+    home.mkdir()
+    (home / "compile-cache").write_text("mine")
+    step = TrainStep(create_model("custom", 3, depths=[1, 1, 1, 1], width=0.125), momentum=0.9, weight_decay=0.0,
+                     batch_split=1)
+    said = []
+    with compile_cache.first_step(step._cell, (np.zeros((2, 3, 16, 16), np.float32),), step._settings, said.append):
+        pass
+    assert said == [f"{OFF} for this run: File exists ({home / 'compile-cache'})"]
+    assert (home / "compile-cache").read_text() == "mine"
