@@ -129,6 +129,7 @@ def cmd_fit(args) -> int:
     from bit_transfer import distributed, train
     if (args.devices > 1 or args.nodes > 1) and not distributed.launched_by_msrun():
         return _launch_ranks(args, r, run_dir)
+    distributed.watch_launcher()
     # --quiet is how this process prints, not part of the recipe (a resume must match the recipe)
     m = train.fit(r, run_dir=run_dir, quiet=True if args.quiet else None, stop_after=args.stop_after,
                   resume=bool(args.resume))

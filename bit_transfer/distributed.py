@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 from bit_transfer.errors import Interrupted, RunError, UsageError
 
 MSRUN_ENV = "MS_WORKER_NUM"  # set by msrun in every worker it spawns
+LAUNCHER_ENV = "BIT_TRANSFER_LAUNCHER_PID"  # set by `fit --devices` for its workers
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,39 @@ class World:
 
 def launched_by_msrun() -> bool:
     return int(os.environ.get(MSRUN_ENV, "1")) > 1
+
+
+def watch_launcher(period_s: float = 1.0) -> None:
+    """In a worker of `fit --devices`: if the launcher dies (`kill -9`, the OOM killer), SIGTERM this
+    process, so the ranks stop together at a step with a checkpoint as for a forwarded signal,
+    instead of training on unseen. Nothing under a plain msrun (no launcher to watch)."""
+    pid = int(os.environ.get(LAUNCHER_ENV, "0"))
+    if pid <= 0:
+        return
+
+    def watch():
+        while _alive(pid):
+            time.sleep(period_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @functools.cache
@@ -126,7 +161,7 @@ def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> i
     log_dir = run_dir / "msrun"
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = msrun_command(fit_args + ["--run-dir", str(run_dir)], devices=devices, log_dir=log_dir, **msrun_kw)
-    env = dict(os.environ, PATH=_path_with_this_python())
+    env = dict(os.environ, PATH=_path_with_this_python(), **{LAUNCHER_ENV: str(os.getpid())})
     print(f"launching {devices} ranks with msrun; worker logs in {log_dir}", flush=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
