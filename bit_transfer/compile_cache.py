@@ -34,12 +34,14 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from bit_transfer import paths
 
 VERSION = 1  # of the key's recipe: bump when what goes into it changes
 MANIFEST = "manifest.json"
+KEEP_DAYS = 30  # an entry unused this long is removed when another is saved
 MIN_FREE = 64 << 20  # an entry is ~1 MB; leave the disk to checkpoints when it runs low
 _ENV_PREFIXES = ("BIT_TRANSFER_", "ONEDNN_", "DNNL_", "MS_", "OMP_", "KMP_")
 _ENV_IGNORED = ("BIT_TRANSFER_HOME", "BIT_TRANSFER_BAR", "BIT_TRANSFER_COMPILE_CACHE", "MS_COMPILER_CACHE_")
@@ -86,6 +88,7 @@ def first_step(cell, inputs, settings: dict, log=print):
     _switch(None)
     if work == entry:
         if _intact(entry):
+            _touch(entry / MANIFEST)
             log(f"compiled step loaded from {entry}")
         else:  # MindSpore did not load it and compiled (and wrote) anew: the next run rebuilds it
             shutil.rmtree(entry, ignore_errors=True)
@@ -93,6 +96,7 @@ def first_step(cell, inputs, settings: dict, log=print):
         return
     try:
         _publish(work, entry)
+        _prune(entry.parent)
         log(f"compiled step saved to {entry}")
     except OSError as e:
         shutil.rmtree(work, ignore_errors=True)
@@ -231,6 +235,23 @@ def _intact(entry: Path) -> bool:
 def _manifest(directory: Path) -> dict[str, str]:
     return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted(directory.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def _prune(cache: Path, now: float | None = None) -> None:
+    """Entries not used for KEEP_DAYS (other versions of bit-transfer or MindSpore, old recipes)."""
+    cutoff = (time.time() if now is None else now) - KEEP_DAYS * 86400
+    for entry in cache.iterdir():
+        try:
+            unused = (entry / MANIFEST).stat().st_mtime < cutoff
+        except OSError:
+            continue  # not an entry (work in progress, something else)
+        if unused:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still loads
+        os.utime(path)
 
 
 def _remove_abandoned(cache: Path) -> None:

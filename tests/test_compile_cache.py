@@ -95,6 +95,21 @@ def test_a_damaged_entry_and_abandoned_work_are_removed(tmp_path):
     assert not abandoned.exists() and alive.exists()
 
 
+def test_entries_unused_for_a_month_are_pruned_when_one_is_saved(tmp_path):
+    from bit_transfer import compile_cache
+
+    cache = tmp_path / "compile-cache"
+    for key in ("old", "recent"):
+        work = cache / f"work-{key}"
+        (work / "rank_0").mkdir(parents=True)
+        (work / "rank_0" / "compile_cache_0.mindir").write_bytes(b"graph")
+        compile_cache._publish(work, cache / key)
+    month = compile_cache.KEEP_DAYS * 86400
+    os.utime(cache / "old" / "manifest.json", (0, 1000))
+    compile_cache._prune(cache, now=1000 + month + 1)
+    assert sorted(p.name for p in cache.iterdir()) == ["recent"]
+
+
 def test_graph_keys_tell_apart_what_shapes_the_graph():
     from bit_transfer import compile_cache, runtime
     from bit_transfer.models import create_model
