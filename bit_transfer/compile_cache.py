@@ -86,6 +86,11 @@ def first_step(cell, inputs, settings: dict, log=print):
             shutil.rmtree(work, ignore_errors=True)
         raise
     _switch(None)
+    _finish(entry, work, log)
+
+
+def _finish(entry: Path, work: Path, log) -> None:
+    """After the first step: say what was loaded, or publish what was compiled."""
     if work == entry:
         if _intact(entry):
             _touch(entry / MANIFEST)
