@@ -41,6 +41,7 @@ from bit_transfer import paths
 
 VERSION = 1  # of the key's recipe: bump when what goes into it changes
 MANIFEST = "manifest.json"
+KEY = "key.json"
 KEEP_DAYS = 30  # an entry unused this long is removed when another is saved
 MIN_FREE = 64 << 20  # an entry is ~1 MB; leave the disk to checkpoints when it runs low
 _ENV_PREFIXES = ("BIT_TRANSFER_", "ONEDNN_", "DNNL_", "MS_", "OMP_", "KMP_")
@@ -71,8 +72,10 @@ def first_step(cell, inputs, settings: dict, log=print):
         return
     _used = True
     try:
-        key = graph_key(cell, inputs, settings)
-        entry, work = _prepare(root(), key)
+        parts = graph_parts(cell, inputs, settings)
+        entry, work = _prepare(root(), _digest(parts))
+        if work != entry:
+            (work / KEY).write_text(json.dumps(parts, indent=1, sort_keys=True, default=str))
     except (OSError, ValueError, SyntaxError) as e:  # home not writable; an entry script MindSpore cannot read
         log(f"compile cache off for this run: {_reason(e)}")
         yield
@@ -110,7 +113,16 @@ def _finish(entry: Path, work: Path, log) -> None:
 
 def graph_key(cell, inputs, settings: dict) -> str:
     """A hash of everything that shapes the compiled graph of `cell` called on `inputs`."""
-    parts = {
+    return _digest(graph_parts(cell, inputs, settings))
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def graph_parts(cell, inputs, settings: dict) -> dict:
+    """What the key hashes; kept in the entry as key.json, to tell why two runs did not share one."""
+    return {
         "version": VERSION,
         "settings": settings,
         "cells": [_describe_cell(name, c) for name, c in cell.cells_and_names()],
@@ -119,7 +131,6 @@ def graph_key(cell, inputs, settings: dict) -> str:
         "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
         "environment": environment(),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def environment() -> dict:
@@ -130,7 +141,7 @@ def environment() -> dict:
     return {
         "bit_transfer": _source_digest(),
         "mindspore": ms.__version__,
-        "mindspore_library": _file_stamp(Path(ms.__file__).parent / "_c_expression.so"),
+        "mindspore_library": [_file_stamp(f) for f in sorted(Path(ms.__file__).parent.glob("_c_expression*.so"))],
         "device": ms.get_context("device_target"),
         "python": sys.version,
         "machine": platform.machine(),
@@ -143,13 +154,15 @@ def environment() -> dict:
 
 
 def _describe_cell(name: str, cell) -> tuple:
-    """A cell's class and its plain settings (kernel, stride, padding, layout, groups, ...)."""
+    """A cell's class, its plain settings (kernel, stride, padding, layout, groups, ...) and its
+    primitives; a compiled kernel's by its library path, which names its source and CPU target."""
     from mindspore import nn
 
     base = _cell_base_attributes(nn)
     settings = {k: v for k, v in vars(cell).items()
                 if (k not in base or k in _CELL_BASE_KEPT) and isinstance(v, (bool, int, float, str, tuple, type(None)))}
-    return name, f"{type(cell).__module__}.{type(cell).__qualname__}", sorted(settings.items())
+    primitives = {k: (p.name, str(getattr(p, "func", ""))) for k, p in cell._primitives.items() if p is not None}
+    return name, f"{type(cell).__module__}.{type(cell).__qualname__}", sorted(settings.items()), sorted(primitives.items())
 
 
 _BASE: set[str] = set()
@@ -178,11 +191,8 @@ def _files_digest(files) -> str:
 
 
 def _file_stamp(path: Path) -> str:
-    try:
-        st = path.stat()
-    except OSError:
-        return "absent"
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _cpu_flags() -> str:

@@ -53,7 +53,7 @@ def test_a_second_fit_loads_the_step_and_trains_the_same_weights(task, tmp_path)
     assert SAVED in first and LOADED not in first
     (entry,) = _entries(home)
     second = _fit(recipe, tmp_path / "loaded", home)
-    assert f"{LOADED} {entry}" in second
+    assert f"{LOADED} {entry}" in second, second
 
     manifest = json.loads((entry / "manifest.json").read_text())
     (dependencies,) = entry.rglob("compile_dependency.hash")
