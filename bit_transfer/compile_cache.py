@@ -60,8 +60,8 @@ def enabled(device: str, jit: bool, ranks: int) -> bool:
 
 
 @contextlib.contextmanager
-def first_step(cell, inputs, settings: dict, log=print):
-    """Around a step's first call (which compiles it): load its graph from the cache, or save it.
+def first_call(cell, inputs, settings: dict, log=print):
+    """Around a compiled step's first call (which compiles it): load its graph from the cache, or save it.
 
     Does nothing after the process's first use, or when the cache cannot be used; a cache that
     cannot be written costs one line, never the run.

@@ -19,7 +19,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
     Writes metrics.json, per_class.json and confusion.json (+ .png) to the output directory (module
     docstring) and returns the metrics.
     """
-    from bit_transfer import checkpoint, data, models
+    from bit_transfer import checkpoint, compile_cache, data, models
     from bit_transfer.evaluate import evaluate_split
     from bit_transfer.models.inference import fold
     from bit_transfer.rundir import RunDir
@@ -46,8 +46,9 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
         micro = recipe.train.eval_batch_size or int(meta.get("micro_batch") or 32)
         net = fold(model)  # weight standardisation computed once: plain convolutions
         del model  # the folded copy is all evaluation needs
-        result = evaluate_split(EvalStep(net, micro, jit=recipe.train.jit), dataset.eval, plan.crop, micro,
-                                num_classes, recipe.data.workers)
+        step = EvalStep(net, micro, jit=recipe.train.jit,
+                        compile_cache=compile_cache.enabled(device, recipe.train.jit, 1))
+        result = evaluate_split(step, dataset.eval, plan.crop, micro, num_classes, recipe.data.workers)
         fields = {"checkpoint": str(path), "step": meta.get("step"), "recipe": recipe.name, "crop": plan.crop,
                   "device": device}
         final = out.write_final(result, list(dataset.class_names), fields, report_dir="")

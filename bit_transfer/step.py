@@ -198,7 +198,7 @@ class TrainStep:
         if self._cache_log is None:
             return self._step(micro_batches, lr, lam)
         log, self._cache_log = self._cache_log, None
-        with compile_cache.first_step(self._cell, micro_batches[0], self._settings, log):
+        with compile_cache.first_call(self._cell, micro_batches[0], self._settings, log):
             return self._step(micro_batches, lr, lam)
 
     def _step(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
@@ -243,17 +243,28 @@ class TrainStep:
             self._good_steps = 0
 
 
+class _ForwardCell(nn.Cell):
+    """Inference as a Cell holding the model's Parameters under their own names (see _StepCell)."""
+
+    def __init__(self, model: nn.Cell):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, x):
+        return self.model(x).astype(ms.float32)
+
+
 class EvalStep:
     """Compiled inference: logits for a batch (padded to a fixed size to avoid recompiles)."""
 
-    def __init__(self, model: nn.Cell, batch_size: int, jit: bool = True):
+    def __init__(self, model: nn.Cell, batch_size: int, jit: bool = True, compile_cache: bool = False, log=None):
+        """`compile_cache`: load the compiled graph from, or save it to, the compile cache at the first
+        call (compile_cache.py; `log`, if given, gets its one line)."""
         self.model = model
         self.batch_size = batch_size
-
-        def forward(x):
-            return model(x).astype(ms.float32)
-
-        self._forward = ms.jit(forward) if jit else forward
+        self._cell = _ForwardCell(model)
+        self._forward = ms.jit(self._cell) if jit else self._cell
+        self._cache_log = (log or _silent) if compile_cache and jit else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n = len(x)
@@ -261,7 +272,15 @@ class EvalStep:
             pad = np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)
             x = np.concatenate([x, pad])
         self.model.set_train(False)
-        return self._forward(Tensor(x)).asnumpy()[:n]
+        if self._cache_log is None:
+            return self._forward(Tensor(x)).asnumpy()[:n]
+        log, self._cache_log = self._cache_log, None
+        with compile_cache.first_call(self._cell, (x,), {"step": "eval", "batch": self.batch_size}, log):
+            return self._forward(Tensor(x)).asnumpy()[:n]
+
+
+def _silent(*_args) -> None:
+    pass
 
 
 def cast_model(model: nn.Cell, precision: str) -> nn.Cell:

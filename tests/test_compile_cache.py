@@ -69,6 +69,27 @@ def test_a_second_fit_loads_the_step_and_trains_the_same_weights(task, tmp_path)
     assert all(np.isfinite(v).all() for v in reference.values())
     for run in ("compiled", "loaded", "refused"):
         _same_weights(final_params(tmp_path / run), reference)
+    _predict_twice(tmp_path / "uncached", task, home)
+
+
+def _predict_twice(run, task, home):
+    """`predict` caches its (folded) inference graph the same way, silently: the second run loads it
+    (its manifest is touched) and writes the same probabilities."""
+    from datagen import save_image
+
+    images = [save_image(run.parent / "images" / f"{k}.png", k, size=(16, 16)) for k in range(4)]
+    env = dict(os.environ, BIT_TRANSFER_HOME=str(home))
+    for i in (1, 2):
+        out = subprocess.run([sys.executable, "-m", "bit_transfer", "predict", str(run), *map(str, images),
+                              "--out", str(run.parent / f"predicted{i}.csv"), "--quiet"],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        (entry,) = [e for e in _entries(home) if json.loads((e / "key.json").read_text())["settings"].get("step") == "eval"]
+        manifest = entry / "manifest.json"
+        if i == 1:
+            os.utime(manifest, (1000, 1000))
+    assert manifest.stat().st_mtime > 1000  # loaded
+    assert (run.parent / "predicted1.csv").read_text() == (run.parent / "predicted2.csv").read_text()
 
 
 def test_a_damaged_entry_and_abandoned_work_are_removed(tmp_path):
@@ -154,7 +175,7 @@ def test_a_file_where_the_cache_goes_is_named_and_left_alone(home, monkeypatch):
     step = TrainStep(create_model("custom", 3, depths=[1, 1, 1, 1], width=0.125), momentum=0.9, weight_decay=0.0,
                      batch_split=1)
     said = []
-    with compile_cache.first_step(step._cell, (np.zeros((2, 3, 16, 16), np.float32),), step._settings, said.append):
+    with compile_cache.first_call(step._cell, (np.zeros((2, 3, 16, 16), np.float32),), step._settings, said.append):
         pass
     assert said == [f"{OFF} for this run: File exists ({home / 'compile-cache'})"]
     assert (home / "compile-cache").read_text() == "mine"

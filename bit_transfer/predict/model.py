@@ -123,16 +123,20 @@ def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fall
 def _mindspore_forward(model) -> Callable[[np.ndarray, int], np.ndarray]:
     """Compiled inference on the folded model (weight standardisation computed once, as eval runs it),
     one graph per batch size (EvalStep pads a short batch to its size)."""
+    import mindspore as ms
+
+    from bit_transfer import compile_cache
     from bit_transfer.models.inference import fold
     from bit_transfer.step import EvalStep
 
     model = fold(model)  # holds the weights; the training model can go
+    cache = compile_cache.enabled(ms.get_context("device_target"), True, 1)  # the first graph, silently
 
     steps: dict[int, EvalStep] = {}
 
     def forward(x: np.ndarray, batch: int) -> np.ndarray:
         if batch not in steps:
-            steps[batch] = EvalStep(model, batch)
+            steps[batch] = EvalStep(model, batch, compile_cache=cache)
         return steps[batch](x)
 
     return forward
