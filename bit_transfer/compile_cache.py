@@ -156,13 +156,21 @@ def environment() -> dict:
 def _describe_cell(name: str, cell) -> tuple:
     """A cell's class, its plain settings (kernel, stride, padding, layout, groups, ...) and its
     primitives; a compiled kernel's by its library path, which names its source and CPU target."""
-    from mindspore import nn
+    from mindspore import Parameter, Tensor, nn
 
     base = _cell_base_attributes(nn)
     settings = {k: v for k, v in vars(cell).items()
                 if (k not in base or k in _CELL_BASE_KEPT) and isinstance(v, (bool, int, float, str, tuple, type(None)))}
     primitives = {k: (p.name, str(getattr(p, "func", ""))) for k, p in cell._primitives.items() if p is not None}
-    return name, f"{type(cell).__module__}.{type(cell).__qualname__}", sorted(settings.items()), sorted(primitives.items())
+    constants = {k: _tensor_digest(v) for k, v in {**vars(cell), **cell._buffers}.items()
+                 if isinstance(v, Tensor) and not isinstance(v, Parameter)}  # compiled into the graph as values
+    return (name, f"{type(cell).__module__}.{type(cell).__qualname__}", sorted(settings.items()),
+            sorted(primitives.items()), sorted(constants.items()))
+
+
+def _tensor_digest(t) -> str:
+    a = t.asnumpy()
+    return f"{a.dtype}{a.shape}:{hashlib.sha256(a.tobytes()).hexdigest()}"
 
 
 _BASE: set[str] = set()

@@ -152,6 +152,13 @@ def test_graph_keys_tell_apart_what_shapes_the_graph():
     assert key(split=2) != base
     assert key(inputs=tuple(a[:2] for a in x)) != base
 
+    import mindspore as ms
+
+    step = TrainStep(create_model("custom", 3, depths=[1, 1, 1, 1], width=0.125), momentum=0.9, weight_decay=0.0,
+                     batch_split=1)
+    step.optimizer.momentum = ms.Tensor(0.5, ms.float32)  # a Tensor (not a Parameter) is compiled in as a value
+    assert compile_cache.graph_key(step._cell, x, step._settings) != base
+
 
 def test_an_unusable_cache_costs_one_line_not_the_run(task, tmp_path):
     """A nearly full disk under the cache: the run goes on without it and says so in one line."""
