@@ -14,6 +14,8 @@ or `kill` is far later than that.)
 MindSpore installs its own C-level SIGINT handler when its context starts, and that handler sends
 the process SIGTERM (mindspore/ccsrc/utils/signal_util.cc, `DefaultIntHandler`), so Ctrl-C would
 read as SIGTERM; `rearm` puts ours back after MindSpore has run, so the user's signal is reported.
+MindSpore's `SignalGuard` also installs that handler for each compiled graph's run and puts ours back
+after it: a Ctrl-C that lands inside a step still reads as SIGTERM (the stop is the same).
 """
 
 from __future__ import annotations

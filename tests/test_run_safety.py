@@ -136,7 +136,10 @@ def test_a_signal_mid_run_checkpoints_evaluates_and_exits_130(task, tmp_path, si
     code, out, err = signal_at(proc, lambda: (run_dir / "metrics.jsonl").is_file()
                                and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3, [sig])
     assert code == 130, err
-    assert f"{sig.name}: stopping after step" in out
+    # A Ctrl-C that lands inside a compiled step's run meets MindSpore's SignalGuard, which turns it
+    # into SIGTERM (mindspore/ccsrc/utils/signal_util.cc); between steps it is reported as SIGINT.
+    names = ("SIGINT", "SIGTERM") if sig == signal.SIGINT else (sig.name,)
+    assert any(f"{name}: stopping after step" in out for name in names), out
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["stopped_by_signal"] and not m["completed"] and m["steps"] >= 3
     assert_whole(run_dir, m["steps"])
