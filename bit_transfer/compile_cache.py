@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from bit_transfer import paths
+from bit_transfer import paths, processes
 
 VERSION = 1  # of the key's recipe: bump when what goes into it changes
 MANIFEST = "manifest.json"
@@ -60,13 +61,14 @@ def enabled(device: str, jit: bool, ranks: int) -> bool:
 
 
 @contextlib.contextmanager
-def first_call(cell, inputs, settings: dict, log=print):
+def first_call(cell, inputs, settings: dict, log=None):
     """Around a compiled step's first call (which compiles it): load its graph from the cache, or save it.
 
     Does nothing after the process's first use, or when the cache cannot be used; a cache that
-    cannot be written costs one line, never the run.
+    cannot be written costs one line to `log` (None: silent), never the run.
     """
     global _used
+    log = log or _silent
     if _used:
         yield
         return
@@ -156,9 +158,9 @@ def environment() -> dict:
 def _describe_cell(name: str, cell) -> tuple:
     """A cell's class, its plain settings (kernel, stride, padding, layout, groups, ...) and its
     primitives; a compiled kernel's by its library path, which names its source and CPU target."""
-    from mindspore import Parameter, Tensor, nn
+    from mindspore import Parameter, Tensor
 
-    base = _cell_base_attributes(nn)
+    base = _cell_base_attributes()
     settings = {k: v for k, v in vars(cell).items()
                 if (k not in base or k in _CELL_BASE_KEPT) and isinstance(v, (bool, int, float, str, tuple, type(None)))}
     primitives = {k: (p.name, str(getattr(p, "func", ""))) for k, p in cell._primitives.items() if p is not None}
@@ -173,28 +175,26 @@ def _tensor_digest(t) -> str:
     return f"{a.dtype}{a.shape}:{hashlib.sha256(a.tobytes()).hexdigest()}"
 
 
-_BASE: set[str] = set()
+@functools.cache
+def _cell_base_attributes() -> frozenset[str]:
+    """Every Cell's own bookkeeping (phase caches, hooks, create time): not settings of a layer."""
+    from mindspore import nn
 
-
-def _cell_base_attributes(nn) -> set[str]:
-    if not _BASE:
-        _BASE.update(vars(nn.Cell()))
-    return _BASE
+    return frozenset(vars(nn.Cell()))
 
 
 def _source_digest() -> str:
     package = Path(__file__).parent
-    h = hashlib.sha256()
-    for f in sorted(package.rglob("*")):
-        if f.suffix in (".py", ".cc", ".cpp", ".h") and "__pycache__" not in f.parts:
-            h.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+    sources = [f for f in package.rglob("*") if f.suffix in (".py", ".cc", ".cpp", ".h") and "__pycache__" not in f.parts]
+    return _files_digest(sources, package)
 
 
-def _files_digest(files) -> str:
+def _files_digest(files, root: Path | None = None) -> str:
+    """Names (relative to `root`, if given) and bytes of `files`, in sorted order."""
     h = hashlib.sha256()
     for f in sorted(files):
-        h.update(f.encode() + b"\0" + Path(f).read_bytes())
+        name = str(Path(f).relative_to(root)) if root else str(f)
+        h.update(name.encode() + b"\0" + Path(f).read_bytes())
     return h.hexdigest()
 
 
@@ -281,18 +281,12 @@ def _remove_abandoned(cache: Path) -> None:
     """Private directories of processes that died while compiling."""
     for d in cache.glob(".tmp-*"):
         pid = d.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not processes.alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
+def _silent(*_args) -> None:
+    pass
 
 
 def _switch(directory: Path | None) -> None:

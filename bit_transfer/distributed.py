@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bit_transfer import processes
 from bit_transfer.errors import Interrupted, RunError, UsageError
 
 MSRUN_ENV = "MS_WORKER_NUM"  # set by msrun in every worker it spawns
@@ -53,28 +54,11 @@ def watch_launcher(period_s: float = 1.0) -> None:
         return
 
     def watch():
-        while _alive(pid):
+        while processes.alive(pid):
             time.sleep(period_s)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @functools.cache
@@ -220,12 +204,10 @@ def _forwarding_signals(forward):
 def _children(pid: int) -> list[int]:
     """The processes whose parent is `pid` (Linux /proc; elsewhere none)."""
     kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
-            continue
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = processes.stat_fields(int(proc.name))  # [] if gone meanwhile, or not ours to read
+        if len(fields) > 1 and fields[1] == str(pid):
+            kids.append(int(proc.name))
     return kids
 
 
