@@ -152,6 +152,54 @@ def test_packed_weights_give_the_same_numbers_and_follow_new_values(residual):
         first = want
 
 
+WINOGRAD = [  # n, c, h, w, o, pad, same: 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3)
+    (1, 16, 25, 25, 24, 1, False),  # R50x1/4 at 97 px, stage 1: partial tiles at the edge
+    (2, 32, 13, 11, 16, 1, True),  # TF-SAME, H != W
+    (3, 64, 7, 9, 64, 1, False),  # most tiles partial
+    (1, 8, 33, 35, 16, 2, False),  # more padding, a larger output
+    (40, 64, 4, 4, 64, 1, False),  # R50's last stage at 128 px: one tile per image
+    (1, 24, 45, 43, 32, 1, False),  # 132 tiles: two GEMMs of 66
+    (1, 16, 27, 75, 8, 1, False),  # 133 tiles: two GEMMs of 67, the second with one padded row
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["nhwc", "nchw8c"])
+@pytest.mark.parametrize("n,c,h,w,o,pad,same", WINOGRAD)
+def test_packed_3x3_convolutions_run_winograd_with_mindspores_numbers(n, c, h, w, o, pad, same, layout, monkeypatch):
+    """Inference (packed weights) runs a 3x3 stride-1 convolution as Winograd F(4x4, 3x3): its
+    transformed weight is kept (36 values per 3x3 kernel, so the copy shows it ran), the values are
+    MindSpore's convolution's to 1e-5 of the largest; BIT_TRANSFER_WINOGRAD=0 gives the direct
+    kernels' numbers exactly, as does a batch with too few tiles."""
+    rng = np.random.default_rng(9)
+    x = Tensor(np.maximum(rng.standard_normal((n, c, h, w)), 0).astype(np.float32))  # as after a ReLU
+    wt = ms.Parameter(Tensor((rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)), name="w")
+    op = onednn_conv.conv_primitive(1, pad, same)
+
+    @ms.jit
+    def forward(x, cfg):
+        return from_layout(op(to_layout(x, layout), wt, cfg), layout)
+
+    def packed():
+        onednn_conv.forget_packed()
+        y = forward(x, onednn_conv.config(1, pad, same, packed=True)).asnumpy()
+        return y, onednn_conv.packed_bytes()
+
+    got, kept = packed()
+    assert kept >= 36 * c * o * 4  # the transformed weight
+    close(got, builtin_conv(x, wt, 1, pad, same).asnumpy())
+    direct = forward(x, onednn_conv.config(1, pad, same)).asnumpy()
+    monkeypatch.setenv("BIT_TRANSFER_WINOGRAD", "0")
+    got, kept = packed()
+    assert kept < 36 * c * o * 4
+    np.testing.assert_array_equal(got, direct)
+    monkeypatch.delenv("BIT_TRANSFER_WINOGRAD")
+    few = x[:1, :, :8, :8]  # 4 tiles: the direct kernels
+    want = forward(few, onednn_conv.config(1, pad, same)).asnumpy()
+    np.testing.assert_array_equal(forward(few, onednn_conv.config(1, pad, same, packed=True)).asnumpy(), want)
+    onednn_conv.forget_packed()
+
+
 @needs_onednn
 @pytest.mark.parametrize("relu", [False, True], ids=["gn", "gn_relu"])
 @pytest.mark.parametrize("layout", ["nhwc", "nchw8c"])
