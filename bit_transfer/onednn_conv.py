@@ -367,14 +367,18 @@ struct Convs {
   }
 };
 
-Convs &convs(const Geometry &g) {
+// One T (Convs, Winograd) per geometry, built on first use and kept.
+template <typename T>
+T &per_geometry(const Geometry &g) {
   static std::mutex lock;
-  static std::unordered_map<std::string, std::unique_ptr<Convs>> cache;
+  static std::unordered_map<std::string, std::unique_ptr<T>> cache;
   std::lock_guard<std::mutex> hold(lock);
   auto &slot = cache[g.key()];
-  if (!slot) slot = std::make_unique<Convs>(g);
+  if (!slot) slot = std::make_unique<T>(g);
   return *slot;
 }
+
+Convs &convs(const Geometry &g) { return per_geometry<Convs>(g); }
 
 memory bind(const Geometry &g, const memory::dims &d, void *data) { return memory(plain(d, g.act), cpu(), data); }
 
@@ -628,7 +632,7 @@ inline int64_t at8(const Geometry &g, const memory::dims &d, int64_t n, int64_t 
 struct Winograd {
   Geometry g;
   int64_t C, O, th, tw, T, rows;  // tiles per image along h and w, in the batch, per GEMM (the last padded)
-  memory::desc v, u_user, u, m, scratchpad;
+  memory::desc v, u, m, scratchpad;
   matmul gemm;
 
   explicit Winograd(const Geometry &geo)
@@ -637,7 +641,6 @@ struct Winograd {
     rows = (T + parts - 1) / parts;  // parts of equal size: the last one pads at most parts - 1 rows
     v = plain({36, rows, C}, tag::abc);
     m = plain({36, rows, O}, tag::abc);
-    u_user = plain({36, C, O}, tag::abc);
     matmul::primitive_desc pd(cpu(), v, any({36, C, O}), m, user_scratchpad());
     u = pd.weights_desc();
     scratchpad = pd.scratchpad_desc();
@@ -662,9 +665,14 @@ struct Winograd {
                 static_cast<float>(gk[i][0] * G[j][0] + gk[i][1] * G[j][1] + gk[i][2] * G[j][2]);
       }
     stream s(cpu());
-    memory from(u_user, cpu(), plain_u.data()), dst(u, cpu(), to);
+    memory from(plain({36, C, O}, tag::abc), cpu(), plain_u.data()), dst(u, cpu(), to);
     reorder(from, dst).execute(s, from, dst);
     s.wait();
+  }
+
+  // Tile t's image and the output pixel at its top-left corner.
+  void origin(int64_t t, int64_t &n, int64_t &h0, int64_t &w0) const {
+    n = t / (th * tw), h0 = t / tw % th * 4, w0 = t % tw * 4;
   }
 
   // B^T d B of tiles t0 .. t0 + rows into V (36, rows, C); tiles past the batch are zeros.
@@ -674,10 +682,12 @@ struct Winograd {
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t cb = 0; cb < CB; ++cb) {
         alignas(32) float d[36][8], r[36][8];
-        const int64_t t = t0 + i, n = t / (th * tw), h0 = t / tw % th * 4 - g.pad_l[0], w0 = t % tw * 4 - g.pad_l[1];
+        const int64_t t = t0 + i;
+        int64_t n, h0, w0;
+        origin(t, n, h0, w0);
         for (int a = 0; a < 6; ++a)
           for (int b = 0; b < 6; ++b) {
-            const int64_t h = h0 + a, w = w0 + b;
+            const int64_t h = h0 - g.pad_l[0] + a, w = w0 - g.pad_l[1] + b;
             if (t < T && h >= 0 && h < H && w >= 0 && w < W) std::memcpy(d[a * 6 + b], x + at8(g, g.src, n, h, w, cb), 32);
             else std::memset(d[a * 6 + b], 0, 32);
           }
@@ -699,7 +709,8 @@ struct Winograd {
         for (int a = 0; a < 36; ++a) std::memcpy(m[a], M + (a * rows + i) * O + ob * 8, 32);
         for (int a = 0; a < 6; ++a) wino_out(m + a * 6, r + a * 4, 1, 1);  // along w: 6 -> 4
         for (int b = 0; b < 4; ++b) wino_out(r + b, q + b, 4, 4);          // along h
-        const int64_t n = t / (th * tw), h0 = t / tw % th * 4, w0 = t % tw * 4;
+        int64_t n, h0, w0;
+        origin(t, n, h0, w0);
         for (int a = 0; a < 4 && h0 + a < OH; ++a)
           for (int b = 0; b < 4 && w0 + b < OW; ++b) std::memcpy(y + at8(g, g.dst, n, h0 + a, w0 + b, ob), q[a * 4 + b], 32);
       }
@@ -729,18 +740,10 @@ std::string layout_key(const memory::desc &md) {
 
 bool winograd_fwd(const Geometry &g, const float *x, float *w, float *y) {
   if (!winograd_suits(g)) return false;
-  static std::mutex lock;
-  static std::unordered_map<std::string, std::unique_ptr<Winograd>> cache;
-  Winograd *op;
-  {
-    std::lock_guard<std::mutex> hold(lock);
-    auto &slot = cache[g.key()];
-    if (!slot) slot = std::make_unique<Winograd>(g);
-    op = slot.get();
-  }
-  std::shared_ptr<void> U = kept(layout_key(op->u), w, op->C * op->O * 9, op->u.get_size(),
-                                 [&](void *to) { op->pack(w, to); });
-  op->run(x, U.get(), y);
+  const Winograd &op = per_geometry<Winograd>(g);
+  std::shared_ptr<void> U = kept(layout_key(op.u), w, op.C * op.O * 9, op.u.get_size(),
+                                 [&](void *to) { op.pack(w, to); });
+  op.run(x, U.get(), y);
   return true;
 }
 }  // namespace

@@ -61,7 +61,8 @@ class FoldedResNetV2(ResNetV2):
         # Not a sub-cell (its parameters are not this model's) and not kept alive by it.
         object.__setattr__(self, "_source_ref", weakref.ref(source))
         # The convolutions' packed copies of these weights go with the model (they would outlive it
-        # in the kernel library: 0.13-0.18 GB for an R50x1 with its Winograd weights, 3.7 GB and more for an R152x4).
+        # in the kernel library: 0.13-0.18 GB for an R50x1 with its Winograd weights, 3.7 GB and
+        # more for an R152x4).
         weakref.finalize(self, onednn_conv.forget_packed)
         for p in self.get_parameters():
             p.requires_grad = False
