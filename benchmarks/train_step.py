@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/train_step.py --no-torch --steps 5
     .venv/bin/python benchmarks/train_step.py --batch 8 --split 4         # micro-batching: 4 x 8 per step
     .venv/bin/python benchmarks/train_step.py --torch-compile             # also PyTorch torch.compile (inductor)
+    .venv/bin/python benchmarks/train_step.py --torch-compile --isa avx2  # both sides capped at AVX2
 
 Each configuration runs in a fresh child process, so its peak RSS (ru_maxrss) is its own and a
 compiled graph of one run cannot help or hurt the next. bit-transfer runs `step.TrainStep` and
@@ -38,6 +39,15 @@ import numpy as np
 # in os.environ. Once (an intermediate version of the oneDNN kernels) a child started with those
 # trained R50x1 at 12.0 img/s against 16.9 with this snapshot; every child gets the snapshot.
 CLEAN_ENV = dict(os.environ)
+
+# --isa avx2: an AVX-512 machine standing in for an AVX2 one, every library of both sides capped at
+# AVX2 (each by its own documented switch): oneDNN 3 (ours and PyTorch's) and MindSpore's oneDNN 2,
+# our compiled kernels (cpu_kernels.target_flags follows oneDNN's cap), PyTorch's ATen kernels and
+# inductor's vector ISA, inductor's -march, PyTorch's MKL and NumPy's OpenBLAS (the sgemm reference).
+# MindSpore's own CPU kernels (GroupNorm for a few ops, elementwise) still choose at run time.
+ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                    "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                    "OPENBLAS_CORETYPE": "Haswell"}}
 
 
 def peak_rss_gb() -> float:
@@ -240,7 +250,8 @@ def run_torch(args, batch: int, precision: str, compiled: bool = False) -> dict:
         model = torch.compile(model)
     x, y = make_data(args, batch)
     how = "torch.compile, " if compiled else ""
-    out = {"framework": f"pytorch {torch.__version__} ({how}{torch.get_num_threads()} threads)",
+    out = {"framework": f"pytorch {torch.__version__} ({how}{torch.get_num_threads()} threads, "
+                        f"{torch.backends.cpu.get_cpu_capability()})",
            "batch": batch, "precision": precision}
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -296,7 +307,7 @@ def spawn(args, which: str, batch: int, precision: str) -> dict | None:
            "--model", args.model, "--size", str(args.size), "--classes", str(args.classes),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--split", str(args.split),
            "--arch", json.dumps(arch_spec(args.model))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=CLEAN_ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**CLEAN_ENV, **ISA_ENV.get(args.isa, {})})
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -326,13 +337,16 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the torch logits cross-check")
     ap.add_argument("--torch-compile", action="store_true", help="also PyTorch with torch.compile (inductor; minutes)")
+    ap.add_argument("--isa", choices=["native", *ISA_ENV], default="native",
+                    help="avx2: cap every library of both sides at AVX2 (an AVX-512 machine standing in for an AVX2 one)")
     ap.add_argument("--child", choices=["ours", "torch", "torchc", "check", "sgemm"], help=argparse.SUPPRESS)
     ap.add_argument("--arch", help=argparse.SUPPRESS)  # arch_spec as JSON, for the children
     args = ap.parse_args()
     if args.child:
         return child(args)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cpus, "
-          f"load {os.getloadavg()[0]:.2f}, python {platform.python_version()}")
+          f"load {os.getloadavg()[0]:.2f}, python {platform.python_version()}, instruction sets: {args.isa}"
+          + "".join(f" {k}={v}" for k, v in ISA_ENV.get(args.isa, {}).items()))
     use_torch = not args.no_torch and have_torch()
     if use_torch and args.check:
         c = spawn(args, "check", 2, "fp32")

@@ -16,8 +16,8 @@ Float32 only (models/resnetv2.py sends half-precision models to MindSpore's ops)
 the CPU is MindSpore's only device and a C++ compiler builds them; otherwise the
 `*_primitive()` functions return None and the callers keep MindSpore's ops (a failed build warns
 once). Set BIT_TRANSFER_CPU_KERNELS=0 to force those. The library is built once per source version
-and compiler target (-march=native: keyed by the instruction sets the compiler enables here, not the
-host name) into paths.home()/kernels.
+and compiler target (-march=native, without AVX-512 where oneDNN is capped below it: keyed by the
+instruction sets the compiler enables, not the host name) into paths.home()/kernels.
 """
 
 from __future__ import annotations
@@ -470,21 +470,40 @@ extern "C" int all_finite(int nparam, void **params, int *ndims, int64_t **shape
 # machine but 2x slower than the built-in op when another job held a core: spinning barriers next to
 # MindSpore's own thread pool). The channels-last GroupNorm runs between oneDNN's convolutions, which
 # use the same GNU OpenMP team anyway: 2 threads made it 2x faster (R50x1 step: Custom ops 505 -> 345 ms).
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# The target (-march=native, see target_flags) comes first on every kernel command line.
+CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+
+# oneDNN's names for instruction sets below AVX-512 (ONEDNN_MAX_CPU_ISA values, oneDNN's docs:
+# "CPU dispatcher control"): SSE41, AVX, AVX2, AVX2_VNNI, AVX2_VNNI_2.
+BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+
+
+def target_flags() -> list[str]:
+    """What the kernels are compiled for: this CPU (-march=native), without AVX-512 where oneDNN is
+    capped below it (ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA, read as oneDNN reads them): one cap then
+    holds for every kernel of the run, our loops run at the vector width oneDNN's do, and an AVX-512
+    machine can stand in for an AVX2 one (benchmarks/train_step.py --isa avx2, the AVX2 tests)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return ["-march=native", *(["-mno-avx512f"] if cap.upper() in BELOW_AVX512 else [])]
 
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-@functools.cache
 def target_features(cxx: str) -> str:
-    """What `-march=native` means to this compiler on this CPU: its predefined macros under CXX_FLAGS
-    (__AVX512F__, __AVX2__, ..., __VERSION__). ~15 ms, so once per process; "" if the query fails
-    (the build then fails with the compiler's own message)."""
+    """What target_flags mean to this compiler on this CPU: its predefined macros (__AVX512F__,
+    __AVX2__, ..., __VERSION__); "" if the query fails (the build then fails with the compiler's
+    own message)."""
+    return _predefined_macros(cxx, tuple(target_flags()))
+
+
+@functools.cache
+def _predefined_macros(cxx: str, target: tuple[str, ...]) -> str:
+    """~15 ms, so once per process and target."""
     try:
-        out = subprocess.run([cxx, *CXX_FLAGS, "-E", "-dM", "-x", "c++", "-"], input="", capture_output=True,
-                             text=True, timeout=60, check=True).stdout
+        out = subprocess.run([cxx, *target, *CXX_FLAGS, "-E", "-dM", "-x", "c++", "-"], input="",
+                             capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
     return "\n".join(sorted(out.splitlines()))
@@ -522,7 +541,7 @@ def build(name: str = "cpu_kernels", source: str | None = None, flags: list[str]
         return lib
     try:
         lib.parent.mkdir(parents=True, exist_ok=True)
-        return _compile([cxx, *flags], source, list(link), lib)
+        return _compile([cxx, *target_flags(), *flags], source, list(link), lib)
     except OSError as e:  # BIT_TRANSFER_HOME a file, read-only, full: the built-in ops still work
         raise RuntimeError(f"cannot write {lib.parent} ({e.strerror or e}); check BIT_TRANSFER_HOME") from None
 

@@ -827,11 +827,12 @@ EXPORT int onednn_version() {
   return v->major * 10000 + v->minor * 100 + v->patch;
 }
 """
-# -march=native -fopenmp: the weight standardisation loops run here, vectorised (at O3: a pragma
-# in SOURCE), on the OpenMP team oneDNN uses (GNU OpenMP, the runtime of both oneDNNs); the library is
-# keyed by the target. -O1 elsewhere: the wrapper only binds buffers and calls oneDNN, and -O3 for
-# the whole file took 2.1 s to build against 1.1 s (every first run waits for it).
-FLAGS = ["-O1", "-march=native", "-fopenmp", "-std=c++17", "-fvisibility=hidden", "-shared", "-fPIC"]
+# For this CPU (cpu_kernels.target_flags: -march=native, AVX-512 off where oneDNN is capped below it)
+# and -fopenmp: the weight standardisation loops run here, vectorised (at O3: a pragma in SOURCE), on
+# the OpenMP team oneDNN uses (GNU OpenMP, the runtime of both oneDNNs); the library is keyed by the
+# target. -O1 elsewhere: the wrapper only binds buffers and calls oneDNN, and -O3 for the whole file
+# took 2.1 s to build against 1.1 s (every first run waits for it).
+FLAGS = ["-O1", "-fopenmp", "-std=c++17", "-fvisibility=hidden", "-shared", "-fPIC"]
 INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
 
 

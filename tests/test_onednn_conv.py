@@ -408,6 +408,36 @@ def test_onednn_builds_wherever_it_is_installed():
 
 
 @needs_onednn
+def test_our_kernels_use_the_instruction_sets_onednn_does():
+    """AVX-512 in our compiled kernels exactly where oneDNN dispatches to it: on an AVX-512 host capped
+    at AVX2 (ONEDNN_MAX_CPU_ISA, as in the nested run below) both are AVX2, as on an AVX2-only machine."""
+    target = cpu_kernels.target_features(cpu_kernels._compiler())
+    if "__AVX2__" not in target:
+        pytest.skip("not an x86 machine with AVX2")
+    onednn_avx512 = onednn_conv.activation_block() == 0  # 8: oneDNN's best is AVX2 (see activation_block)
+    assert ("__AVX512F__" in target) == onednn_avx512
+
+
+AVX2_TESTS = "winograd or group_norm_matches or instruction_sets or (values_and_gradients and ws and 13-11)"
+
+
+@needs_onednn
+def test_kernels_built_for_avx2_pass_on_an_avx2_capped_run():
+    """The compiled kernels must build and pass on AVX2-only machines too. An AVX-512 host stands in:
+    the value and gradient tests of the kernels whose vector code differs (Winograd's transforms,
+    GroupNorm, the standardisation inside the convolutions) in a run capped at AVX2 (oneDNN and,
+    through cpu_kernels.target_flags, our kernels: built anew without AVX-512)."""
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    if "avx512f" not in flags or os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        pytest.skip("not an AVX-512 host running uncapped: the suite itself tests this machine's kernels")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", AVX2_TESTS],
+                          capture_output=True, text=True, timeout=600, env=os.environ | {"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0 and "skipped" not in summary, proc.stdout[-3000:]
+    assert int(summary.split(" passed")[0].split()[-1]) >= 20, summary
+
+
+@needs_onednn
 def test_mixed_precision_models_go_back_to_nchw():
     from bit_transfer import step
 
