@@ -22,11 +22,13 @@ maths is the same; values and gradients match MindSpore's ops to ~1e-6 of the la
 (tests/test_onednn_conv.py). Measurements: docs/performance.md.
 
 Inference (packed weights) runs 3x3 stride-1 convolutions as Winograd F(4x4, 3x3) where that pays
-(`winograd_suits` in SOURCE: enough tiles in the batch, transformed weight <= 64 MB): 4x fewer
+(`winograd_tile` in SOURCE: enough tiles in the batch, transformed weight <= 64 MB): 4x fewer
 multiplications as one batched oneDNN matmul between our tile transforms, 1.3-2.8x faster per
 convolution than oneDNN 3.2's direct kernels (which have no fp32 Winograd), values within ~3e-6
 of the largest output (a direct convolution's rounding: ~1e-6), and a kept weight copy 4x the
-3x3 weight's. Training keeps the direct kernels. BIT_TRANSFER_WINOGRAD=0 turns it off.
+3x3 weight's. Where a batch has too few 4x4 tiles (R50's last stage at micro-batch 8), F(2x2, 3x3):
+2.25x fewer multiplications, a copy 1.8x the weight's, 1.3-1.8x faster there. Training keeps the
+direct kernels. BIT_TRANSFER_WINOGRAD=0 turns it off.
 
 oneDNN comes from the package registry (`onednn-cpu-gomp` and `onednn-devel-cpu-gomp`: the
 library built with GNU OpenMP, the runtime MindSpore already loads, and its headers), installed into
@@ -452,7 +454,8 @@ int guarded(const char *what, F f) {
 #define F32(i) static_cast<float *>(params[i])
 #define CFG(i) static_cast<const int32_t *>(params[i])
 
-// Winograd F(4x4, 3x3) for packed (inference) weights, below: true where it ran the convolution.
+// Winograd F(4x4, 3x3) or F(2x2, 3x3) for packed (inference) weights, below: true where it ran the
+// convolution.
 bool winograd_fwd(const Geometry &g, const float *x, float *w, float *y);
 }  // namespace
 
@@ -566,166 +569,218 @@ void ws_backward(const float *g, const Offsets &at, const float *w, const Rows &
 }
 
 namespace {
-// Winograd F(4x4, 3x3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks") for
-// inference: y = A^T [(G w G^T) . (B^T d B)] A for every 6x6 input tile d and its 4x4 outputs, so 36
-// products per 4x4 outputs and channel pair instead of 144. The products are one batched GEMM
-// (oneDNN's matmul: 36 x (tiles, C) @ (C, O)), the transforms are ours, 8 channels at a time in
-// either activation layout. Toom-Cook points 0, 1, -1, 1/2, -2 (and infinity) instead of the usual
+// Winograd F(m x m, 3x3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks") for
+// inference: y = A^T [(G w G^T) . (B^T d B)] A for every (m + 2) x (m + 2) input tile d and its m x m
+// outputs, so (m + 2)^2 products per m x m outputs and channel pair instead of 9 m^2: F(4x4, 3x3) 4x
+// fewer, F(2x2, 3x3) 2.25x. The products are one batched GEMM (oneDNN's matmul: (m + 2)^2 x
+// (tiles, C) @ (C, O)), the transforms are ours, 8 channels at a time in either activation layout.
+// F(4x4, 3x3) takes the Toom-Cook points 0, 1, -1, 1/2, -2 (and infinity) instead of the usual
 // 0, +-1, +-2: in float32 ~2.5x less rounding error (Barabasz et al. 2020, "Error analysis and
 // improving the accuracy of Winograd convolution for deep neural networks"), ~3e-6 of the largest
-// output at R50's widths, ~2-3x a direct convolution's. The weights' transform is done once, in
-// float64, and kept like the other packed weights (4x the bytes of the 3x3 weight).
+// output at R50's widths, ~2-3x a direct convolution's; F(2x2, 3x3) (points 0, 1, -1) about a direct
+// convolution's. The weights' transform is done once, in float64, and kept like the other packed
+// weights ((m + 2)^2 / 9 times the bytes of the 3x3 weight: 4x, 1.8x).
 // Tiles per GEMM, about: the transformed tiles (V) and products (M) of 128 tiles stay in L2 between
 // the transforms and the GEMM (1.2 MB each at 64 channels). R50's stage 1 at micro-batch 8 (512
 // tiles) in one GEMM took 2.0 ms per convolution on AVX2, in 128-tile parts 1.7 (micro-batch 32: 9.1
 // -> 6.8 ms; AVX-512 6.6 -> 5.4); 64 tiles were no faster.
 constexpr int64_t WINO_ROWS = 128;
 
-// B^T along one dimension of a tile, 8 channels at a time: t[k * s] from d[k * s], k = 0..5.
-inline void wino_in(const float (*d)[8], float (*t)[8], int s) {
+// B^T along one dimension of a tile, 8 channels at a time: t[k * s] from d[k * s], k = 0..m + 1.
+template <int M>
+__attribute__((always_inline)) inline void wino_in(const float (*d)[8], float (*t)[8], int s) {
 #pragma omp simd
   for (int j = 0; j < 8; ++j) {
-    const float d0 = d[0][j], d1 = d[s][j], d2 = d[2 * s][j], d3 = d[3 * s][j], d4 = d[4 * s][j], d5 = d[5 * s][j];
-    t[0][j] = d0 - 1.5f * d1 - 2.f * d2 + 1.5f * d3 + d4;
-    t[s][j] = -d1 + 0.5f * d2 + 2.5f * d3 + d4;
-    t[2 * s][j] = d1 - 2.5f * d2 + 0.5f * d3 + d4;
-    t[3 * s][j] = -2.f * d1 - d2 + 2.f * d3 + d4;
-    t[4 * s][j] = 0.5f * d1 - d2 - 0.5f * d3 + d4;
-    t[5 * s][j] = d1 - 1.5f * d2 - 2.f * d3 + 1.5f * d4 + d5;
+    if constexpr (M == 4) {
+      const float d0 = d[0][j], d1 = d[s][j], d2 = d[2 * s][j], d3 = d[3 * s][j], d4 = d[4 * s][j], d5 = d[5 * s][j];
+      t[0][j] = d0 - 1.5f * d1 - 2.f * d2 + 1.5f * d3 + d4;
+      t[s][j] = -d1 + 0.5f * d2 + 2.5f * d3 + d4;
+      t[2 * s][j] = d1 - 2.5f * d2 + 0.5f * d3 + d4;
+      t[3 * s][j] = -2.f * d1 - d2 + 2.f * d3 + d4;
+      t[4 * s][j] = 0.5f * d1 - d2 - 0.5f * d3 + d4;
+      t[5 * s][j] = d1 - 1.5f * d2 - 2.f * d3 + 1.5f * d4 + d5;
+    } else {
+      const float d0 = d[0][j], d1 = d[s][j], d2 = d[2 * s][j], d3 = d[3 * s][j];
+      t[0][j] = d0 - d2;
+      t[s][j] = d1 + d2;
+      t[2 * s][j] = d2 - d1;
+      t[3 * s][j] = d1 - d3;
+    }
   }
 }
 
-// A^T along one dimension: y[k * so], k = 0..3, from m[k * si], k = 0..5.
-inline void wino_out(const float (*m)[8], float (*y)[8], int si, int so) {
+// A^T along one dimension: y[k * so], k = 0..m - 1, from m[k * si], k = 0..m + 1.
+template <int M>
+__attribute__((always_inline)) inline void wino_out(const float (*m)[8], float (*y)[8], int si, int so) {
 #pragma omp simd
   for (int j = 0; j < 8; ++j) {
-    const float m0 = m[0][j], m1 = m[si][j], m2 = m[2 * si][j], m3 = m[3 * si][j], m4 = m[4 * si][j],
-                m5 = m[5 * si][j];
-    const float a = m1 + m2, b = m1 - m2;
-    y[0][j] = m0 + a + m3 + m4;
-    y[so][j] = b + 0.5f * m3 - 2.f * m4;
-    y[2 * so][j] = a + 0.25f * m3 + 4.f * m4;
-    y[3 * so][j] = b + 0.125f * m3 - 8.f * m4 + m5;
+    if constexpr (M == 4) {
+      const float m0 = m[0][j], m1 = m[si][j], m2 = m[2 * si][j], m3 = m[3 * si][j], m4 = m[4 * si][j],
+                  m5 = m[5 * si][j];
+      const float a = m1 + m2, b = m1 - m2;
+      y[0][j] = m0 + a + m3 + m4;
+      y[so][j] = b + 0.5f * m3 - 2.f * m4;
+      y[2 * so][j] = a + 0.25f * m3 + 4.f * m4;
+      y[3 * so][j] = b + 0.125f * m3 - 8.f * m4 + m5;
+    } else {
+      const float m0 = m[0][j], m1 = m[si][j], m2 = m[2 * si][j], m3 = m[3 * si][j];
+      y[0][j] = m0 + m1 + m2;
+      y[so][j] = m1 - m2 - m3;
+    }
   }
 }
 
-// Where Winograd is used: 3x3 stride-1 convolutions with channels in 8s, whose batch has at least 16
-// tiles (fewer: the GEMM reads 4x the weight bytes for too little work and ran slower than oneDNN's
-// direct kernels, e.g. R50's last stage at micro-batch 1-4), whose tiles are at least half outputs
-// (a 2x2 or 5x5 map: mostly padding), and whose transformed weight is at most 64 MB (larger ones,
-// R50x3's and R152x4's last stages, would cost GBs of memory). BIT_TRANSFER_WINOGRAD=0: never.
-bool winograd_suits(const Geometry &g) {
+// G of F(m x m, 3x3): (m + 2) x 3, the transform of a kernel's rows and columns (its points, above).
+template <int M>
+const double (*wino_g())[3] {
+  static const double G4[6][3] = {{1, 0, 0}, {1. / 3, 1. / 3, 1. / 3}, {-1. / 3, 1. / 3, -1. / 3},
+                                  {-16. / 15, -8. / 15, -4. / 15}, {1. / 15, -2. / 15, 4. / 15}, {0, 0, 1}};
+  static const double G2[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
+  return M == 4 ? G4 : G2;
+}
+
+// The Winograd tile (4 or 2 outputs a side) for this convolution, 0 for the direct kernels. Used
+// for 3x3 stride-1 convolutions with channels in 8s where the batch has enough tiles: F(4x4, 3x3)
+// from 16 tiles (fewer: the GEMM reads 4x the weight bytes for too little work and ran slower than
+// oneDNN's direct kernels), else F(2x2, 3x3) from 32 (R50's last stage at micro-batch 8: AVX2
+// 4.1 -> 2.0-2.5 ms, AVX-512 3.2 -> 1.6 for the GEMM; at micro-batch 2 it lost on AVX2). Tiles are
+// at least half outputs (not a 2x2 or 5x5 map in 4x4 tiles: mostly padding), and the transformed
+// weight is at most 64 MB (larger ones, R50x3's and R152x4's last stages, would cost GBs of memory).
+// BIT_TRANSFER_WINOGRAD=0: never.
+int winograd_tile(const Geometry &g) {
   const char *off = std::getenv("BIT_TRANSFER_WINOGRAD");
-  if (off && std::strcmp(off, "0") == 0) return false;
-  const int64_t O = g.wei[0], C = g.wei[1], th = (g.dst[2] + 3) / 4, tw = (g.dst[3] + 3) / 4;
-  return g.wei[2] == 3 && g.wei[3] == 3 && g.strides[0] == 1 && g.strides[1] == 1 && C % 8 == 0 && O % 8 == 0 &&
-         g.src[0] * th * tw >= 16 && g.dst[2] * g.dst[3] >= 8 * th * tw && 36 * C * O * 4 <= (int64_t{64} << 20);
+  const int64_t O = g.wei[0], C = g.wei[1], OH = g.dst[2], OW = g.dst[3];
+  if ((off && std::strcmp(off, "0") == 0) || g.wei[2] != 3 || g.wei[3] != 3 || g.strides[0] != 1 ||
+      g.strides[1] != 1 || C % 8 != 0 || O % 8 != 0)
+    return 0;
+  for (const int m : {4, 2}) {
+    const int64_t tiles = (OH + m - 1) / m * ((OW + m - 1) / m);
+    if (g.src[0] * tiles >= (m == 4 ? 16 : 32) && 2 * OH * OW >= m * m * tiles &&
+        (m + 2) * (m + 2) * C * O * 4 <= (int64_t{64} << 20))
+      return m;
+  }
+  return 0;
 }
 
-// Offset of channels 8 * cb .. 8 * cb + 7 at pixel (n, h, w) of a (N, C, H, W) activation, channels-last
-// or nChw8c (both keep these 8 side by side).
-inline int64_t at8(const Geometry &g, const memory::dims &d, int64_t n, int64_t h, int64_t w, int64_t cb) {
-  return g.act == tag::nChw8c ? (((n * (d[1] / 8) + cb) * d[2] + h) * d[3] + w) * 8
-                              : ((n * d[2] + h) * d[3] + w) * d[1] + cb * 8;
-}
+// Where channels 8 * cb .. 8 * cb + 7 of pixel (n, h, w) of a (N, C, H, W) activation are, channels-last
+// or nChw8c (both keep these 8 side by side): n * image + cb * block + h * row + w * pixel.
+struct Strides8 {
+  int64_t image, block, row, pixel;
+  Strides8(const Geometry &g, const memory::dims &d)
+      : image(d[1] * d[2] * d[3]), block(g.act == tag::nChw8c ? d[2] * d[3] * 8 : 8),
+        row(g.act == tag::nChw8c ? d[3] * 8 : d[3] * d[1]), pixel(g.act == tag::nChw8c ? 8 : d[1]) {}
+};
 
+// The transforms do a few flops and a scattered 32-byte store per value, so they take more threads
+// than the shared rule gives: one per 32 K values (a 64-channel map at micro-batch 32: 15.0 -> 12.3 ms
+// per convolution on AVX2 with both threads).
+int transform_threads(int64_t values) { return threads(values << 3); }
+
+template <int M>
 struct Winograd {
+  static constexpr int A = M + 2, AA = A * A;  // input tile side, products per tile and channel pair
   Geometry g;
   int64_t C, O, th, tw, T, rows;  // tiles per image along h and w, in the batch, per GEMM (the last padded)
   memory::desc v, u, m, scratchpad;
   matmul gemm;
 
   explicit Winograd(const Geometry &geo)
-      : g(geo), C(g.wei[1]), O(g.wei[0]), th((g.dst[2] + 3) / 4), tw((g.dst[3] + 3) / 4), T(g.src[0] * th * tw) {
+      : g(geo), C(g.wei[1]), O(g.wei[0]), th((g.dst[2] + M - 1) / M), tw((g.dst[3] + M - 1) / M),
+        T(g.src[0] * th * tw) {
     const int64_t parts = (T + WINO_ROWS - 1) / WINO_ROWS;
     rows = (T + parts - 1) / parts;  // parts of equal size: the last one pads at most parts - 1 rows
-    v = plain({36, rows, C}, tag::abc);
-    m = plain({36, rows, O}, tag::abc);
-    matmul::primitive_desc pd(cpu(), v, any({36, C, O}), m, user_scratchpad());
+    v = plain({AA, rows, C}, tag::abc);
+    m = plain({AA, rows, O}, tag::abc);
+    matmul::primitive_desc pd(cpu(), v, any({AA, C, O}), m, user_scratchpad());
     u = pd.weights_desc();
     scratchpad = pd.scratchpad_desc();
     gemm = matmul(pd);
   }
 
-  // G w G^T for every (output, input) channel pair, in float64, into (36, C, O) and then the GEMM's layout.
+  // G w G^T for every (output, input) channel pair, in float64, into (AA, C, O) and then the GEMM's layout.
   void pack(const float *w, void *to) const {
-    static const double G[6][3] = {{1, 0, 0}, {1. / 3, 1. / 3, 1. / 3}, {-1. / 3, 1. / 3, -1. / 3},
-                                   {-16. / 15, -8. / 15, -4. / 15}, {1. / 15, -2. / 15, 4. / 15}, {0, 0, 1}};
-    std::vector<float> plain_u(36 * C * O);
-#pragma omp parallel for num_threads(threads(36 * C * O)) schedule(static)
+    const double(*G)[3] = wino_g<M>();
+    std::vector<float> plain_u(AA * C * O);
+#pragma omp parallel for num_threads(threads(AA * C * O)) schedule(static)
     for (int64_t o = 0; o < O; ++o)
       for (int64_t c = 0; c < C; ++c) {
         const float *k = w + (o * C + c) * 9;
-        double gk[6][3];
-        for (int i = 0; i < 6; ++i)
+        double gk[A][3];
+        for (int i = 0; i < A; ++i)
           for (int j = 0; j < 3; ++j) gk[i][j] = G[i][0] * k[j] + G[i][1] * k[3 + j] + G[i][2] * k[6 + j];
-        for (int i = 0; i < 6; ++i)
-          for (int j = 0; j < 6; ++j)
-            plain_u[((i * 6 + j) * C + c) * O + o] =
+        for (int i = 0; i < A; ++i)
+          for (int j = 0; j < A; ++j)
+            plain_u[((i * A + j) * C + c) * O + o] =
                 static_cast<float>(gk[i][0] * G[j][0] + gk[i][1] * G[j][1] + gk[i][2] * G[j][2]);
       }
     stream s(cpu());
-    memory from(plain({36, C, O}, tag::abc), cpu(), plain_u.data()), dst(u, cpu(), to);
+    memory from(plain({AA, C, O}, tag::abc), cpu(), plain_u.data()), dst(u, cpu(), to);
     reorder(from, dst).execute(s, from, dst);
     s.wait();
   }
 
   // Tile t's image and the output pixel at its top-left corner.
-  void origin(int64_t t, int64_t &n, int64_t &h0, int64_t &w0) const {
-    n = t / (th * tw), h0 = t / tw % th * 4, w0 = t % tw * 4;
+  __attribute__((always_inline)) void origin(int64_t t, int64_t &n, int64_t &h0, int64_t &w0) const {
+    n = t / (th * tw), h0 = t / tw % th * M, w0 = t % tw * M;
   }
 
-  // B^T d B of tiles t0 .. t0 + rows into V (36, rows, C); tiles past the batch are zeros.
+  // B^T d B of tiles t0 .. t0 + rows into V (AA, rows, C); tiles past the batch are zeros.
   void tiles_in(const float *x, int64_t t0, float *V) const {
     const int64_t CB = C / 8, H = g.src[2], W = g.src[3];
-#pragma omp parallel for collapse(2) num_threads(threads(36 * rows * C)) schedule(static)
+    const Strides8 at(g, g.src);
+#pragma omp parallel for collapse(2) num_threads(transform_threads(AA * rows * C)) schedule(static)
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t cb = 0; cb < CB; ++cb) {
-        alignas(32) float d[36][8], r[36][8];
+        alignas(32) float d[AA][8], r[AA][8];
         const int64_t t = t0 + i;
         int64_t n, h0, w0;
         origin(t, n, h0, w0);
-        for (int a = 0; a < 6; ++a)
-          for (int b = 0; b < 6; ++b) {
-            const int64_t h = h0 - g.pad_l[0] + a, w = w0 - g.pad_l[1] + b;
-            if (t < T && h >= 0 && h < H && w >= 0 && w < W) std::memcpy(d[a * 6 + b], x + at8(g, g.src, n, h, w, cb), 32);
-            else std::memset(d[a * 6 + b], 0, 32);
+        h0 -= g.pad_l[0], w0 -= g.pad_l[1];
+        const float *tile = x + n * at.image + cb * at.block + h0 * at.row + w0 * at.pixel;
+        const bool inside = t < T && h0 >= 0 && w0 >= 0 && h0 + A <= H && w0 + A <= W;
+        for (int a = 0; a < A; ++a)
+          for (int b = 0; b < A; ++b) {
+            const int64_t h = h0 + a, w = w0 + b;
+            if (inside || (t < T && h >= 0 && h < H && w >= 0 && w < W)) std::memcpy(d[a * A + b], tile + a * at.row + b * at.pixel, 32);
+            else std::memset(d[a * A + b], 0, 32);
           }
-        for (int a = 0; a < 6; ++a) wino_in(d + a * 6, r + a * 6, 1);  // along w
-        for (int b = 0; b < 6; ++b) wino_in(r + b, d + b, 6);          // along h
-        for (int a = 0; a < 36; ++a) std::memcpy(V + (a * rows + i) * C + cb * 8, d[a], 32);
+        for (int a = 0; a < A; ++a) wino_in<M>(d + a * A, r + a * A, 1);  // along w
+        for (int b = 0; b < A; ++b) wino_in<M>(r + b, d + b, A);          // along h
+        for (int a = 0; a < AA; ++a) std::memcpy(V + (a * rows + i) * C + cb * 8, d[a], 32);
       }
   }
 
-  // A^T M A of M (36, rows, O) into the outputs of tiles t0 .. t0 + rows (inside the map).
-  void tiles_out(const float *M, int64_t t0, float *y) const {
+  // A^T M A of M (AA, rows, O) into the outputs of tiles t0 .. t0 + rows (inside the map).
+  void tiles_out(const float *Mt, int64_t t0, float *y) const {
     const int64_t OB = O / 8, OH = g.dst[2], OW = g.dst[3];
-#pragma omp parallel for collapse(2) num_threads(threads(36 * rows * O)) schedule(static)
+    const Strides8 at(g, g.dst);
+#pragma omp parallel for collapse(2) num_threads(transform_threads(AA * rows * O)) schedule(static)
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t ob = 0; ob < OB; ++ob) {
         const int64_t t = t0 + i;
         if (t >= T) continue;
-        alignas(32) float m[36][8], r[24][8], q[16][8];
-        for (int a = 0; a < 36; ++a) std::memcpy(m[a], M + (a * rows + i) * O + ob * 8, 32);
-        for (int a = 0; a < 6; ++a) wino_out(m + a * 6, r + a * 4, 1, 1);  // along w: 6 -> 4
-        for (int b = 0; b < 4; ++b) wino_out(r + b, q + b, 4, 4);          // along h
+        alignas(32) float mt[AA][8], r[A * M][8], q[M * M][8];
+        for (int a = 0; a < AA; ++a) std::memcpy(mt[a], Mt + (a * rows + i) * O + ob * 8, 32);
+        for (int a = 0; a < A; ++a) wino_out<M>(mt + a * A, r + a * M, 1, 1);  // along w: A -> M
+        for (int b = 0; b < M; ++b) wino_out<M>(r + b, q + b, M, M);          // along h
         int64_t n, h0, w0;
         origin(t, n, h0, w0);
-        for (int a = 0; a < 4 && h0 + a < OH; ++a)
-          for (int b = 0; b < 4 && w0 + b < OW; ++b) std::memcpy(y + at8(g, g.dst, n, h0 + a, w0 + b, ob), q[a * 4 + b], 32);
+        float *tile = y + n * at.image + ob * at.block + h0 * at.row + w0 * at.pixel;
+        for (int a = 0; a < M && h0 + a < OH; ++a)
+          for (int b = 0; b < M && w0 + b < OW; ++b) std::memcpy(tile + a * at.row + b * at.pixel, q[a * M + b], 32);
       }
   }
 
   void run(const float *x, const void *U, float *y) const {
-    float *V = static_cast<float *>(scratch(v.get_size(), 5)), *M = static_cast<float *>(scratch(m.get_size(), 6));
+    float *V = static_cast<float *>(scratch(v.get_size(), 5)), *Mt = static_cast<float *>(scratch(m.get_size(), 6));
     stream s(cpu());
     for (int64_t t0 = 0; t0 < T; t0 += rows) {
       tiles_in(x, t0, V);
       gemm.execute(s, {{DNNL_ARG_SRC, memory(v, cpu(), V)}, {DNNL_ARG_WEIGHTS, memory(u, cpu(), const_cast<void *>(U))},
-                       {DNNL_ARG_DST, memory(m, cpu(), M)},
+                       {DNNL_ARG_DST, memory(m, cpu(), Mt)},
                        {DNNL_ARG_SCRATCHPAD, memory(scratchpad, cpu(), scratch(scratchpad.get_size(), 1))}});
       s.wait();
-      tiles_out(M, t0, y);
+      tiles_out(Mt, t0, y);
     }
   }
 };
@@ -738,13 +793,20 @@ std::string layout_key(const memory::desc &md) {
   return k;
 }
 
-bool winograd_fwd(const Geometry &g, const float *x, float *w, float *y) {
-  if (!winograd_suits(g)) return false;
-  const Winograd &op = per_geometry<Winograd>(g);
+template <int M>
+void winograd_run(const Geometry &g, const float *x, float *w, float *y) {
+  const Winograd<M> &op = per_geometry<Winograd<M>>(g);
   std::shared_ptr<void> U = kept(layout_key(op.u), w, op.C * op.O * 9, op.u.get_size(),
                                  [&](void *to) { op.pack(w, to); });
   op.run(x, U.get(), y);
-  return true;
+}
+
+bool winograd_fwd(const Geometry &g, const float *x, float *w, float *y) {
+  switch (winograd_tile(g)) {
+    case 4: winograd_run<4>(g, x, w, y); return true;
+    case 2: winograd_run<2>(g, x, w, y); return true;
+    default: return false;
+  }
 }
 }  // namespace
 
@@ -988,7 +1050,7 @@ def config(stride: int, pad: int, same: bool, packed: bool = False):
     """The kernels' geometry input: int32 [stride, pad, same, packed]. `packed` (inference weights,
     fixed until `forget_packed()`): the forward reorders each weight into oneDNN's blocked layout
     once and keeps that copy (a second copy of the weights; ~7 % faster R50x1 inference), or, for
-    a 3x3 stride-1 convolution Winograd suits, its Winograd transform (4x the bytes)."""
+    a 3x3 stride-1 convolution Winograd suits, its Winograd transform (4x or 1.8x the bytes)."""
     import mindspore as ms
 
     return ms.Tensor([stride, pad, int(same), int(packed)], ms.int32)
