@@ -42,13 +42,20 @@ def two_ranks(task, tmp_path_factory):
     return rec, tmp / "two", out.stdout
 
 
-def test_two_ranks_end_with_the_parameters_of_one_rank(two_ranks, tmp_path):
+@pytest.fixture(scope="module")
+def one_rank(two_ranks, tmp_path_factory):
+    """The same recipe on one rank, in this process: (metrics, run directory)."""
     from bit_transfer import recipe as recipes
     from bit_transfer.train import fit
 
-    rec, two, _ = two_ranks
-    one = fit(recipes.load(rec), run_dir=tmp_path / "one")
-    assert_params_close(final_params(two), final_params(tmp_path / "one"), atol=EQUAL_MATHS_ATOL)
+    run = tmp_path_factory.mktemp("one") / "one"
+    return fit(recipes.load(two_ranks[0]), run_dir=run), run
+
+
+def test_two_ranks_end_with_the_parameters_of_one_rank(two_ranks, one_rank):
+    _, two, _ = two_ranks
+    one, one_dir = one_rank
+    assert_params_close(final_params(two), final_params(one_dir), atol=EQUAL_MATHS_ATOL)
     m2 = json.loads((two / "metrics.json").read_text())
     assert m2["world"] == 2 and one["world"] == 1
     # The eval loss follows the parameters' last-bit differences: 2e-6 apart channels-last, 1.6e-4 with
@@ -58,7 +65,7 @@ def test_two_ranks_end_with_the_parameters_of_one_rank(two_ranks, tmp_path):
     assert m2["eval_images"] == one["eval_images"] == 32  # the sharded eval covered the whole split once
     # the logged loss is that of the whole logical batch, as on one rank
     l2 = [r["train/loss"] for r in read_jsonl(two / "metrics.jsonl") if "train/loss" in r]
-    l1 = [r["train/loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "train/loss" in r]
+    l1 = [r["train/loss"] for r in read_jsonl(one_dir / "metrics.jsonl") if "train/loss" in r]
     assert l2 == pytest.approx(l1, rel=1e-3)
 
 
@@ -76,18 +83,17 @@ def test_only_rank_0_wrote_the_run_directory(two_ranks):
     assert "run directory" not in log1 and "bit-transfer rank 1 of 2" in log1
 
 
-def test_resume_a_two_rank_checkpoint_on_one_rank(task, tmp_path):
+def test_resume_a_two_rank_checkpoint_on_one_rank(task, one_rank, tmp_path):
     from bit_transfer import recipe as recipes
     from bit_transfer.train import fit
 
-    rec = recipe_file(task, tmp_path)
+    rec = recipe_file(task, tmp_path)  # the recipe of one_rank's run
     out = run_cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp_path / "run"), "--stop-after", "2", "--quiet")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
     resumed = fit(recipes.load(rec), run_dir=tmp_path / "run")  # now on 1 rank
     assert resumed["completed"] and resumed["world"] == 1
-    fit(recipes.load(rec), run_dir=tmp_path / "straight")
-    assert_params_close(final_params(tmp_path / "run"), final_params(tmp_path / "straight"), atol=EQUAL_MATHS_ATOL)
+    assert_params_close(final_params(tmp_path / "run"), final_params(one_rank[1]), atol=EQUAL_MATHS_ATOL)
 
 
 def _two_ranks_training(task, tmp_path, check):

@@ -284,10 +284,11 @@ def test_fp16_trains_and_saves_a_usable_checkpoint(task, tmp_path, batch_split):
     lacked the model config the checkpoint needs.)"""
     from bit_transfer.train import fit
 
-    r = tiny_recipe(task, tmp_path, rule__steps=60, rule__base_lr=0.02, model__width=0.25, data__random_crop=False,
+    # 30 steps at lr 0.05: the last losses 7-9 % of the first (measured; at 0.02 they needed 60 steps)
+    r = tiny_recipe(task, tmp_path, rule__steps=30, rule__base_lr=0.05, model__width=0.25, data__random_crop=False,
                     train__precision="fp16", train__batch_split=batch_split)
     metrics = fit(r, run_dir=tmp_path / "fp16")
-    assert metrics["completed"] and metrics["steps"] == 60
+    assert metrics["completed"] and metrics["steps"] == 30
     losses = [row["train/loss"] for row in read_jsonl(tmp_path / "fp16" / "metrics.jsonl") if "train/loss" in row]
     assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
     params = final_params(tmp_path / "fp16")
