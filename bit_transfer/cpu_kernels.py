@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -484,7 +485,8 @@ def target_flags() -> list[str]:
     holds for every kernel of the run, our loops run at the vector width oneDNN's do, and an AVX-512
     machine can stand in for an AVX2 one (benchmarks/train_step.py --isa avx2, the AVX2 tests)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    return ["-march=native", *(["-mno-avx512f"] if cap.upper() in BELOW_AVX512 else [])]
+    x86 = platform.machine() in ("x86_64", "AMD64")  # the flag is x86's (oneDNN ignores these names elsewhere)
+    return ["-march=native", *(["-mno-avx512f"] if x86 and cap.upper() in BELOW_AVX512 else [])]
 
 
 def _compiler() -> str | None:
