@@ -44,7 +44,7 @@ CLEAN_ENV = dict(os.environ)
 # AVX2 (each by its own documented switch): oneDNN 3 (ours and PyTorch's) and MindSpore's oneDNN 2,
 # our compiled kernels (cpu_kernels.target_flags follows oneDNN's cap), PyTorch's ATen kernels and
 # inductor's vector ISA, inductor's -march, PyTorch's MKL and NumPy's OpenBLAS (the sgemm reference).
-# MindSpore's own CPU kernels (GroupNorm for a few ops, elementwise) still choose at run time.
+# MindSpore's own CPU kernels (the head, transposes, elementwise ops) still choose at run time.
 ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                     "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                     "OPENBLAS_CORETYPE": "Haswell"}}
