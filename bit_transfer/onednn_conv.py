@@ -676,6 +676,14 @@ struct Strides8 {
 // per convolution on AVX2 with both threads).
 int transform_threads(int64_t values) { return threads(values << 3); }
 
+// The GEMM's layout of a transformed weight, as a key: copies are shared by batch sizes that agree.
+std::string layout_key(const memory::desc &md) {
+  std::string k = "wino:";
+  for (const auto &d : {md.get_dims(), md.get_strides(), md.get_inner_blks(), md.get_inner_idxs()})
+    for (auto v : d) k += std::to_string(v) + ",";
+  return k;
+}
+
 template <int M>
 struct Winograd {
   static constexpr int A = M + 2, AA = A * A;  // input tile side, products per tile and channel pair
@@ -683,6 +691,7 @@ struct Winograd {
   int64_t C, O, th, tw, T, rows;  // tiles per image along h and w, in the batch, per GEMM (the last padded)
   memory::desc v, u, m, scratchpad;
   matmul gemm;
+  std::string weights_key;  // layout_key(u), made once: it names the kept weight copy on every call
 
   explicit Winograd(const Geometry &geo)
       : g(geo), C(g.wei[1]), O(g.wei[0]), th((g.dst[2] + M - 1) / M), tw((g.dst[3] + M - 1) / M),
@@ -695,6 +704,7 @@ struct Winograd {
     u = pd.weights_desc();
     scratchpad = pd.scratchpad_desc();
     gemm = matmul(pd);
+    weights_key = layout_key(u);
   }
 
   // G w G^T for every (output, input) channel pair, in float64, into (AA, C, O) and then the GEMM's layout.
@@ -785,18 +795,10 @@ struct Winograd {
   }
 };
 
-// The GEMM's layout of a transformed weight, as a key: copies are shared by batch sizes that agree.
-std::string layout_key(const memory::desc &md) {
-  std::string k = "wino:";
-  for (const auto &d : {md.get_dims(), md.get_strides(), md.get_inner_blks(), md.get_inner_idxs()})
-    for (auto v : d) k += std::to_string(v) + ",";
-  return k;
-}
-
 template <int M>
 void winograd_run(const Geometry &g, const float *x, float *w, float *y) {
   const Winograd<M> &op = per_geometry<Winograd<M>>(g);
-  std::shared_ptr<void> U = kept(layout_key(op.u), w, op.C * op.O * 9, op.u.get_size(),
+  std::shared_ptr<void> U = kept(op.weights_key, w, op.C * op.O * 9, op.u.get_size(),
                                  [&](void *to) { op.pack(w, to); });
   op.run(x, U.get(), y);
 }
