@@ -73,6 +73,7 @@ SOURCE = r"""
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -142,9 +143,9 @@ primitive_attr user_scratchpad() {
 }
 
 // Buffers per thread, grown to the largest request and reused (a fresh allocation per call meant
-// page faults on ~3x the model's weights every step): slot 0 the blocked copy of a weight, slot 1
-// oneDNN's scratchpad, slots 2-4 activations in another layout (Op::execute), 5-6 Winograd's
-// transformed tiles (winograd_fwd). The scratchpad is ours
+// page faults on ~3x the model's weights every step): slot 0 the blocked copy of a weight (or
+// training's Winograd-transformed one), slot 1 oneDNN's scratchpad, slots 2-4 activations in
+// another layout (Op::execute), 5-6 Winograd's transformed tiles. The scratchpad is ours
 // (scratchpad_mode::user), not the library's: with the library's, a primitive created in one thread
 // failed to run in another ("could not execute a primitive": AVX2's GEMM backward-data, first run
 // eagerly, then in MindSpore's graph thread).
@@ -457,6 +458,11 @@ int guarded(const char *what, F f) {
 // Winograd F(4x4, 3x3) or F(2x2, 3x3) for packed (inference) weights, below: true where it ran the
 // convolution.
 bool winograd_fwd(const Geometry &g, const float *x, float *w, float *y);
+// The same for training's standardised weights (transformed on every call): the forward, backward-data.
+bool winograd_ws(const Geometry &g, const float *x, const float *w, const float *mean, const float *rstd, bool flipped,
+                 float *y);
+bool winograd_ws_data(const Geometry &g, const float *dy, const float *w, const float *mean, const float *rstd,
+                      float *dx);
 }  // namespace
 
 // (x (N,H,W,C), w (O,C,kh,kw), [r (N,OH,OW,O),] cfg (4,) int32) -> y (N,OH,OW,O) = conv(x, w) [+ r]
@@ -569,8 +575,8 @@ void ws_backward(const float *g, const Offsets &at, const float *w, const Rows &
 }
 
 namespace {
-// Winograd F(m x m, 3x3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks") for
-// inference: y = A^T [(G w G^T) . (B^T d B)] A for every (m + 2) x (m + 2) input tile d and its m x m
+// Winograd F(m x m, 3x3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"):
+// y = A^T [(G w G^T) . (B^T d B)] A for every (m + 2) x (m + 2) input tile d and its m x m
 // outputs, so (m + 2)^2 products per m x m outputs and channel pair instead of 9 m^2: F(4x4, 3x3) 4x
 // fewer, F(2x2, 3x3) 2.25x. The products are one batched GEMM (oneDNN's matmul: (m + 2)^2 x
 // (tiles, C) @ (C, O)), the transforms are ours, 8 channels at a time in either activation layout.
@@ -578,8 +584,11 @@ namespace {
 // 0, +-1, +-2: in float32 ~2.5x less rounding error (Barabasz et al. 2020, "Error analysis and
 // improving the accuracy of Winograd convolution for deep neural networks"), ~3e-6 of the largest
 // output at R50's widths, ~2-3x a direct convolution's; F(2x2, 3x3) (points 0, 1, -1) about a direct
-// convolution's. The weights' transform is done once, in float64, and kept like the other packed
-// weights ((m + 2)^2 / 9 times the bytes of the 3x3 weight: 4x, 1.8x).
+// convolution's. For inference the weights' transform is done once, in float64, and kept like the
+// other packed weights ((m + 2)^2 / 9 times the bytes of the 3x3 weight: 4x, 1.8x). Training
+// standardises and transforms its weights on every call, in float32, for the forward and for
+// backward-data (the transposed convolution: w rotated by 180 degrees, its channels swapped, the
+// padding mirrored); backward-weights stays oneDNN's direct kernel.
 // Tiles per GEMM, about: the transformed tiles (V) and products (M) of 128 tiles stay in L2 between
 // the transforms and the GEMM (1.2 MB each at 64 channels). R50's stage 1 at micro-batch 8 (512
 // tiles) in one GEMM took 2.0 ms per convolution on AVX2, in 128-tile parts 1.7 (micro-batch 32: 9.1
@@ -646,8 +655,12 @@ const double (*wino_g())[3] {
 // 4.1 -> 2.0-2.5 ms, AVX-512 3.2 -> 1.6 for the GEMM; at micro-batch 2 it lost on AVX2). Tiles are
 // at least half outputs (not a 2x2 or 5x5 map in 4x4 tiles: mostly padding), and the transformed
 // weight is at most 64 MB (larger ones, R50x3's and R152x4's last stages, would cost GBs of memory).
+// `training` (weights standardised and transformed on every call, forward and backward-data): either
+// tile from 64 tiles. Fewer lost to the transform: R50's stage 3 at micro-batch 8 (32 tiles of 4x4)
+// 1.9 -> 2.6 ms on AVX-512, stage 4 at 32 (32 tiles) 8.4 -> 21 ms; from 64 both sides won (AVX2
+// whole step: micro-batch 8 522 -> 494 ms, 32 1690 -> 1540).
 // BIT_TRANSFER_WINOGRAD=0: never.
-int winograd_tile(const Geometry &g) {
+int winograd_tile(const Geometry &g, bool training = false) {
   const char *off = std::getenv("BIT_TRANSFER_WINOGRAD");
   const int64_t O = g.wei[0], C = g.wei[1], OH = g.dst[2], OW = g.dst[3];
   if ((off && std::strcmp(off, "0") == 0) || g.wei[2] != 3 || g.wei[3] != 3 || g.strides[0] != 1 ||
@@ -655,7 +668,8 @@ int winograd_tile(const Geometry &g) {
     return 0;
   for (const int m : {4, 2}) {
     const int64_t tiles = (OH + m - 1) / m * ((OW + m - 1) / m);
-    if (g.src[0] * tiles >= (m == 4 ? 16 : 32) && 2 * OH * OW >= m * m * tiles &&
+    const int64_t least = training ? 64 : m == 4 ? 16 : 32;
+    if (g.src[0] * tiles >= least && 2 * OH * OW >= m * m * tiles &&
         (m + 2) * (m + 2) * C * O * 4 <= (int64_t{64} << 20))
       return m;
   }
@@ -684,7 +698,10 @@ std::string layout_key(const memory::desc &md) {
   return k;
 }
 
-template <int M>
+// FRESH: the weights are transformed on every call (training: pack_standardised), so the GEMM reads
+// them in the plain (AA, C, O) layout that transform writes. oneDNN's own choice (AVX-512: a blocked
+// layout, reordered into on every call) ran R50's stage 3 at micro-batch 32 in 4.6 ms, plain 3.4.
+template <int M, bool FRESH = false>
 struct Winograd {
   static constexpr int A = M + 2, AA = A * A;  // input tile side, products per tile and channel pair
   Geometry g;
@@ -700,7 +717,7 @@ struct Winograd {
     rows = (T + parts - 1) / parts;  // parts of equal size: the last one pads at most parts - 1 rows
     v = plain({AA, rows, C}, tag::abc);
     m = plain({AA, rows, O}, tag::abc);
-    matmul::primitive_desc pd(cpu(), v, any({AA, C, O}), m, user_scratchpad());
+    matmul::primitive_desc pd(cpu(), v, FRESH ? plain({AA, C, O}, tag::abc) : any({AA, C, O}), m, user_scratchpad());
     u = pd.weights_desc();
     scratchpad = pd.scratchpad_desc();
     gemm = matmul(pd);
@@ -727,6 +744,42 @@ struct Winograd {
     memory from(plain({AA, C, O}, tag::abc), cpu(), plain_u.data()), dst(u, cpu(), to);
     reorder(from, dst).execute(s, from, dst);
     s.wait();
+  }
+
+  // Training's weights change every step, so their transform is made on every call, in float32 and
+  // from the raw weight: G w_hat G^T with w_hat = (w - mean) * rstd (BiT's standardisation), plain
+  // (AA, C, O), 8 GEMM outputs side by side. `flipped` (backward-data: this geometry is the
+  // transposed convolution's, so its C is w's output channels and its O w's inputs): the kernel
+  // rotated by 180 degrees, G rot(w_hat[c][o]) G^T.
+  void pack_standardised(const float *w, const float *mean, const float *rstd, bool flipped, float *plain_u) const {
+    const double(*Gd)[3] = wino_g<M>();
+    float G[A][3];
+    for (int i = 0; i < A; ++i)
+      for (int j = 0; j < 3; ++j) G[i][j] = static_cast<float>(Gd[i][j]);
+    // 8 input channels at a time for all outputs: each plane's 8 rows are written whole (one 32-byte
+    // store per (c, o-block) along c halved its speed: R50's stage 3, 1.2 -> 0.5 ms per call).
+#pragma omp parallel for num_threads(transform_threads(AA * C * O)) schedule(static)
+    for (int64_t c0 = 0; c0 < C; c0 += 8)
+      for (int64_t ob = 0; ob < O / 8; ++ob)
+        for (int64_t c = c0; c < c0 + 8; ++c) {
+          alignas(32) float k[9][8], gk[A][3][8];
+          for (int j = 0; j < 8; ++j) {
+            const int64_t o = ob * 8 + j, row = flipped ? c : o;
+            const float *src = w + (flipped ? c * O + o : o * C + c) * 9;
+            const float m = mean[row], a = rstd[row];
+            for (int t = 0; t < 9; ++t) k[t][j] = (src[flipped ? 8 - t : t] - m) * a;
+          }
+          for (int i = 0; i < A; ++i)
+            for (int r = 0; r < 3; ++r)
+#pragma omp simd
+              for (int j = 0; j < 8; ++j) gk[i][r][j] = G[i][0] * k[r][j] + G[i][1] * k[3 + r][j] + G[i][2] * k[6 + r][j];
+          for (int i = 0; i < A; ++i)
+            for (int jj = 0; jj < A; ++jj) {
+              float *dst = plain_u + ((i * A + jj) * C + c) * O + ob * 8;
+#pragma omp simd
+              for (int j = 0; j < 8; ++j) dst[j] = gk[i][0][j] * G[jj][0] + gk[i][1][j] * G[jj][1] + gk[i][2][j] * G[jj][2];
+            }
+        }
   }
 
   // Tile t's image and the output pixel at its top-left corner.
@@ -803,6 +856,46 @@ void winograd_run(const Geometry &g, const float *x, float *w, float *y) {
   op.run(x, U.get(), y);
 }
 
+// y = conv(x, w standardised), or (`flipped`: g is transposed(w's geometry)) w's backward-data.
+template <int M>
+void winograd_ws_run(const Geometry &g, const float *x, const float *w, const float *mean, const float *rstd,
+                     bool flipped, float *y) {
+  const Winograd<M, true> &op = per_geometry<Winograd<M, true>>(g);
+  float *U = static_cast<float *>(scratch(op.u.get_size(), 0));
+  op.pack_standardised(w, mean, rstd, flipped, U);
+  op.run(x, U, y);
+}
+
+bool winograd_ws(const Geometry &g, const float *x, const float *w, const float *mean, const float *rstd, bool flipped,
+                 float *y) {
+  switch (winograd_tile(g, true)) {
+    case 4: winograd_ws_run<4>(g, x, w, mean, rstd, flipped, y); return true;
+    case 2: winograd_ws_run<2>(g, x, w, mean, rstd, flipped, y); return true;
+    default: return false;
+  }
+}
+
+// At stride 1, g's backward-data (dx from dy) is a forward convolution of dy with w rotated
+// (pack_standardised's `flipped`), its channels swapped and the padding mirrored: that convolution's
+// geometry, or none (a stride; padding wider than the kernel, a crop rather than tiles).
+std::optional<Geometry> transposed(const Geometry &g) {
+  if (g.strides[0] != 1 || g.strides[1] != 1) return std::nullopt;
+  Geometry t = g;
+  t.src = g.dst, t.dst = g.src;
+  t.wei = {g.wei[1], g.wei[0], g.wei[2], g.wei[3]};
+  for (int d = 0; d < 2; ++d) {
+    t.pad_l[d] = g.wei[2 + d] - 1 - g.pad_l[d], t.pad_r[d] = g.wei[2 + d] - 1 - g.pad_r[d];
+    if (t.pad_l[d] < 0 || t.pad_r[d] < 0) return std::nullopt;
+  }
+  return t;
+}
+
+bool winograd_ws_data(const Geometry &g, const float *dy, const float *w, const float *mean, const float *rstd,
+                      float *dx) {
+  const std::optional<Geometry> t = transposed(g);
+  return t && winograd_ws(*t, dy, w, mean, rstd, true, dx);
+}
+
 bool winograd_fwd(const Geometry &g, const float *x, float *w, float *y) {
   switch (winograd_tile(g)) {
     case 4: winograd_run<4>(g, x, w, y); return true;
@@ -825,6 +918,7 @@ EXPORT int conv_ws_fwd(int nparam, void **params, int *ndims, int64_t **shapes, 
     Convs &c = convs(g);
     const Op &op = residual ? c.forward_add() : c.fwd;
     ws_statistics(F32(1), rows, *F32(e), F32(e + 3), F32(e + 4));
+    if (!residual && winograd_ws(g, F32(0), F32(1), F32(e + 3), F32(e + 4), false, F32(e + 2))) return;
     float *blocked = standardise_into(op, F32(1), rows, F32(e + 3), F32(e + 4));
     op.execute(forward_args(g, F32(0), F32(e + 2), residual ? F32(2) : nullptr), blocked, true);
   });
@@ -835,6 +929,7 @@ EXPORT int conv_ws_bwd_data(int nparam, void **params, int *ndims, int64_t **sha
   if (nparam != 7) return 1;
   return guarded("conv_ws_bwd_data", [&] {
     const Geometry g = geometry(shapes[4], ndims[4], shapes[1], CFG(5));
+    if (winograd_ws_data(g, F32(0), F32(1), F32(2), F32(3), F32(6))) return;
     const Op &op = convs(g).backward_data();
     float *blocked = standardise_into(op, F32(1), Rows(g.wei), F32(2), F32(3));
     op.execute({{DNNL_ARG_DIFF_DST, bind(g, g.dst, F32(0))}, {DNNL_ARG_DIFF_SRC, bind(g, g.src, F32(6))}}, blocked, true);
@@ -882,6 +977,19 @@ EXPORT int onednn_activation_block() {
   const int isa = static_cast<int>(get_effective_cpu_isa());
   const int avx2 = dnnl_cpu_isa_avx2, avx512 = dnnl_cpu_isa_avx512_core;
   return (isa & avx2) == avx2 && (isa & avx512) != avx512 ? 8 : 0;
+}
+
+// The Winograd tile (4, 2; 0: the direct kernels) conv_ws_fwd (backward_data 0) or conv_ws_bwd_data
+// (1) runs for this geometry, x and w shaped as they are.
+EXPORT int conv_ws_winograd_tile(const int64_t *x, int ndim, const int64_t *w, const int32_t *cfg, int backward_data) {
+  try {
+    const Geometry g = geometry(x, ndim, w, cfg);
+    if (!backward_data) return winograd_tile(g, true);
+    const std::optional<Geometry> t = transposed(g);
+    return t ? winograd_tile(*t, true) : 0;
+  } catch (const std::exception &) {
+    return -1;  // not a geometry these kernels take
+  }
 }
 
 // The oneDNN this library runs on, as major * 10000 + minor * 100 + patch (the separation test
@@ -1030,6 +1138,18 @@ def forget_packed() -> None:
     lib = _loaded()
     if lib is not None:
         lib.conv_forget()
+
+
+def training_winograd_tile(x_shape, w_shape, stride: int, pad: int, same: bool, backward_data: bool = False) -> int:
+    """The Winograd tile (4: F(4x4, 3x3), 2: F(2x2, 3x3), 0: oneDNN's direct kernels) the training
+    convolution (`standardise=True`) runs for activations shaped `x_shape` (in their layout) and an
+    (O, C, kh, kw) weight: its forward, or its backward-data. 0 without the library."""
+    lib = _loaded()
+    if lib is None:
+        return 0
+    x, w = (ctypes.c_int64 * len(x_shape))(*x_shape), (ctypes.c_int64 * 4)(*w_shape)
+    cfg = (ctypes.c_int32 * 4)(stride, pad, int(same), 0)
+    return int(lib.conv_ws_winograd_tile(x, len(x_shape), w, cfg, int(backward_data)))
 
 
 def activation_block() -> int:

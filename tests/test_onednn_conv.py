@@ -204,6 +204,61 @@ def test_packed_3x3_convolutions_run_winograd_with_mindspores_numbers(n, c, h, w
     onednn_conv.forget_packed()
 
 
+WINOGRAD_TRAINING = [  # n, c, h, w, o, pad, same, m: the tile of the forward and of backward-data
+    (4, 16, 17, 15, 24, 1, False, 4),  # 80 tiles of 4x4, partial at the edge
+    (1, 8, 97, 95, 16, 0, True, 4),  # micro-batch 1, TF-SAME at odd sizes
+    (4, 8, 18, 18, 16, 0, False, 4),  # no padding: backward-data pads 2 on each side
+    (4, 16, 8, 8, 24, 1, False, 2),  # 16 tiles of 4x4 (too few), 64 of 2x2
+    (16, 32, 4, 4, 16, 1, False, 2),  # R50's last stage at micro-batch 16
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["nhwc", "nchw8c"])
+@pytest.mark.parametrize("n,c,h,w,o,pad,same,m", WINOGRAD_TRAINING)
+def test_training_3x3_convolutions_run_winograd_with_mindspores_gradients(n, c, h, w, o, pad, same, m, layout,
+                                                                         monkeypatch):
+    """Training's weight-standardised 3x3 stride-1 convolution runs its forward and backward-data as
+    Winograd F(m x m, 3x3) where there are 64 tiles, the weight transformed on every call: values
+    and both gradients are MindSpore's (conv of the GroupNorm-standardised weight) to 1e-5 of the
+    largest. BIT_TRANSFER_WINOGRAD=0 runs the direct kernels: y and dx change (another algorithm
+    ran), dw (backward-weights, direct either way) is the same bits."""
+    shape = to_layout(np.zeros((n, c, h, w)), layout).shape
+    for backward_data in (False, True):
+        assert onednn_conv.training_winograd_tile(shape, (o, c, 3, 3), 1, pad, same, backward_data) == m
+    rng = np.random.default_rng(3)
+    x = Tensor(rng.standard_normal((n, c, h, w)).astype(np.float32))
+    wt = Tensor((rng.standard_normal((o, c, 3, 3)) * 0.1 + 0.03).astype(np.float32))
+    op, cfg, eps = onednn_conv.conv_primitive(1, pad, same, standardise=True), onednn_conv.config(1, pad, same), \
+        Tensor([1e-10], ms.float32)
+    r = Tensor(rng.standard_normal(builtin_conv(x, wt, 1, pad, same).shape).astype(np.float32))
+
+    def ws(w):
+        return ops.group_norm(w.reshape(o, 1, -1), 1, None, None, 1e-10).reshape(w.shape)
+
+    def forward(x, wt):
+        return from_layout(op(to_layout(x, layout), wt, eps, cfg)[0], layout)
+
+    def ours(x, wt):
+        return (forward(x, wt) * r).sum()
+
+    def theirs(x, wt):
+        return (builtin_conv(x, ws(wt), 1, pad, same) * r).sum()
+
+    grads = ms.jit(ms.grad(ours, (0, 1)))
+    want_grads = ms.grad(theirs, (0, 1))(x, wt)
+
+    y, (dx, dw) = forward(x, wt).asnumpy(), [g.asnumpy() for g in grads(x, wt)]
+    close(y, builtin_conv(x, ws(wt), 1, pad, same).asnumpy())
+    close(dx, want_grads[0].asnumpy())
+    close(dw, want_grads[1].asnumpy())
+    monkeypatch.setenv("BIT_TRANSFER_WINOGRAD", "0")
+    direct_dx, direct_dw = [g.asnumpy() for g in grads(x, wt)]
+    assert not np.array_equal(forward(x, wt).asnumpy(), y)
+    assert not np.array_equal(direct_dx, dx)
+    np.testing.assert_array_equal(direct_dw, dw)
+
+
 @needs_onednn
 @pytest.mark.parametrize("relu", [False, True], ids=["gn", "gn_relu"])
 @pytest.mark.parametrize("layout", ["nhwc", "nchw8c"])
@@ -382,7 +437,8 @@ def test_the_library_exports_only_its_kernels():
                            text=True).stdout
     exported = {line.split()[-1] for line in names.splitlines() if " T " in line}
     assert exported == {"conv_fwd", "conv_forget", "conv_packed_bytes", "conv_bwd_data", "conv_bwd_weights", "conv_ws_fwd",
-                        "conv_ws_bwd_data", "conv_ws_bwd_weights", "onednn_version", "onednn_activation_block"}
+                        "conv_ws_bwd_data", "conv_ws_bwd_weights", "conv_ws_winograd_tile", "onednn_version",
+                        "onednn_activation_block"}
 
 
 def test_without_onednn_it_is_one_warning_and_mindspores_convolutions(monkeypatch, tmp_path):
