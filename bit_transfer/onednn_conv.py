@@ -155,7 +155,7 @@ void *scratch(size_t bytes, int slot) {
     size_t size = 0;
     ~Buffer() { std::free(data); }
   };
-  static thread_local Buffer buffers[7];
+  static thread_local Buffer buffers[8];
   Buffer &b = buffers[slot];
   if (bytes > b.size) {
     std::free(b.data);
@@ -463,6 +463,8 @@ bool winograd_ws(const Geometry &g, const float *x, const float *w, const float 
                  float *y);
 bool winograd_ws_data(const Geometry &g, const float *dy, const float *w, const float *mean, const float *rstd,
                       float *dx);
+bool winograd_ws_weights(const Geometry &g, const float *dy, const float *x, const float *w, const float *mean,
+                         const float *rstd, float *dw);
 }  // namespace
 
 // (x (N,H,W,C), w (O,C,kh,kw), [r (N,OH,OW,O),] cfg (4,) int32) -> y (N,OH,OW,O) = conv(x, w) [+ r]
@@ -588,7 +590,8 @@ namespace {
 // other packed weights ((m + 2)^2 / 9 times the bytes of the 3x3 weight: 4x, 1.8x). Training
 // standardises and transforms its weights on every call, in float32, for the forward and for
 // backward-data (the transposed convolution: w rotated by 180 degrees, its channels swapped, the
-// padding mirrored); backward-weights stays oneDNN's direct kernel.
+// padding mirrored); its backward-weights is the forward's adjoint (weights_grad: the tiles'
+// products summed by a GEMM over the tiles, then G^T dU G), exact as the forward is.
 // Tiles per GEMM, about: the transformed tiles (V) and products (M) of 128 tiles stay in L2 between
 // the transforms and the GEMM (1.2 MB each at 64 channels). R50's stage 1 at micro-batch 8 (512
 // tiles) in one GEMM took 2.0 ms per convolution on AVX2, in 128-tile parts 1.7 (micro-batch 32: 9.1
@@ -639,6 +642,30 @@ __attribute__((always_inline)) inline void wino_out(const float (*m)[8], float (
   }
 }
 
+// A along one dimension, the adjoint of wino_out (backward-weights' output-gradient tiles): t[k * so],
+// k = 0..m + 1, from y[k * si], k = 0..m - 1.
+template <int M>
+__attribute__((always_inline)) inline void wino_out_adjoint(const float (*y)[8], float (*t)[8], int si, int so) {
+#pragma omp simd
+  for (int j = 0; j < 8; ++j) {
+    if constexpr (M == 4) {
+      const float y0 = y[0][j], y1 = y[si][j], y2 = y[2 * si][j], y3 = y[3 * si][j];
+      t[0][j] = y0;
+      t[so][j] = y0 + y1 + y2 + y3;
+      t[2 * so][j] = y0 - y1 + y2 - y3;
+      t[3 * so][j] = y0 + 0.5f * y1 + 0.25f * y2 + 0.125f * y3;
+      t[4 * so][j] = y0 - 2.f * y1 + 4.f * y2 - 8.f * y3;
+      t[5 * so][j] = y3;
+    } else {
+      const float y0 = y[0][j], y1 = y[si][j];
+      t[0][j] = y0;
+      t[so][j] = y0 + y1;
+      t[2 * so][j] = y0 - y1;
+      t[3 * so][j] = -y1;
+    }
+  }
+}
+
 // G of F(m x m, 3x3): (m + 2) x 3, the transform of a kernel's rows and columns (its points, above).
 template <int M>
 const double (*wino_g())[3] {
@@ -655,10 +682,11 @@ const double (*wino_g())[3] {
 // 4.1 -> 2.0-2.5 ms, AVX-512 3.2 -> 1.6 for the GEMM; at micro-batch 2 it lost on AVX2). Tiles are
 // at least half outputs (not a 2x2 or 5x5 map in 4x4 tiles: mostly padding), and the transformed
 // weight is at most 64 MB (larger ones, R50x3's and R152x4's last stages, would cost GBs of memory).
-// `training` (weights standardised and transformed on every call, forward and backward-data): either
-// tile from 64 tiles. Fewer lost to the transform: R50's stage 3 at micro-batch 8 (32 tiles of 4x4)
-// 1.9 -> 2.6 ms on AVX-512, stage 4 at 32 (32 tiles) 8.4 -> 21 ms; from 64 both sides won (AVX2
-// whole step: micro-batch 8 522 -> 494 ms, 32 1690 -> 1540).
+// `training` (weights standardised and transformed on every call; forward, backward-data and
+// backward-weights): either tile from 64 tiles. Fewer lost to the transform: R50's stage 3 at
+// micro-batch 8 (32 tiles of 4x4) 1.9 -> 2.6 ms on AVX-512, stage 4 at 32 (32 tiles) 8.4 -> 21 ms;
+// from 64 every R50 geometry won, and the whole R50x1 step (128 px) went 520 -> 481 ms at
+// micro-batch 8 and 1728 -> 1502 at 32 on AVX2, 397 -> 386 and 1257 -> 1189 on AVX-512.
 // BIT_TRANSFER_WINOGRAD=0: never.
 int winograd_tile(const Geometry &g, bool training = false) {
   const char *off = std::getenv("BIT_TRANSFER_WINOGRAD");
@@ -708,7 +736,12 @@ struct Winograd {
   int64_t C, O, th, tw, T, rows;  // tiles per image along h and w, in the batch, per GEMM (the last padded)
   memory::desc v, u, m, scratchpad;
   matmul gemm;
+  // FRESH only, backward-weights: dU = V^T dM per point, (C, rows) @ (rows, O), the tiles summed over
+  // the parts (the first part writes, the others add: a sum post-op).
+  matmul wgemm_first, wgemm_add;
+  memory::desc wscratchpad;
   std::string weights_key;  // layout_key(u), made once: it names the kept weight copy on every call
+  Offsets plain_at{plain(g.wei, tag::oihw)};  // where ws_backward reads weights_grad's plain gradient
 
   explicit Winograd(const Geometry &geo)
       : g(geo), C(g.wei[1]), O(g.wei[0]), th((g.dst[2] + M - 1) / M), tw((g.dst[3] + M - 1) / M),
@@ -722,6 +755,17 @@ struct Winograd {
     scratchpad = pd.scratchpad_desc();
     gemm = matmul(pd);
     weights_key = layout_key(u);
+    if constexpr (FRESH) {
+      const memory::desc vt = plain({AA, C, rows}, tag::acb), du = plain({AA, C, O}, tag::abc);
+      primitive_attr add = user_scratchpad();
+      post_ops sum;
+      sum.append_sum(1.f);
+      add.set_post_ops(sum);
+      matmul::primitive_desc first(cpu(), vt, m, du, user_scratchpad()), then(cpu(), vt, m, du, add);
+      wgemm_first = matmul(first), wgemm_add = matmul(then);
+      wscratchpad = std::max(first.scratchpad_desc(), then.scratchpad_desc(),
+                             [](const memory::desc &a, const memory::desc &b) { return a.get_size() < b.get_size(); });
+    }
   }
 
   // G w G^T for every (output, input) channel pair, in float64, into (AA, C, O) and then the GEMM's layout.
@@ -834,6 +878,78 @@ struct Winograd {
       }
   }
 
+  // A dY A^T of the output gradient's tiles t0 .. t0 + rows into (AA, rows, O): tiles_out's adjoint
+  // (outputs past the map and tiles past the batch read as zeros).
+  void grads_in(const float *dy, int64_t t0, float *Mt) const {
+    const int64_t OB = O / 8, OH = g.dst[2], OW = g.dst[3];
+    const Strides8 at(g, g.dst);
+#pragma omp parallel for collapse(2) num_threads(transform_threads(AA * rows * O)) schedule(static)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t ob = 0; ob < OB; ++ob) {
+        alignas(32) float q[M * M][8], r[M * A][8], mt[AA][8];
+        const int64_t t = t0 + i;
+        int64_t n, h0, w0;
+        origin(t, n, h0, w0);
+        const float *tile = dy + n * at.image + ob * at.block + h0 * at.row + w0 * at.pixel;
+        for (int a = 0; a < M; ++a)
+          for (int b = 0; b < M; ++b) {
+            if (t < T && h0 + a < OH && w0 + b < OW) std::memcpy(q[a * M + b], tile + a * at.row + b * at.pixel, 32);
+            else std::memset(q[a * M + b], 0, 32);
+          }
+        for (int a = 0; a < M; ++a) wino_out_adjoint<M>(q + a * M, r + a * A, 1, 1);  // along w: M -> A
+        for (int b = 0; b < A; ++b) wino_out_adjoint<M>(r + b, mt + b, A, A);          // along h
+        for (int a = 0; a < AA; ++a) std::memcpy(Mt + (a * rows + i) * O + ob * 8, mt[a], 32);
+      }
+  }
+
+  // Backward-weights (FRESH): the gradient of the standardised weight, plain (O, C, 3, 3), as the
+  // forward's adjoint: dU = sum over tiles of (A dY A^T) . (B^T d B), then G^T dU G per channel pair.
+  void weights_grad(const float *x, const float *dy, float *dU, float *dw_hat) const {
+    float *V = static_cast<float *>(scratch(v.get_size(), 5)), *Mt = static_cast<float *>(scratch(m.get_size(), 6));
+    stream s(cpu());
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+      tiles_in(x, t0, V);
+      grads_in(dy, t0, Mt);
+      (t0 ? wgemm_add : wgemm_first)
+          .execute(s, {{DNNL_ARG_SRC, memory(plain({AA, C, rows}, tag::acb), cpu(), V)},
+                       {DNNL_ARG_WEIGHTS, memory(m, cpu(), Mt)},
+                       {DNNL_ARG_DST, memory(plain({AA, C, O}, tag::abc), cpu(), dU)},
+                       {DNNL_ARG_SCRATCHPAD, memory(wscratchpad, cpu(), scratch(wscratchpad.get_size(), 1))}});
+      s.wait();
+    }
+    const double(*Gd)[3] = wino_g<M>();
+    float G[A][3];
+    for (int i = 0; i < A; ++i)
+      for (int j = 0; j < 3; ++j) G[i][j] = static_cast<float>(Gd[i][j]);
+#pragma omp parallel for num_threads(transform_threads(AA * C * O)) schedule(static)
+    for (int64_t c0 = 0; c0 < C; c0 += 8)
+      for (int64_t ob = 0; ob < O / 8; ++ob)
+        for (int64_t c = c0; c < c0 + 8; ++c) {
+          alignas(32) float gd[3][A][8], k[9][8];  // G^T dU, then (G^T dU) G
+          for (int r = 0; r < 3; ++r)
+            for (int jj = 0; jj < A; ++jj) {
+#pragma omp simd
+              for (int j = 0; j < 8; ++j) gd[r][jj][j] = 0.f;
+              for (int i = 0; i < A; ++i) {
+                const float *d = dU + ((i * A + jj) * C + c) * O + ob * 8;
+#pragma omp simd
+                for (int j = 0; j < 8; ++j) gd[r][jj][j] += G[i][r] * d[j];
+              }
+            }
+          for (int r = 0; r < 3; ++r)
+            for (int q = 0; q < 3; ++q) {
+#pragma omp simd
+              for (int j = 0; j < 8; ++j) {
+                float acc = 0.f;
+                for (int jj = 0; jj < A; ++jj) acc += gd[r][jj][j] * G[jj][q];
+                k[r * 3 + q][j] = acc;
+              }
+            }
+          for (int j = 0; j < 8; ++j)
+            for (int t = 0; t < 9; ++t) dw_hat[((ob * 8 + j) * C + c) * 9 + t] = k[t][j];
+        }
+  }
+
   void run(const float *x, const void *U, float *y) const {
     float *V = static_cast<float *>(scratch(v.get_size(), 5)), *Mt = static_cast<float *>(scratch(m.get_size(), 6));
     stream s(cpu());
@@ -890,6 +1006,26 @@ std::optional<Geometry> transposed(const Geometry &g) {
   return t;
 }
 
+// Backward-weights of the standardised weight by Winograd where the forward runs it: dw (raw w's).
+template <int M>
+void winograd_ws_weights_run(const Geometry &g, const float *dy, const float *x, const float *w, const float *mean,
+                             const float *rstd, float *dw) {
+  const Winograd<M, true> &op = per_geometry<Winograd<M, true>>(g);
+  float *dU = static_cast<float *>(scratch(op.AA * op.C * op.O * sizeof(float), 0));
+  float *dw_hat = static_cast<float *>(scratch(op.C * op.O * 9 * sizeof(float), 7));
+  op.weights_grad(x, dy, dU, dw_hat);
+  ws_backward(dw_hat, op.plain_at, w, Rows(g.wei), mean, rstd, dw);
+}
+
+bool winograd_ws_weights(const Geometry &g, const float *dy, const float *x, const float *w, const float *mean,
+                         const float *rstd, float *dw) {
+  switch (winograd_tile(g, true)) {
+    case 4: winograd_ws_weights_run<4>(g, dy, x, w, mean, rstd, dw); return true;
+    case 2: winograd_ws_weights_run<2>(g, dy, x, w, mean, rstd, dw); return true;
+    default: return false;
+  }
+}
+
 bool winograd_ws_data(const Geometry &g, const float *dy, const float *w, const float *mean, const float *rstd,
                       float *dx) {
   const std::optional<Geometry> t = transposed(g);
@@ -941,6 +1077,7 @@ EXPORT int conv_ws_bwd_weights(int nparam, void **params, int *ndims, int64_t **
   if (nparam != 7) return 1;
   return guarded("conv_ws_bwd_weights", [&] {
     const Geometry g = geometry(shapes[1], ndims[1], shapes[2], CFG(5));
+    if (winograd_ws_weights(g, F32(0), F32(1), F32(2), F32(3), F32(4), F32(6))) return;
     const Op &op = convs(g).backward_weights();
     float *blocked = op.buffer();
     op.execute({{DNNL_ARG_DIFF_DST, bind(g, g.dst, F32(0))}, {DNNL_ARG_SRC, bind(g, g.src, F32(1))}}, blocked, true);
