@@ -95,9 +95,15 @@ def test_eval_command_reproduces_the_final_metrics(learned, tmp_path):
     assert (tmp_path / "ev" / "metrics.json").is_file()
 
 
-def test_micro_batching_gives_the_same_update(task, tmp_path):
-    """batch_split 1 vs 4, same data order (no random crop/flip, no MixUp): same weights."""
+def test_micro_batching_gives_the_same_update(task, tmp_path, monkeypatch):
+    """batch_split 1 vs 4, same data order (no random crop/flip, no MixUp): same weights. With the
+    direct convolution kernels: training picks Winograd by a micro-batch's tile count (16 images of
+    this model have enough, 4 do not), another rounding, and this tiny model (GroupNorm over 2-4
+    values on 1x1 maps) turns a 1e-7 change of its input into 2e-4 of its gradients (measured), so
+    it would test the conditioning, not the accumulation."""
     from bit_transfer.train import fit
+
+    monkeypatch.setenv("BIT_TRANSFER_WINOGRAD", "0")
 
     common = dict(rule__steps=3, rule__mixup_alpha=0.0, data__random_crop=False, data__random_flip=False)
     fit(tiny_recipe(task, tmp_path, train__batch_split=1, **common), run_dir=tmp_path / "s1")
