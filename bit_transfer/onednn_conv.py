@@ -726,36 +726,38 @@ std::string layout_key(const memory::desc &md) {
   return k;
 }
 
-// FRESH: the weights are transformed on every call (training: pack_standardised), so the GEMM reads
+// `fresh`: the weights are transformed on every call (training: pack_standardised), so the GEMM reads
 // them in the plain (AA, C, O) layout that transform writes. oneDNN's own choice (AVX-512: a blocked
 // layout, reordered into on every call) ran R50's stage 3 at micro-batch 32 in 4.6 ms, plain 3.4.
-template <int M, bool FRESH = false>
+// A constructor argument, not a template one: one copy of the code per tile (the library is built
+// during a first run's start-up: 0.4 s more with two).
+template <int M>
 struct Winograd {
   static constexpr int A = M + 2, AA = A * A;  // input tile side, products per tile and channel pair
   Geometry g;
   int64_t C, O, th, tw, T, rows;  // tiles per image along h and w, in the batch, per GEMM (the last padded)
   memory::desc v, u, m, scratchpad;
   matmul gemm;
-  // FRESH only, backward-weights: dU = V^T dM per point, (C, rows) @ (rows, O), the tiles summed over
+  // `fresh` only, backward-weights: dU = V^T dM per point, (C, rows) @ (rows, O), the tiles summed over
   // the parts (the first part writes, the others add: a sum post-op).
   matmul wgemm_first, wgemm_add;
   memory::desc wscratchpad;
   std::string weights_key;  // layout_key(u), made once: it names the kept weight copy on every call
   Offsets plain_at{plain(g.wei, tag::oihw)};  // where ws_backward reads weights_grad's plain gradient
 
-  explicit Winograd(const Geometry &geo)
+  Winograd(const Geometry &geo, bool fresh)
       : g(geo), C(g.wei[1]), O(g.wei[0]), th((g.dst[2] + M - 1) / M), tw((g.dst[3] + M - 1) / M),
         T(g.src[0] * th * tw) {
     const int64_t parts = (T + WINO_ROWS - 1) / WINO_ROWS;
     rows = (T + parts - 1) / parts;  // parts of equal size: the last one pads at most parts - 1 rows
     v = plain({AA, rows, C}, tag::abc);
     m = plain({AA, rows, O}, tag::abc);
-    matmul::primitive_desc pd(cpu(), v, FRESH ? plain({AA, C, O}, tag::abc) : any({AA, C, O}), m, user_scratchpad());
+    matmul::primitive_desc pd(cpu(), v, fresh ? plain({AA, C, O}, tag::abc) : any({AA, C, O}), m, user_scratchpad());
     u = pd.weights_desc();
     scratchpad = pd.scratchpad_desc();
     gemm = matmul(pd);
     weights_key = layout_key(u);
-    if constexpr (FRESH) {
+    if (fresh) {
       const memory::desc vt = plain({AA, C, rows}, tag::acb), du = plain({AA, C, O}, tag::abc);
       primitive_attr add = user_scratchpad();
       post_ops sum;
@@ -902,7 +904,7 @@ struct Winograd {
       }
   }
 
-  // Backward-weights (FRESH): the gradient of the standardised weight, plain (O, C, 3, 3), as the
+  // Backward-weights (`fresh`): the gradient of the standardised weight, plain (O, C, 3, 3), as the
   // forward's adjoint: dU = sum over tiles of (A dY A^T) . (B^T d B), then G^T dU G per channel pair.
   void weights_grad(const float *x, const float *dy, float *dU, float *dw_hat) const {
     float *V = static_cast<float *>(scratch(v.get_size(), 5)), *Mt = static_cast<float *>(scratch(m.get_size(), 6));
@@ -964,9 +966,19 @@ struct Winograd {
   }
 };
 
+// Inference's (weights packed once) and training's (`fresh`) Winograd per geometry, kept apart.
+template <int M>
+struct PackedWinograd : Winograd<M> {
+  explicit PackedWinograd(const Geometry &g) : Winograd<M>(g, false) {}
+};
+template <int M>
+struct FreshWinograd : Winograd<M> {
+  explicit FreshWinograd(const Geometry &g) : Winograd<M>(g, true) {}
+};
+
 template <int M>
 void winograd_run(const Geometry &g, const float *x, float *w, float *y) {
-  const Winograd<M> &op = per_geometry<Winograd<M>>(g);
+  const Winograd<M> &op = per_geometry<PackedWinograd<M>>(g);
   std::shared_ptr<void> U = kept(op.weights_key, w, op.C * op.O * 9, op.u.get_size(),
                                  [&](void *to) { op.pack(w, to); });
   op.run(x, U.get(), y);
@@ -976,7 +988,7 @@ void winograd_run(const Geometry &g, const float *x, float *w, float *y) {
 template <int M>
 void winograd_ws_run(const Geometry &g, const float *x, const float *w, const float *mean, const float *rstd,
                      bool flipped, float *y) {
-  const Winograd<M, true> &op = per_geometry<Winograd<M, true>>(g);
+  const Winograd<M> &op = per_geometry<FreshWinograd<M>>(g);
   float *U = static_cast<float *>(scratch(op.u.get_size(), 0));
   op.pack_standardised(w, mean, rstd, flipped, U);
   op.run(x, U, y);
@@ -1010,7 +1022,7 @@ std::optional<Geometry> transposed(const Geometry &g) {
 template <int M>
 void winograd_ws_weights_run(const Geometry &g, const float *dy, const float *x, const float *w, const float *mean,
                              const float *rstd, float *dw) {
-  const Winograd<M, true> &op = per_geometry<Winograd<M, true>>(g);
+  const Winograd<M> &op = per_geometry<FreshWinograd<M>>(g);
   float *dU = static_cast<float *>(scratch(op.AA * op.C * op.O * sizeof(float), 0));
   float *dw_hat = static_cast<float *>(scratch(op.C * op.O * 9 * sizeof(float), 7));
   op.weights_grad(x, dy, dU, dw_hat);
