@@ -144,8 +144,9 @@ primitive_attr user_scratchpad() {
 
 // Buffers per thread, grown to the largest request and reused (a fresh allocation per call meant
 // page faults on ~3x the model's weights every step): slot 0 the blocked copy of a weight (or
-// training's Winograd-transformed one), slot 1 oneDNN's scratchpad, slots 2-4 activations in
-// another layout (Op::execute), 5-6 Winograd's transformed tiles. The scratchpad is ours
+// training's Winograd-transformed weight or its gradient), slot 1 oneDNN's scratchpad, slots 2-4
+// activations in another layout (Op::execute), 5-6 Winograd's transformed tiles, 7 training's
+// Winograd weight gradient before the standardisation's backward. The scratchpad is ours
 // (scratchpad_mode::user), not the library's: with the library's, a primitive created in one thread
 // failed to run in another ("could not execute a primitive": AVX2's GEMM backward-data, first run
 // eagerly, then in MindSpore's graph thread).
@@ -458,7 +459,8 @@ int guarded(const char *what, F f) {
 // Winograd F(4x4, 3x3) or F(2x2, 3x3) for packed (inference) weights, below: true where it ran the
 // convolution.
 bool winograd_fwd(const Geometry &g, const float *x, float *w, float *y);
-// The same for training's standardised weights (transformed on every call): the forward, backward-data.
+// The same for training's standardised weights (transformed on every call): the forward,
+// backward-data and backward-weights.
 bool winograd_ws(const Geometry &g, const float *x, const float *w, const float *mean, const float *rstd, bool flipped,
                  float *y);
 bool winograd_ws_data(const Geometry &g, const float *dy, const float *w, const float *mean, const float *rstd,
@@ -675,6 +677,17 @@ const double (*wino_g())[3] {
   return M == 4 ? G4 : G2;
 }
 
+// wino_g in float32, for training's transforms (made on every call).
+template <int M>
+struct GFloat {
+  float g[M + 2][3];
+  GFloat() {
+    const double(*G)[3] = wino_g<M>();
+    for (int i = 0; i < M + 2; ++i)
+      for (int j = 0; j < 3; ++j) g[i][j] = static_cast<float>(G[i][j]);
+  }
+};
+
 // The Winograd tile (4 or 2 outputs a side) for this convolution, 0 for the direct kernels. Used
 // for 3x3 stride-1 convolutions with channels in 8s where the batch has enough tiles: F(4x4, 3x3)
 // from 16 tiles (fewer: the GEMM reads 4x the weight bytes for too little work and ran slower than
@@ -798,10 +811,8 @@ struct Winograd {
   // transposed convolution's, so its C is w's output channels and its O w's inputs): the kernel
   // rotated by 180 degrees, G rot(w_hat[c][o]) G^T.
   void pack_standardised(const float *w, const float *mean, const float *rstd, bool flipped, float *plain_u) const {
-    const double(*Gd)[3] = wino_g<M>();
-    float G[A][3];
-    for (int i = 0; i < A; ++i)
-      for (int j = 0; j < 3; ++j) G[i][j] = static_cast<float>(Gd[i][j]);
+    const GFloat<M> gf;
+    const float(*G)[3] = gf.g;
     // 8 input channels at a time for all outputs: each plane's 8 rows are written whole (one 32-byte
     // store per (c, o-block) along c halved its speed: R50's stage 3, 1.2 -> 0.5 ms per call).
 #pragma omp parallel for num_threads(transform_threads(AA * C * O)) schedule(static)
@@ -919,10 +930,8 @@ struct Winograd {
                        {DNNL_ARG_SCRATCHPAD, memory(wscratchpad, cpu(), scratch(wscratchpad.get_size(), 1))}});
       s.wait();
     }
-    const double(*Gd)[3] = wino_g<M>();
-    float G[A][3];
-    for (int i = 0; i < A; ++i)
-      for (int j = 0; j < 3; ++j) G[i][j] = static_cast<float>(Gd[i][j]);
+    const GFloat<M> gf;
+    const float(*G)[3] = gf.g;
 #pragma omp parallel for num_threads(transform_threads(AA * C * O)) schedule(static)
     for (int64_t c0 = 0; c0 < C; c0 += 8)
       for (int64_t ob = 0; ob < O / 8; ++ob)
@@ -1292,7 +1301,8 @@ def forget_packed() -> None:
 def training_winograd_tile(x_shape, w_shape, stride: int, pad: int, same: bool, backward_data: bool = False) -> int:
     """The Winograd tile (4: F(4x4, 3x3), 2: F(2x2, 3x3), 0: oneDNN's direct kernels) the training
     convolution (`standardise=True`) runs for activations shaped `x_shape` (in their layout) and an
-    (O, C, kh, kw) weight: its forward, or its backward-data. 0 without the library."""
+    (O, C, kh, kw) weight: its forward (and backward-weights, which follows it), or its
+    backward-data. 0 without the library."""
     lib = _loaded()
     if lib is None:
         return 0
