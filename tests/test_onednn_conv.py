@@ -218,8 +218,9 @@ WINOGRAD_TRAINING = [  # n, c, h, w, o, pad, same, m: the tile of the forward an
 @pytest.mark.parametrize("n,c,h,w,o,pad,same,m", WINOGRAD_TRAINING)
 def test_training_3x3_convolutions_run_winograd_with_mindspores_gradients(n, c, h, w, o, pad, same, m, layout,
                                                                          monkeypatch):
-    """Training's weight-standardised 3x3 stride-1 convolution runs its forward and backward-data as
-    Winograd F(m x m, 3x3) where there are 64 tiles, the weight transformed on every call: values
+    """Training's weight-standardised 3x3 stride-1 convolution runs its forward, backward-data and
+    backward-weights as Winograd F(m x m, 3x3) where there are 64 tiles, the weight transformed on
+    every call: values
     and both gradients are MindSpore's (conv of the GroupNorm-standardised weight) to 1e-5 of the
     largest. BIT_TRANSFER_WINOGRAD=0 runs the direct kernels: y, dx and dw change (another algorithm ran)."""
     shape = to_layout(np.zeros((n, c, h, w)), layout).shape
