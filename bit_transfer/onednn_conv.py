@@ -23,7 +23,9 @@ maths is the same; values and gradients match MindSpore's ops to ~1e-6 of the la
 
 Inference (packed weights) runs 3x3 stride-1 convolutions as Winograd F(4x4, 3x3) where that pays
 (`winograd_tile` in SOURCE: enough tiles in the batch, transformed weight <= 64 MB): 4x fewer
-multiplications as one batched oneDNN matmul between our tile transforms, 1.3-2.8x faster per
+multiplications as one batched GEMM between our tile transforms (oneDNN's matmul; on AVX2, where
+that is oneDNN's reference gemm, which repacks the weight on every call, our own on the kept
+weight: eval 4-5 % faster), 1.3-2.8x faster per
 convolution than oneDNN 3.2's direct kernels (which have no fp32 Winograd), values within ~3e-6
 of the largest output (a direct convolution's rounding: ~1e-6), and a kept weight copy 4x the
 3x3 weight's. Where a batch has too few 4x4 tiles (R50's last stage at micro-batch 8), F(2x2, 3x3):
@@ -585,8 +587,9 @@ namespace {
 // Winograd F(m x m, 3x3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"):
 // y = A^T [(G w G^T) . (B^T d B)] A for every (m + 2) x (m + 2) input tile d and its m x m
 // outputs, so (m + 2)^2 products per m x m outputs and channel pair instead of 9 m^2: F(4x4, 3x3) 4x
-// fewer, F(2x2, 3x3) 2.25x. The products are one batched GEMM (oneDNN's matmul: (m + 2)^2 x
-// (tiles, C) @ (C, O)), the transforms are ours, 8 channels at a time in either activation layout.
+// fewer, F(2x2, 3x3) 2.25x. The products are one batched GEMM ((m + 2)^2 x (tiles, C) @ (C, O):
+// oneDNN's matmul, or panel::gemm for inference on AVX2), the transforms are ours, 8 channels at a
+// time in either activation layout.
 // F(4x4, 3x3) takes the Toom-Cook points 0, 1, -1, 1/2, -2 (and infinity) instead of the usual
 // 0, +-1, +-2: in float32 ~2.5x less rounding error (Barabasz et al. 2020, "Error analysis and
 // improving the accuracy of Winograd convolution for deep neural networks"), ~3e-6 of the largest
@@ -720,6 +723,83 @@ int winograd_tile(const Geometry &g, bool training = false) {
   return 0;
 }
 
+// Inference's Winograd GEMM where oneDNN's matmul would be its reference gemm (AVX2 without
+// AVX-512): per point (rows, C) @ (C, O), the kept weight in panels of 16 outputs, each (C, 16)
+// contiguous, so no call repacks it (oneDNN's gemm packs the weight on every call; at micro-batch 8
+// R50's stage 4 multiplies 32 tiles by 16 MB of weight). 6 x 16 register blocks; each panel's
+// successor is prefetched, a share per row block (the weight streams from memory). On AVX2, weights
+// cold: 16 x (32, 512) @ (512, 512) 124 -> 149 GF/s, 36 x (32, 256) @ (256, 256) 135 -> 157,
+// 36 x (128, 128) @ (128, 128) 178 -> 200. On AVX-512 oneDNN's brgemm (blocked weights) was 2-4x
+// faster than this code, so it keeps the matmul there.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr bool PANEL_GEMM = true;
+#else
+constexpr bool PANEL_GEMM = false;
+#endif
+namespace panel {
+constexpr int W = 8, NR = 16, MR = 6;  // floats per register, outputs per panel, rows per block
+typedef float vf __attribute__((vector_size(32), aligned(4)));
+
+int64_t count(int64_t N) { return (N + NR - 1) / NR; }
+
+// w (P, K, N) into panels: P x count(N) blocks of (K, NR), zeros past N.
+void pack(const float *w, int64_t P, int64_t K, int64_t N, float *to) {
+  const int64_t NP = count(N);
+  for (int64_t q = 0; q < P * NP; ++q)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < NR; ++c) {
+        const int64_t p = q / NP, n = q % NP * NR + c;
+        to[(q * K + k) * NR + c] = n < N ? w[(p * K + k) * N + n] : 0.f;
+      }
+}
+
+// C (m rows, ncols of ldc) = A (m rows of K) @ one panel; the first `ahead` lines of `next` prefetched.
+template <int m>
+__attribute__((always_inline)) inline void block(const float *A, int64_t K, const float *panel, float *C, int64_t ldc,
+                                                 int64_t ncols, const float *next, int64_t ahead) {
+  vf acc[m][2] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    if (k < ahead) __builtin_prefetch(next + k * NR);
+    vf b0, b1;
+    std::memcpy(&b0, panel + k * NR, sizeof b0);
+    std::memcpy(&b1, panel + k * NR + W, sizeof b1);
+    for (int i = 0; i < m; ++i) {
+      const float a = A[i * K + k];
+      acc[i][0] += a * b0;
+      acc[i][1] += a * b1;
+    }
+  }
+  for (int i = 0; i < m; ++i) {
+    alignas(32) float out[NR];
+    std::memcpy(out, acc[i], sizeof out);
+    if (ncols == NR) std::memcpy(C + i * ldc, out, sizeof out);  // a constant size: no call to libc
+    else std::memcpy(C + i * ldc, out, ncols * sizeof(float));
+  }
+}
+
+// All R rows against one panel: blocks of MR, then the rest one row at a time (two instantiations
+// of `block`, not MR: the library is built during a first run's start-up).
+void rows(const float *A, int64_t R, int64_t K, const float *panel, float *C, int64_t ldc, int64_t ncols, const float *next) {
+  const int64_t blocks = R / MR, share = blocks ? (K + blocks - 1) / blocks : 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k0 = b * share, ahead = next && k0 < K ? std::min(share, K - k0) : 0;
+    block<MR>(A + b * MR * K, K, panel, C + b * MR * ldc, ldc, ncols, ahead ? next + k0 * NR : nullptr, ahead);
+  }
+  for (int64_t i = blocks * MR; i < R; ++i) block<1>(A + i * K, K, panel, C + i * ldc, ldc, ncols, nullptr, 0);
+}
+
+// C (P, R, N) = A (P, R, K) @ the panels of B (P, K, N).
+void gemm(int64_t P, int64_t R, int64_t K, int64_t N, const float *A, const float *panels, float *C) {
+  const int64_t NP = count(N), tasks = P * NP;
+#pragma omp parallel for num_threads(threads(P * R * K * N >> 4)) schedule(static)
+  for (int64_t q = 0; q < tasks; ++q) {
+    const int64_t p = q / NP, j = q % NP;
+    rows(A + p * R * K, R, K, panels + q * K * NR, C + p * R * N + j * NR, N, std::min<int64_t>(NR, N - j * NR),
+         q + 1 < tasks ? panels + (q + 1) * K * NR : nullptr);
+  }
+}
+}  // namespace panel
+
 // Where channels 8 * cb .. 8 * cb + 7 of pixel (n, h, w) of a (N, C, H, W) activation are, channels-last
 // or nChw8c (both keep these 8 side by side): n * image + cb * block + h * row + w * pixel.
 struct Strides8 {
@@ -758,21 +838,29 @@ struct Winograd {
   // the parts (the first part writes, the others add: a sum post-op).
   matmul wgemm_first, wgemm_add;
   memory::desc wscratchpad;
-  std::string weights_key;  // layout_key(u), made once: it names the kept weight copy on every call
+  bool panels;  // inference on AVX2: panel::gemm on the kept weight in panels, not the matmul
+  size_t weight_bytes;  // of the transformed weight the GEMM reads
+  std::string weights_key;  // its layout, made once: it names the kept weight copy on every call
   Offsets plain_at{plain(g.wei, tag::oihw)};  // where ws_backward reads weights_grad's plain gradient
 
   Winograd(const Geometry &geo, bool fresh)
       : g(geo), C(g.wei[1]), O(g.wei[0]), th((g.dst[2] + M - 1) / M), tw((g.dst[3] + M - 1) / M),
-        T(g.src[0] * th * tw) {
+        T(g.src[0] * th * tw), panels(PANEL_GEMM && !fresh) {
     const int64_t parts = (T + WINO_ROWS - 1) / WINO_ROWS;
     rows = (T + parts - 1) / parts;  // parts of equal size: the last one pads at most parts - 1 rows
     v = plain({AA, rows, C}, tag::abc);
     m = plain({AA, rows, O}, tag::abc);
-    matmul::primitive_desc pd(cpu(), v, fresh ? plain({AA, C, O}, tag::abc) : any({AA, C, O}), m, user_scratchpad());
-    u = pd.weights_desc();
-    scratchpad = pd.scratchpad_desc();
-    gemm = matmul(pd);
-    weights_key = layout_key(u);
+    if (panels) {
+      weight_bytes = AA * panel::count(O) * C * panel::NR * sizeof(float);
+      weights_key = "wino-panels:" + std::to_string(AA) + "," + std::to_string(C) + "," + std::to_string(O);
+    } else {
+      matmul::primitive_desc pd(cpu(), v, fresh ? plain({AA, C, O}, tag::abc) : any({AA, C, O}), m, user_scratchpad());
+      u = pd.weights_desc();
+      scratchpad = pd.scratchpad_desc();
+      gemm = matmul(pd);
+      weight_bytes = u.get_size();
+      weights_key = layout_key(u);
+    }
     if (fresh) {
       const memory::desc vt = plain({AA, C, rows}, tag::acb), du = plain({AA, C, O}, tag::abc);
       primitive_attr add = user_scratchpad();
@@ -802,6 +890,7 @@ struct Winograd {
             plain_u[((i * A + j) * C + c) * O + o] =
                 static_cast<float>(gk[i][0] * G[j][0] + gk[i][1] * G[j][1] + gk[i][2] * G[j][2]);
       }
+    if (panels) return panel::pack(plain_u.data(), AA, C, O, static_cast<float *>(to));
     stream s(cpu());
     memory from(plain({AA, C, O}, tag::abc), cpu(), plain_u.data()), dst(u, cpu(), to);
     reorder(from, dst).execute(s, from, dst);
@@ -969,7 +1058,8 @@ struct Winograd {
     stream s(cpu());
     for (int64_t t0 = 0; t0 < T; t0 += rows) {
       tiles_in(x, t0, V);
-      gemm.execute(s, {{DNNL_ARG_SRC, memory(v, cpu(), V)}, {DNNL_ARG_WEIGHTS, memory(u, cpu(), const_cast<void *>(U))},
+      if (panels) panel::gemm(AA, rows, C, O, V, static_cast<const float *>(U), Mt);
+      else gemm.execute(s, {{DNNL_ARG_SRC, memory(v, cpu(), V)}, {DNNL_ARG_WEIGHTS, memory(u, cpu(), const_cast<void *>(U))},
                        {DNNL_ARG_DST, memory(m, cpu(), Mt)},
                        {DNNL_ARG_SCRATCHPAD, memory(scratchpad, cpu(), scratch(scratchpad.get_size(), 1))}});
       s.wait();
@@ -1001,7 +1091,7 @@ struct FreshWinograd : Winograd<M> {
 template <int M>
 void winograd_run(const Geometry &g, const float *x, float *w, float *y) {
   const Winograd<M> &op = per_geometry<PackedWinograd<M>>(g);
-  std::shared_ptr<void> U = kept(op.weights_key, w, op.C * op.O * 9, op.u.get_size(),
+  std::shared_ptr<void> U = kept(op.weights_key, w, op.C * op.O * 9, op.weight_bytes,
                                  [&](void *to) { op.pack(w, to); });
   op.run(x, U.get(), y);
 }
@@ -1011,7 +1101,7 @@ template <int M>
 void winograd_ws_run(const Geometry &g, const float *x, const float *w, const float *mean, const float *rstd,
                      bool flipped, float *y) {
   const Winograd<M> &op = per_geometry<FreshWinograd<M>>(g);
-  float *U = static_cast<float *>(scratch(op.u.get_size(), 0));
+  float *U = static_cast<float *>(scratch(op.weight_bytes, 0));
   op.pack_standardised(w, mean, rstd, flipped, U);
   op.run(x, U, y);
 }
