@@ -837,7 +837,7 @@ struct Winograd {
   // `fresh` only, backward-weights: dU = V^T dM per point, (C, rows) @ (rows, O), the tiles summed over
   // the parts (the first part writes, the others add: a sum post-op).
   matmul wgemm_first, wgemm_add;
-  memory::desc wscratchpad;
+  memory::desc vt, du, wscratchpad;  // its tiles (V read as (AA, C, rows)), its dU (AA, C, O), scratchpad
   bool panels;  // inference on AVX2: panel::gemm on the kept weight in panels, not the matmul
   size_t weight_bytes;  // of the transformed weight the GEMM reads
   std::string weights_key;  // its layout, made once: it names the kept weight copy on every call
@@ -862,7 +862,7 @@ struct Winograd {
       weights_key = layout_key(u);
     }
     if (fresh) {
-      const memory::desc vt = plain({AA, C, rows}, tag::acb), du = plain({AA, C, O}, tag::abc);
+      vt = plain({AA, C, rows}, tag::acb), du = plain({AA, C, O}, tag::abc);
       primitive_attr add = user_scratchpad();
       post_ops sum;
       sum.append_sum(1.f);
@@ -1016,9 +1016,9 @@ struct Winograd {
       tiles_in(x, t0, V);
       grads_in(dy, t0, Mt);
       (t0 ? wgemm_add : wgemm_first)
-          .execute(s, {{DNNL_ARG_SRC, memory(plain({AA, C, rows}, tag::acb), cpu(), V)},
+          .execute(s, {{DNNL_ARG_SRC, memory(vt, cpu(), V)},
                        {DNNL_ARG_WEIGHTS, memory(m, cpu(), Mt)},
-                       {DNNL_ARG_DST, memory(plain({AA, C, O}, tag::abc), cpu(), dU)},
+                       {DNNL_ARG_DST, memory(du, cpu(), dU)},
                        {DNNL_ARG_SCRATCHPAD, memory(wscratchpad, cpu(), scratch(wscratchpad.get_size(), 1))}});
       s.wait();
     }
@@ -1132,7 +1132,7 @@ template <int M>
 void winograd_ws_weights_run(const Geometry &g, const float *dy, const float *x, const float *w, const float *mean,
                              const float *rstd, float *dw) {
   const Winograd<M> &op = per_geometry<FreshWinograd<M>>(g);
-  float *dU = static_cast<float *>(scratch(op.AA * op.C * op.O * sizeof(float), 0));
+  float *dU = static_cast<float *>(scratch(op.du.get_size(), 0));
   float *dw_hat = static_cast<float *>(scratch(op.C * op.O * 9 * sizeof(float), 7));
   op.weights_grad(x, dy, dU, dw_hat);
   ws_backward(dw_hat, op.plain_at, w, Rows(g.wei), mean, rstd, dw);

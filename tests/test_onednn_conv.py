@@ -45,6 +45,11 @@ def from_layout(x, layout):
     return x.transpose(0, 1, 4, 2, 3).reshape(n, cb * b, h, w)
 
 
+def standardised(w):
+    """BiT's weight standardisation by MindSpore's own GroupNorm (one group per output channel)."""
+    return ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, 1e-10).reshape(w.shape)
+
+
 def builtin_conv(x, w, stride, pad, same):
     """The reference: MindSpore's NCHW convolution after the padding our layers use."""
     if same:
@@ -86,7 +91,7 @@ def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stri
     wt = Tensor((rng.standard_normal((o, c, k, k)) * 0.1 + 0.03).astype(np.float32))
 
     def ws(w):
-        return ops.group_norm(w.reshape(o, 1, -1), 1, None, None, 1e-10).reshape(w.shape) if standardise else w
+        return standardised(w) if standardise else w
 
     want_y = builtin_conv(x, ws(wt), stride, pad, same)
     res = Tensor(rng.standard_normal(want_y.shape).astype(np.float32))
@@ -171,8 +176,8 @@ WINOGRAD = [  # n, c, h, w, o, pad, same, m: 3x3 stride-1 convolutions run as Wi
 def test_packed_3x3_convolutions_run_winograd_with_mindspores_numbers(n, c, h, w, o, pad, same, m, layout, monkeypatch):
     """Inference (packed weights) runs a 3x3 stride-1 convolution as Winograd F(4x4, 3x3), or F(2x2,
     3x3) where there are too few 4x4 tiles: its transformed weight is kept ((m + 2)^2 values per 3x3
-    kernel, so the copy shows which ran; on AVX2 in our GEMM's panels of 16 outputs), the values are MindSpore's convolution's to 1e-5 of the
-    largest; BIT_TRANSFER_WINOGRAD=0 gives the direct kernels' numbers exactly, as does a batch with
+    kernel, so the copy shows which ran; on AVX2 in our GEMM's panels of 16 outputs), the values are
+    MindSpore's convolution's to 1e-5 of the largest; BIT_TRANSFER_WINOGRAD=0 gives the direct kernels' numbers exactly, as does a batch with
     too few tiles."""
     rng = np.random.default_rng(9)
     x = Tensor(np.maximum(rng.standard_normal((n, c, h, w)), 0).astype(np.float32))  # as after a ReLU
@@ -236,9 +241,6 @@ def test_training_3x3_convolutions_run_winograd_with_mindspores_gradients(n, c, 
         Tensor([1e-10], ms.float32)
     r = Tensor(rng.standard_normal(builtin_conv(x, wt, 1, pad, same).shape).astype(np.float32))
 
-    def ws(w):
-        return ops.group_norm(w.reshape(o, 1, -1), 1, None, None, 1e-10).reshape(w.shape)
-
     def forward(x, wt):
         return from_layout(op(to_layout(x, layout), wt, eps, cfg)[0], layout)
 
@@ -246,13 +248,13 @@ def test_training_3x3_convolutions_run_winograd_with_mindspores_gradients(n, c, 
         return (forward(x, wt) * r).sum()
 
     def theirs(x, wt):
-        return (builtin_conv(x, ws(wt), 1, pad, same) * r).sum()
+        return (builtin_conv(x, standardised(wt), 1, pad, same) * r).sum()
 
     grads = ms.jit(ms.grad(ours, (0, 1)))
     want_grads = ms.grad(theirs, (0, 1))(x, wt)
 
     y, (dx, dw) = forward(x, wt).asnumpy(), [g.asnumpy() for g in grads(x, wt)]
-    close(y, builtin_conv(x, ws(wt), 1, pad, same).asnumpy())
+    close(y, builtin_conv(x, standardised(wt), 1, pad, same).asnumpy())
     close(dx, want_grads[0].asnumpy())
     close(dw, want_grads[1].asnumpy())
     monkeypatch.setenv("BIT_TRANSFER_WINOGRAD", "0")
