@@ -26,7 +26,7 @@ from PIL import Image
 
 from bit_transfer import data
 from bit_transfer.data import pipeline
-from bit_transfer.recipe import DataConfig
+from bit_transfer.config.recipe import DataConfig
 
 
 def photo_like(rng, h, w) -> Image.Image:

@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     args = ap.parse_args()
 
-    from bit_transfer import recipe
-    from bit_transfer.train import fit
+    from bit_transfer.config import recipe
+    from bit_transfer.commands.fit import fit
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_folder(Path(tmp) / "data", args.images, (32, 32), "png")

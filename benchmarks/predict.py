@@ -64,9 +64,9 @@ CPUS = len(os.sched_getaffinity(0))
 # ---------------------------------------------------------------- children
 def prepare(args) -> dict:
     """The seeded model's weights as .npz (torch), its ONNX export, with --e2e a .ckpt; the arch as data."""
-    from bit_transfer import checkpoint
+    from bit_transfer.models.weights import ckpt as checkpoint
     from bit_transfer.models import model_config
-    from bit_transfer.models.export import export_onnx
+    from bit_transfer.commands.export import export_onnx
 
     from train_step import arch_spec
 
@@ -83,7 +83,7 @@ def prepare(args) -> dict:
 
 def load_ours(args):
     """The model of `prepare`, its weights read back from the .npz."""
-    from bit_transfer import runtime
+    from bit_transfer.system import device as runtime
     from bit_transfer.models import create_model
 
     runtime.setup("CPU")
@@ -97,7 +97,7 @@ def load_ours(args):
 def forward_unfolded(args):
     import mindspore as ms
 
-    from bit_transfer import step
+    from bit_transfer.engine import step
 
     return step.EvalStep(load_ours(args), args.batch), f"mindspore {ms.__version__}"
 
@@ -105,7 +105,7 @@ def forward_unfolded(args):
 def forward_folded(args):
     import mindspore as ms
 
-    from bit_transfer import step
+    from bit_transfer.engine import step
     from bit_transfer.models.inference import fold
 
     net = fold(load_ours(args))  # as predict: the training model is dropped once folded

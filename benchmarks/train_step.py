@@ -79,22 +79,22 @@ def make_data(args, batch: int):
 
 
 def build_ours(args):
-    from bit_transfer import runtime
+    from bit_transfer.system import device
     from bit_transfer.models import create_model
 
-    runtime.setup("CPU")
-    runtime.seed_everything(0)
+    device.setup("CPU")
+    device.seed_everything(0)
     model = create_model(args.model, args.classes)
     rng = np.random.default_rng(1)
     for p in model.head.get_parameters():  # non-zero head so the logits say something
-        runtime.assign(p, rng.standard_normal(p.shape).astype(np.float32) * 0.01)
+        device.assign(p, rng.standard_normal(p.shape).astype(np.float32) * 0.01)
     return model
 
 
 def run_ours(args, batch: int, precision: str) -> dict:
     import mindspore as ms
 
-    from bit_transfer import step
+    from bit_transfer.engine import step
 
     model = build_ours(args)
     x, y = make_data(args, batch)

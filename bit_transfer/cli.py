@@ -12,7 +12,7 @@ import json
 import re
 import sys
 
-from bit_transfer import __version__
+from bit_transfer.settings import VERSION as __version__
 from bit_transfer.errors import UsageError
 
 
@@ -86,7 +86,8 @@ def _add_device_args(p: argparse.ArgumentParser, launch: bool = False) -> None:
 
 
 def cmd_plan(args) -> int:
-    from bit_transfer import planning, recipe
+    from bit_transfer.hyperrule import planning
+    from bit_transfer.config import recipe
 
     r = recipe.load(args.recipe, args.sets)
     info = planning.task_info(r)
@@ -103,7 +104,7 @@ def _recipe_for_run(args):
     """The recipe of `fit`: the file given, or the one saved in the run directory to resume."""
     from pathlib import Path
 
-    from bit_transfer import recipe
+    from bit_transfer.config import recipe
 
     if args.resume:
         saved = Path(args.resume) / "recipe.yaml"
@@ -123,10 +124,11 @@ def cmd_fit(args) -> int:
         raise UsageError(f"--node-rank {args.node_rank} is not below --nodes {args.nodes}; number the machines 0 .. nodes-1")
     r, run_dir = _recipe_for_run(args)
     if r.train.device in ("auto", "CPU"):  # a first run compiles the CPU kernels while MindSpore imports
-        from bit_transfer import onednn_conv
+        from bit_transfer.kernels import onednn as onednn_conv
 
         onednn_conv.prebuild()
-    from bit_transfer import distributed, train
+    from bit_transfer.system import distributed
+    from bit_transfer.commands import fit as train
     if (args.devices > 1 or args.nodes > 1) and not distributed.launched_by_msrun():
         return _launch_ranks(args, r, run_dir)
     distributed.watch_launcher()
@@ -146,8 +148,9 @@ def _launch_ranks(args, r, run_dir) -> int:
     import signal
     from pathlib import Path
 
-    from bit_transfer import data, distributed
-    from bit_transfer.rundir import RunDir
+    from bit_transfer import data
+    from bit_transfer.system import distributed
+    from bit_transfer.run.rundir import RunDir
 
     def interrupted(signum, _frame):  # before any rank starts there is nothing to stop but this check
         raise KeyboardInterrupt
@@ -174,7 +177,8 @@ def _launch_ranks(args, r, run_dir) -> int:
 
 
 def cmd_eval(args) -> int:
-    from bit_transfer import evalrun, recipe
+    from bit_transfer.commands import eval as evalrun
+    from bit_transfer.config import recipe
 
     r = recipe.load(args.recipe, args.sets)
     evalrun.eval_checkpoint(r, args.checkpoint, out_dir=args.out)
@@ -182,7 +186,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from bit_transfer.models.export import export_from_checkpoint
+    from bit_transfer.commands.export import export_from_checkpoint
 
     out = export_from_checkpoint(args.run_or_ckpt, args.format, args.out, image_size=args.image_size)
     print(f"exported {args.format}: {out}")
@@ -214,7 +218,7 @@ def parse_ints(text: str, option: str, minimum: int) -> list[int]:
 
 
 def add_fewshot_parser(subparsers) -> argparse.ArgumentParser:
-    from bit_transfer.fewshot import MODES  # no MindSpore import
+    from bit_transfer.commands.fewshot.sweep import MODES  # no MindSpore import
 
     p = subparsers.add_parser(
         "fewshot",
@@ -239,8 +243,8 @@ def add_fewshot_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_fewshot(args) -> int:
-    from bit_transfer import recipe as recipes
-    from bit_transfer.fewshot import sweep
+    from bit_transfer.config import recipe as recipes
+    from bit_transfer.commands.fewshot.sweep import sweep
 
     shots = parse_ints(args.shots, "--shots", minimum=1)
     seeds = parse_ints(args.seeds, "--seeds", minimum=0)
@@ -291,7 +295,7 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_predict(args) -> int:
-    from bit_transfer.predict import predict_command
+    from bit_transfer.commands.predict import predict_command
 
     return predict_command(args)
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
-    from bit_transfer import recipe as recipes
+    from bit_transfer.config import recipe as recipes
 
 DATA_DEFAULTS = dict(
     source="hf", name=None, path=None, train_split="train", eval_split=None, image_column=None,
@@ -260,7 +260,7 @@ def tiny_recipe(data_dir: Path, runs: Path, **sets) -> recipes.Recipe:
 
     `section__key=value` sets a key; `section__key=None` leaves it unset (the recipe's default: for
     rule.steps and rule.base_lr, what the HyperRule decides)."""
-    from bit_transfer import recipe as recipes
+    from bit_transfer.config import recipe as recipes
 
     raw = {
         "name": "tiny",
@@ -286,7 +286,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def final_params(run_dir: Path) -> dict[str, np.ndarray]:
     """The model parameters (no optimizer state) of a run's latest checkpoint."""
-    from bit_transfer.checkpoint import read_checkpoint
+    from bit_transfer.models.weights.ckpt import read_checkpoint
 
     ckpt = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1]
     params, _ = read_checkpoint(ckpt)

@@ -6,7 +6,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from bit_transfer.checkpoint import read_checkpoint, save_checkpoint
+from bit_transfer.models.weights.ckpt import read_checkpoint, save_checkpoint
 from bit_transfer.errors import WeightsError
 
 

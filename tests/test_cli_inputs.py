@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from bit_transfer import hub
+from bit_transfer.system import hub
 from conftest import one_line_error, run_cli
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -144,7 +144,7 @@ def test_hf_weights_without_network_fails_fast_in_one_line(tmp_path):
 
 
 def test_batch_layout_refuses_zero_ranks_for_other_callers():
-    from bit_transfer import planning
+    from bit_transfer.hyperrule import planning
     from bit_transfer.errors import RecipeError
 
     with pytest.raises(RecipeError, match="0 ranks cannot train; use --devices and --nodes of at least 1"):

@@ -93,7 +93,7 @@ def _predict_twice(run, task, home):
 
 
 def test_a_damaged_entry_and_abandoned_work_are_removed(tmp_path):
-    from bit_transfer import compile_cache
+    from bit_transfer.system import compile_cache
 
     cache, key = tmp_path / "compile-cache", "k" * 32
     work = cache / "work"
@@ -117,7 +117,7 @@ def test_a_damaged_entry_and_abandoned_work_are_removed(tmp_path):
 
 
 def test_entries_unused_for_a_month_are_pruned_when_one_is_saved(tmp_path):
-    from bit_transfer import compile_cache
+    from bit_transfer.system import compile_cache
 
     cache = tmp_path / "compile-cache"
     for key in ("old", "recent"):
@@ -132,11 +132,12 @@ def test_entries_unused_for_a_month_are_pruned_when_one_is_saved(tmp_path):
 
 
 def test_graph_keys_tell_apart_what_shapes_the_graph():
-    from bit_transfer import compile_cache, runtime
+    from bit_transfer.system import compile_cache
+    from bit_transfer.system import device
     from bit_transfer.models import create_model
-    from bit_transfer.step import TrainStep
+    from bit_transfer.engine.step import TrainStep
 
-    runtime.setup("CPU")
+    device.setup("CPU")
     x = np.zeros((4, 3, 16, 16), np.float32), np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)
 
     def key(inputs=x, split=1, **model):
@@ -171,11 +172,12 @@ def test_an_unusable_cache_costs_one_line_not_the_run(task, tmp_path):
 
 
 def test_a_file_where_the_cache_goes_is_named_and_left_alone(home, monkeypatch):
-    from bit_transfer import compile_cache, runtime
+    from bit_transfer.system import compile_cache
+    from bit_transfer.system import device
     from bit_transfer.models import create_model
-    from bit_transfer.step import TrainStep
+    from bit_transfer.engine.step import TrainStep
 
-    runtime.setup("CPU")
+    device.setup("CPU")
     monkeypatch.setattr(compile_cache, "_used", False)  # this process may have trained already
     home.mkdir()
     (home / "compile-cache").write_text("mine")

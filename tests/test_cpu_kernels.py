@@ -1,4 +1,4 @@
-"""The compiled CPU GroupNorm kernel gives the built-in op's values and gradients (bit_transfer/cpu_kernels.py)."""
+"""The compiled CPU GroupNorm kernel gives the built-in op's values and gradients (bit_transfer/kernels/build.py)."""
 
 import platform
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, ops
 
-from bit_transfer import cpu_kernels
+from bit_transfer.kernels import build as cpu_kernels
 from bit_transfer.models.resnetv2 import kernel_group_norm
 
 # The build itself is tested below without a skip; these compare results where the kernels exist.
@@ -142,7 +142,7 @@ def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home):
 
 def test_an_unwritable_kernel_cache_is_a_build_failure_not_a_traceback(monkeypatch, tmp_path):
     """_library() turns this RuntimeError into its one warning and MindSpore's ops."""
-    from bit_transfer import cpu_kernels
+    from bit_transfer.kernels import build as cpu_kernels
 
     if not cpu_kernels._compiler():
         pytest.skip("no C++ compiler here")

@@ -511,7 +511,7 @@ def test_describe_does_not_import_mindspore(tmp_path):
 
 
 def test_real_recipe_dataconfig_is_accepted(tmp_path):
-    recipe = pytest.importorskip("bit_transfer.recipe")
+    recipe = pytest.importorskip("bit_transfer.config.recipe")
     root = datagen.image_folder(tmp_path / "d")
     cfg = recipe.DataConfig(source="imagefolder", path=str(root), cache_dir=str(tmp_path / "c"))
     assert data.describe(cfg).dataset_size == 12

@@ -12,7 +12,8 @@ def samples(out, *extra):
 
 
 def test_samples_are_the_first_held_out_digits_in_class_folders(tmp_path):
-    from bit_transfer import data, recipe as recipes
+    from bit_transfer import data
+    from bit_transfer.config import recipe as recipes
     from bit_transfer.demo.samples import DEMO_RECIPE
 
     out = samples(tmp_path / "s", "--count", 5)

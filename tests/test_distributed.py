@@ -45,8 +45,8 @@ def two_ranks(task, tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_rank(two_ranks, tmp_path_factory):
     """The same recipe on one rank, in this process: (metrics, run directory)."""
-    from bit_transfer import recipe as recipes
-    from bit_transfer.train import fit
+    from bit_transfer.config import recipe as recipes
+    from bit_transfer.commands.fit import fit
 
     run = tmp_path_factory.mktemp("one") / "one"
     return fit(recipes.load(two_ranks[0]), run_dir=run), run
@@ -84,8 +84,8 @@ def test_only_rank_0_wrote_the_run_directory(two_ranks):
 
 
 def test_resume_a_two_rank_checkpoint_on_one_rank(task, one_rank, tmp_path):
-    from bit_transfer import recipe as recipes
-    from bit_transfer.train import fit
+    from bit_transfer.config import recipe as recipes
+    from bit_transfer.commands.fit import fit
 
     rec = recipe_file(task, tmp_path)  # the recipe of one_rank's run
     out = run_cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp_path / "run"), "--stop-after", "2", "--quiet")
@@ -168,7 +168,7 @@ def test_a_signal_to_the_launcher_stops_the_ranks_together_with_a_checkpoint(tas
 def test_ranks_whose_launcher_is_killed_stop_at_a_step_with_a_checkpoint(task, tmp_path):
     """`kill -9` of `fit --devices 2` (or the OOM killer) left both ranks training unseen; they now
     watch the launcher and stop as for SIGTERM: a whole checkpoint of the stop step, resumable."""
-    from bit_transfer.checkpoint import read_checkpoint
+    from bit_transfer.models.weights.ckpt import read_checkpoint
 
     def check(proc, run, shown, pids):
         os.kill(proc.pid, signal.SIGKILL)

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from bit_transfer.errors import WeightsError
-from bit_transfer.models import download as dl
+from bit_transfer.models.weights import download as dl
 from bit_transfer.models import resolve_weights
 
 PAYLOAD = os.urandom(3 * dl.CHUNK + 12345)
@@ -147,7 +147,7 @@ def test_hf_spec_offline_message(tmp_path, monkeypatch):
 
 def test_hf_spec_without_network_fails_fast_offline(tmp_path):
     """No monkeypatching: on a machine without network the hub check switches to offline at once."""
-    from bit_transfer import hub
+    from bit_transfer.system import hub
 
     if hub.reachable(hub.endpoint()):
         pytest.skip("the hub is reachable here")

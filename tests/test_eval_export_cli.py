@@ -27,7 +27,7 @@ def task(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(task, tmp_path_factory):
     """A real `fit` run of 2 steps (a tiny model): recipe.yaml, checkpoints, metrics.json, eval/."""
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     runs = tmp_path_factory.mktemp("runs")
     fit(tiny_recipe(task, runs, rule__steps=2), run_dir=runs / "tiny-run")
@@ -38,7 +38,7 @@ def fitted(task, tmp_path_factory):
 def hf_run(tmp_path_factory):
     """A run whose model Hugging Face can express (width 0.5), written as fit writes it: steps 1 and 2."""
     from bit_transfer.models import create_model, model_config
-    from bit_transfer.rundir import RunDir
+    from bit_transfer.run.rundir import RunDir
 
     run = RunDir.claim(tmp_path_factory.mktemp("hf") / "run", kind="fit")
     run.write_json("plan.json", {"crop": 32})
@@ -191,7 +191,7 @@ def test_eval_refuses_data_whose_class_names_differ(fitted, task, tmp_path):
 
 
 def test_eval_of_a_loose_checkpoint_without_class_names_writes_under_log_dir(fitted, tmp_path):
-    from bit_transfer.checkpoint import read_checkpoint, save_checkpoint
+    from bit_transfer.models.weights.ckpt import read_checkpoint, save_checkpoint
 
     params, meta = read_checkpoint(fitted / "checkpoints" / "step-000002.ckpt")
     del meta["class_names"]  # older checkpoints: evaluated as they are

@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from bit_transfer.evaluate import evaluate
+from bit_transfer.engine.metrics import evaluate
 
 
 def test_metrics_match_numpy():
@@ -42,7 +42,7 @@ def test_eval_refuses_data_whose_classes_differ_from_the_checkpoints():
     import pytest
 
     from bit_transfer.errors import DataError
-    from bit_transfer.evalrun import check_class_names
+    from bit_transfer.commands.eval import check_class_names
 
     check_class_names("c.ckpt", ["cat", "dog"], ["cat", "dog"])
     check_class_names("c.ckpt", None, ["ant", "bee"])  # no names recorded: evaluated as it is

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from bit_transfer.checkpoint import save_checkpoint
+from bit_transfer.models.weights.ckpt import save_checkpoint
 from bit_transfer.errors import UsageError, WeightsError
 from bit_transfer.models import create_model, create_model_from_weights, model_config
-from bit_transfer.checkpoint import find_checkpoint
-from bit_transfer.models.export import export_from_checkpoint, export_hf, export_mindir
+from bit_transfer.run.checkpoint import find_checkpoint
+from bit_transfer.commands.export import export_from_checkpoint, export_hf, export_mindir
 from bit_transfer.models.inference import fold
 from bit_transfer.models.resnetv2 import channels_last_available
-from bit_transfer.rundir import MARKER, RunDir
+from bit_transfer.run.rundir import MARKER, RunDir
 
 
 def trained(padding="fixed", num_classes=3, seed=0):

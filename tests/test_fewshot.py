@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 import datagen
-from bit_transfer import cli, features, fewshot, sweep_summary
-from bit_transfer import recipe as recipes
+from bit_transfer import cli
+from bit_transfer.commands.fewshot import features
+from bit_transfer.commands.fewshot import sweep as fewshot
+from bit_transfer.commands.fewshot import summary as sweep_summary
+from bit_transfer.config import recipe as recipes
 from bit_transfer.errors import UsageError
 from conftest import write_recipe
 
@@ -207,7 +210,7 @@ def test_subsets_are_those_fit_would_train_on(linear):
 
 
 def test_eval_command_reproduces_a_linear_run(linear, tmp_path):
-    from bit_transfer.evalrun import eval_checkpoint
+    from bit_transfer.commands.eval import eval_checkpoint
 
     _, root, _, _ = linear
     run = root / "sweep" / "shots2-seed1"
@@ -231,11 +234,11 @@ def test_rerun_skips_finished_linear_runs(linear):
 # ----------------------------------------------------------------------------- the feature cache
 @pytest.fixture(scope="module")
 def backbone():
-    from bit_transfer import runtime
+    from bit_transfer.system import device
     from bit_transfer.models import create_model
 
-    runtime.setup("auto")
-    runtime.seed_everything(0)
+    device.setup("auto")
+    device.seed_everything(0)
     model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.125)
     model.set_train(False)
     return model
@@ -344,7 +347,7 @@ def test_default_feature_cache_is_under_bit_transfer_home(home):
 
 # ----------------------------------------------------------------------------- fine-tuning sweeps: resume
 def test_finetune_sweep_resumes_an_interrupted_run_and_skips_finished_ones(task, tmp_path, monkeypatch):
-    from bit_transfer import train
+    from bit_transfer.commands import fit as train
 
     base = tiny_recipe(task, tmp_path, "rule.steps=3", "log.every=1", "train.jit=false")  # PyNative: no compiles
     real_fit = train.fit

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from bit_transfer.hyperrule import plan, stretch_schedule
+from bit_transfer.hyperrule.rule import plan, stretch_schedule
 
 SMALL = (100, 200, 300, 400, 500)
 MEDIUM = (500, 3000, 6000, 9000, 10000)
@@ -148,6 +148,6 @@ def test_explain_has_a_line_per_decision():
 
 
 def test_importing_the_rule_does_not_import_mindspore():
-    code = "import sys, bit_transfer.hyperrule, bit_transfer.recipe, bit_transfer.planning; print('mindspore' in sys.modules)"
+    code = "import sys, bit_transfer.hyperrule.rule, bit_transfer.config.recipe, bit_transfer.hyperrule.planning; print('mindspore' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

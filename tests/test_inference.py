@@ -7,11 +7,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from bit_transfer import runtime
+from bit_transfer.system import device
 from bit_transfer.models import create_model, model_config
 from bit_transfer.models.inference import FoldedConv2d, FoldedResNetV2, fold, inference_arrays
 from bit_transfer.models.resnetv2 import StdConv2d
-from bit_transfer.step import EvalStep
+from bit_transfer.engine.step import EvalStep
 
 from test_models import images, randomise
 
@@ -59,7 +59,7 @@ def test_the_folded_model_is_plain_convolutions_and_the_training_model_is_unchan
 
 def test_folded_weights_are_those_the_training_graph_convolves_with():
     conv = StdConv2d(4, 8, 3)
-    runtime.assign(conv.weight, np.random.default_rng(3).normal(0.01, 0.05, (8, 4, 3, 3)))
+    device.assign(conv.weight, np.random.default_rng(3).normal(0.01, 0.05, (8, 4, 3, 3)))
     w64 = conv.weight.asnumpy().astype(np.float64).reshape(8, -1)
     want = (w64 - w64.mean(1, keepdims=True)) / np.sqrt(w64.var(1, keepdims=True) + 1e-10)
     got = conv.standardised_weight().asnumpy()
@@ -78,7 +78,7 @@ def test_refresh_follows_new_weights_in_a_compiled_graph():
     first = step(x)
     rng = np.random.default_rng(7)
     for p in model.get_parameters():  # as a training step does: in place
-        runtime.assign(p, p.asnumpy() + 0.3 * rng.standard_normal(p.shape).astype(np.float32))
+        device.assign(p, p.asnumpy() + 0.3 * rng.standard_normal(p.shape).astype(np.float32))
     want = model(ms.Tensor(x)).asnumpy()
     assert relative(want, first) > 1e-2  # the weights did change the logits
     np.testing.assert_array_equal(step(x), first)  # not yet refreshed
@@ -89,7 +89,7 @@ def test_refresh_follows_new_weights_in_a_compiled_graph():
 def test_packed_weights_go_with_their_model():
     """Channels-last, a folded model's convolutions keep oneDNN-packed copies of its weights; they are
     the size of the conv weights (padded blocks aside) and are freed when the model is."""
-    from bit_transfer import onednn_conv
+    from bit_transfer.kernels import onednn as onednn_conv
 
     model = tiny("fixed")
     if not model.nhwc:

@@ -230,7 +230,7 @@ def test_small_inputs_train_repeatedly_under_jit(tmp_path):
     code = """
 import numpy as np, mindspore as ms
 from mindspore import ops, Tensor
-from bit_transfer import runtime
+from bit_transfer.system import device as runtime
 from bit_transfer.models import create_model
 runtime.setup("auto")
 m = create_model("custom", 4, depths=[1, 1, 1, 1], width=0.125)

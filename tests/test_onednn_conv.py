@@ -1,5 +1,5 @@
-"""Channels-last CPU training on oneDNN 3 (bit_transfer/onednn_conv.py) and the channels-last GroupNorm
-kernels (bit_transfer/cpu_kernels.py): values and gradients equal MindSpore's built-in ops at odd
+"""Channels-last CPU training on oneDNN 3 (bit_transfer/kernels/onednn.py) and the channels-last GroupNorm
+kernels (bit_transfer/kernels/build.py): values and gradients equal MindSpore's built-in ops at odd
 sizes, whole models equal their NCHW form, two oneDNNs live in one process, and a missing oneDNN is
 one warning and MindSpore's convolutions."""
 
@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from mindspore import Tensor, ops
 
-from bit_transfer import cpu_kernels, onednn_conv, runtime
+from bit_transfer.kernels import build as cpu_kernels
+from bit_transfer.kernels import onednn as onednn_conv
+from bit_transfer.system import device
 from bit_transfer.models import create_model
 from bit_transfer.models.resnetv2 import _same_pad, channels_last_available
 
-runtime.setup("CPU")
+device.setup("CPU")
 needs_onednn = pytest.mark.skipif(onednn_conv.library() is None, reason="oneDNN 3 kernels not available here")
 RTOL = 1e-5  # of the largest magnitude, as the issue asks of every new kernel
 
@@ -148,7 +150,7 @@ def test_packed_weights_give_the_same_numbers_and_follow_new_values(residual):
     np.testing.assert_array_equal(first, run(plain))
     np.testing.assert_array_equal(run(packed), first)  # the kept copy
     for forget in (True, False):
-        runtime.assign(w, rng.standard_normal(w.shape).astype(np.float32))
+        device.assign(w, rng.standard_normal(w.shape).astype(np.float32))
         if forget:
             onednn_conv.forget_packed()
         want = run(plain)
@@ -370,17 +372,17 @@ def test_a_channels_last_model_equals_its_nchw_form(layout):
     Through ~20 layers of float32 sums in other orders a gradient differs by up to 3e-5 of its largest
     value (1.1e-5 with MindSpore's stem too, same data): 1e-4 here, each kernel alone 1e-5 above."""
     assert channels_last_available()
-    runtime.seed_everything(0)
+    device.seed_everything(0)
     rng = np.random.default_rng(2)
     for padding, batch in (("fixed", 1), ("same", 3)):
         model = create_model("custom", 5, depths=[1, 2, 1, 1], width=0.25, padding=padding)
         for p in model.get_parameters():  # non-trivial norms and head, ReLU inputs away from 0
             if "norm" in p.name and p.name.endswith("weight"):
-                runtime.assign(p, (rng.choice([-1, 1], p.shape) * rng.uniform(0.3, 0.45, p.shape)).astype(np.float32))
+                device.assign(p, (rng.choice([-1, 1], p.shape) * rng.uniform(0.3, 0.45, p.shape)).astype(np.float32))
             elif "norm" in p.name:
-                runtime.assign(p, (rng.choice([-1, 1], p.shape) * rng.uniform(2.5, 3.5, p.shape)).astype(np.float32))
+                device.assign(p, (rng.choice([-1, 1], p.shape) * rng.uniform(2.5, 3.5, p.shape)).astype(np.float32))
             elif "head" in p.name:
-                runtime.assign(p, rng.standard_normal(p.shape).astype(np.float32))
+                device.assign(p, rng.standard_normal(p.shape).astype(np.float32))
         x = Tensor(rng.uniform(-1, 1, (batch, 3, 97, 97)).astype(np.float32))
         params = model.trainable_params()
 
@@ -409,8 +411,9 @@ def test_two_onednns_in_one_process_stay_apart():
 import ctypes, sys
 import numpy as np, mindspore as ms
 from mindspore import ops
-from bit_transfer import runtime, onednn_conv
-runtime.setup("CPU")
+from bit_transfer.system import device
+from bit_transfer.kernels import onednn as onednn_conv
+device.setup("CPU")
 x = ms.Tensor(np.ones((1, 4, 8, 8), np.float32)); w = ms.Tensor(np.ones((4, 4, 3, 3), np.float32))
 ref = ops.conv2d(x, w, None, 1, "pad", 1).asnumpy()                              # MindSpore's oneDNN
 ours = onednn_conv.conv_primitive(1, 1, False)(x.transpose(0, 2, 3, 1), w, onednn_conv.config(1, 1, False))
@@ -504,7 +507,7 @@ def test_kernels_built_for_avx2_pass_on_an_avx2_capped_run():
 
 @needs_onednn
 def test_mixed_precision_models_go_back_to_nchw():
-    from bit_transfer import step
+    from bit_transfer.engine import step
 
     model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.25)
     assert model.nhwc
@@ -514,7 +517,7 @@ def test_mixed_precision_models_go_back_to_nchw():
 
 IMPLEMENTATIONS = """
 import bit_transfer, mindspore as ms, numpy as np
-from bit_transfer import onednn_conv
+from bit_transfer.kernels import onednn as onednn_conv
 op, cfg = onednn_conv.conv_primitive(1, 1, False), onednn_conv.config(1, 1, False)
 for hw in (4, 8):
     x, w = ms.Tensor(np.ones((2, hw, hw, 32), np.float32)), ms.Tensor(np.ones((32, 32, 3, 3), np.float32))
@@ -541,7 +544,7 @@ def implementations(out: str) -> dict:
 
 BLOCKED_2X2 = """
 import bit_transfer, mindspore as ms, numpy as np
-from bit_transfer import onednn_conv
+from bit_transfer.kernels import onednn as onednn_conv
 op, cfg = onednn_conv.conv_primitive(2, 1, False, residual=True), onednn_conv.config(2, 1, False)
 x, w = ms.Tensor(np.ones((4, 2, 2, 2, 8), np.float32)), ms.Tensor(np.ones((24, 16, 3, 3), np.float32))
 r = ms.Tensor(np.ones((4, 3, 1, 1, 8), np.float32))
@@ -578,7 +581,7 @@ def test_outputs_of_4x4_pixels_run_the_direct_kernels_on_avx512_and_the_first_ch
 
 LAYOUT = """
 import bit_transfer
-from bit_transfer import onednn_conv
+from bit_transfer.kernels import onednn as onednn_conv
 from bit_transfer.models import create_model
 print(onednn_conv.activation_block(), create_model("custom", 3, depths=[1, 1, 1, 1], width=0.25).layout,
       create_model("custom", 3, depths=[1, 1, 1, 1], width=0.3).layout)
@@ -617,7 +620,7 @@ def test_a_blocked_folded_model_gives_the_training_models_logits():
     rng = np.random.default_rng(6)
     model = create_model("custom", 4, depths=[1, 1, 1, 1], width=0.25)
     for p in model.get_parameters():
-        runtime.assign(p, (rng.standard_normal(p.shape) * 0.3).astype(np.float32))
+        device.assign(p, (rng.standard_normal(p.shape) * 0.3).astype(np.float32))
     x = Tensor(rng.uniform(-1, 1, (2, 3, 45, 45)).astype(np.float32))
     model.set_layout("nchw")
     want = model(x).asnumpy()

@@ -16,9 +16,9 @@ import pytest
 
 from bit_transfer.errors import UsageError
 from bit_transfer.models import create_model, create_model_from_weights, model_config
-from bit_transfer.models.export import export_hf, export_onnx
-from bit_transfer.models.onnx_export import IR_VERSION, OPSET, build_onnx, load_onnx
-from bit_transfer.rundir import MARKER
+from bit_transfer.commands.export import export_hf, export_onnx
+from bit_transfer.models.export.onnx import IR_VERSION, OPSET, build_onnx, load_onnx
+from bit_transfer.run.rundir import MARKER
 
 from conftest import ROOT, one_line_error, run_cli
 from test_export import make_run, trained

@@ -93,7 +93,7 @@ def run_table(world):
 def hf_export(world):
     """The run's model as a Hugging Face directory (class names in id2label, its crop in preprocessor_config)."""
     from bit_transfer.models import create_model_from_weights
-    from bit_transfer.models.export import export_hf
+    from bit_transfer.commands.export import export_hf
 
     (ckpt,) = sorted((world / "run" / "checkpoints").glob("step-*.ckpt"))[-1:]
     model, report = create_model_from_weights(ckpt)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bit_transfer import recipe
+from bit_transfer.config import recipe
 from bit_transfer.errors import RecipeError
 from conftest import ROOT, run_cli
 

@@ -67,7 +67,7 @@ def final_ckpt(run_dir: Path):
 
 def assert_whole(run_dir: Path, step: int = STEPS):
     """The checkpoint of `step` reads back (CRC checked), and no temporary is left."""
-    from bit_transfer.checkpoint import read_checkpoint
+    from bit_transfer.models.weights.ckpt import read_checkpoint
 
     _, meta = read_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}.ckpt")
     assert meta["step"] == step
@@ -317,8 +317,8 @@ def test_a_non_finite_step_names_the_step_and_its_own_lr(task, tmp_path):
     """Was: 'loss became 1.35e+28 at step 3 (lr 7.5e+29)': a finite loss, a 0-based step, the next step's lr."""
     import re
 
-    from bit_transfer.hyperrule import plan as make_plan
-    from bit_transfer.train import TrainingDiverged, fit
+    from bit_transfer.hyperrule.rule import plan as make_plan
+    from bit_transfer.commands.fit import TrainingDiverged, fit
 
     r = tiny_recipe(task, tmp_path, rule__steps=40, rule__base_lr=1e30)  # no checkpoint (and its weight check) before
     with pytest.raises(TrainingDiverged) as e:
@@ -336,7 +336,7 @@ def test_a_non_finite_step_names_the_step_and_its_own_lr(task, tmp_path):
 
 
 def test_divergence_without_nan_is_flagged():
-    from bit_transfer.train import _diverged
+    from bit_transfer.commands.fit import _diverged
 
     assert _diverged([(1, 2.3), (10, 1.1), (20, 0.4)]) is None
     assert _diverged([(1, 2.3), (20, 6e36)]) == "2.3 at step 1 -> 6e+36 at step 20"
@@ -345,7 +345,7 @@ def test_divergence_without_nan_is_flagged():
 
 def test_eta_counts_only_the_steps_of_this_process():
     """Was: 43.9 min for a 15 s run right after a resume (the resumed steps counted as done here)."""
-    from bit_transfer.train import Throughput
+    from bit_transfer.commands.fit import Throughput
 
     t = Throughput(batch=16, step=990)  # resumed at step 990 of 1000
     t.tick()
@@ -357,7 +357,7 @@ def test_eta_counts_only_the_steps_of_this_process():
 
 
 def test_metrics_json_is_strict_json(tmp_path):
-    from bit_transfer import runlog
+    from bit_transfer.run import runlog
 
     runlog.write_json(tmp_path / "m.json", {"loss": float("nan"), "x": [float("inf"), 1.0], "ok": 2})
     text = (tmp_path / "m.json").read_text()
@@ -427,7 +427,7 @@ def test_two_signals_during_one_long_c_call_count_twice():
     the stop flag counts the deliveries, so the second signal still skips the evaluation."""
     import threading
 
-    from bit_transfer.signals import StopFlag
+    from bit_transfer.run.signals import StopFlag
 
     big = np.random.default_rng(0).random(40_000_000)
     with StopFlag() as stop:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_transfer import recipe as recipes
+from bit_transfer.config import recipe as recipes
 from bit_transfer.errors import UsageError
 # The learnable task and the tiny recipe live in datagen; test_run_safety imports them from here too.
 from datagen import (EQUAL_MATHS_ATOL, PATTERN_NAMES, assert_params_close, final_params, pattern_task, read_jsonl,
@@ -21,7 +21,7 @@ def task(tmp_path_factory):
 @pytest.fixture(scope="module")
 def learned(task, tmp_path_factory):
     """One real run, shared by the tests that only read what it wrote."""
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     runs = tmp_path_factory.mktemp("runs")
     # Random crops off: a tiny model trained from scratch on 40 images generalises across the
@@ -61,7 +61,7 @@ def test_run_directory_contents(learned):
 
 
 def test_lr_in_metrics_equals_the_plan_at_every_logged_step(learned):
-    from bit_transfer.hyperrule import plan as make_plan
+    from bit_transfer.hyperrule.rule import plan as make_plan
 
     run_dir, _ = learned
     plan = make_plan(160, (32, 32), precrop=20, crop=16, steps=100, base_lr=0.02, batch_size=16)
@@ -85,7 +85,7 @@ def test_tensorboard_holds_the_scalars(learned):
 
 
 def test_eval_command_reproduces_the_final_metrics(learned, tmp_path):
-    from bit_transfer.evalrun import eval_checkpoint
+    from bit_transfer.commands.eval import eval_checkpoint
 
     run_dir, metrics = learned
     r = recipes.load(run_dir / "recipe.yaml")
@@ -101,7 +101,7 @@ def test_micro_batching_gives_the_same_update(task, tmp_path, monkeypatch):
     this model have enough, 4 do not), another rounding, and this tiny model (GroupNorm over 2-4
     values on 1x1 maps) turns a 1e-7 change of its input into 2e-4 of its gradients (measured), so
     it would test the conditioning, not the accumulation."""
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     monkeypatch.setenv("BIT_TRANSFER_WINOGRAD", "0")
 
@@ -114,10 +114,10 @@ def test_micro_batching_gives_the_same_update(task, tmp_path, monkeypatch):
 def test_mixup_changes_the_loss_as_expected():
     import mindspore as ms
 
-    from bit_transfer import runtime
-    from bit_transfer.step import mixup_loss
+    from bit_transfer.system import device
+    from bit_transfer.engine.step import mixup_loss
 
-    runtime.setup("auto")
+    device.setup("auto")
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((6, 4)).astype(np.float32)
     ya, yb = np.array([0, 1, 2, 3, 0, 1], np.int32), np.array([3, 2, 1, 0, 1, 0], np.int32)
@@ -133,7 +133,7 @@ def test_mixup_changes_the_loss_as_expected():
 
 
 def test_mixup_in_the_loop_changes_the_loss(task, tmp_path):
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     fit(tiny_recipe(task, tmp_path, rule__steps=3, rule__mixup_alpha=0.0), run_dir=tmp_path / "plain")
     fit(tiny_recipe(task, tmp_path, rule__steps=3, rule__mixup_alpha=0.5), run_dir=tmp_path / "mix")
@@ -147,7 +147,7 @@ def test_mixup_in_the_loop_changes_the_loss(task, tmp_path):
 
 
 def test_resume_equals_an_uninterrupted_run(task, tmp_path):
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     r = tiny_recipe(task, tmp_path, rule__steps=8, rule__mixup_alpha=0.2)
     fit(r, run_dir=tmp_path / "straight")
@@ -161,7 +161,7 @@ def test_resume_equals_an_uninterrupted_run(task, tmp_path):
 
 
 def test_resume_refuses_a_different_recipe(task, tmp_path):
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     fit(tiny_recipe(task, tmp_path, rule__steps=2), run_dir=tmp_path / "r")
     with pytest.raises(UsageError, match="different recipe"):
@@ -169,7 +169,7 @@ def test_resume_refuses_a_different_recipe(task, tmp_path):
 
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(task, tmp_path):
-    from bit_transfer.train import TrainingDiverged, fit
+    from bit_transfer.commands.fit import TrainingDiverged, fit
 
     r = tiny_recipe(task, tmp_path, rule__steps=40, rule__base_lr=1e30, train__checkpoint_every=1)
     with pytest.raises(TrainingDiverged, match="lower rule.base_lr") as e:
@@ -182,7 +182,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(task, tmp_pat
 
 
 def test_choose_batch_split_halves_until_it_fits():
-    from bit_transfer.train import choose_batch_split
+    from bit_transfer.commands.fit import choose_batch_split
 
     tried = []
 
@@ -205,10 +205,11 @@ def test_choose_batch_split_halves_until_it_fits():
 def test_all_finite_catches_inf_and_nan_anywhere(impl):
     import mindspore as ms
 
-    from bit_transfer import cpu_kernels, runtime
-    from bit_transfer.step import all_finite
+    from bit_transfer.kernels import build as cpu_kernels
+    from bit_transfer.system import device
+    from bit_transfer.engine.step import all_finite
 
-    runtime.setup("auto")
+    device.setup("auto")
     kernel = None
     if impl == "kernel":
         kernel = cpu_kernels.all_finite_primitive()
@@ -238,14 +239,14 @@ def test_all_finite_catches_inf_and_nan_anywhere(impl):
 
 
 def test_bf16_on_cpu_is_a_usage_error(task, tmp_path):
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     with pytest.raises(UsageError, match="bf16 needs Ascend or GPU"):
         fit(tiny_recipe(task, tmp_path, train__precision="bf16"), run_dir=tmp_path / "bf16")
 
 
 def test_batch_split_auto_picks_the_whole_batch_when_it_fits(task, tmp_path, capsys):
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     m = fit(tiny_recipe(task, tmp_path, rule__steps=2, train__batch_split="auto"), run_dir=tmp_path / "auto")
     assert m["completed"]
@@ -257,20 +258,20 @@ def test_batch_split_auto_picks_the_whole_batch_when_it_fits(task, tmp_path, cap
 def test_pynative_train_step_matches_the_compiled_one(batch_split):
     """train.jit: false (PyNative, for debugging) runs the same maths as the compiled step,
     including the running gradient sum of batch_split > 1."""
-    from bit_transfer import runtime
+    from bit_transfer.system import device
     from bit_transfer.models import create_model
-    from bit_transfer.step import TrainStep
+    from bit_transfer.engine.step import TrainStep
 
-    runtime.setup("auto")
+    device.setup("auto")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2 * batch_split, 4, 3, 16, 16)).astype(np.float32)
     y = rng.integers(0, 3, (2 * batch_split, 4)).astype(np.int32)
     weights = []
     for jit in (True, False):
-        runtime.seed_everything(0)
+        device.seed_everything(0)
         model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.25)
         for p in model.head.get_parameters():  # a non-zero head, so every layer gets gradients
-            runtime.assign(p, np.full(p.shape, 0.05, np.float32))
+            device.assign(p, np.full(p.shape, 0.05, np.float32))
         step = TrainStep(model, momentum=0.9, weight_decay=0.0, batch_split=batch_split, jit=jit)
         model.set_train(True)
         for s in range(2):
@@ -288,7 +289,7 @@ def test_fp16_trains_and_saves_a_usable_checkpoint(task, tmp_path, batch_split):
     """fp16 (amp O2, dynamic loss scaling): the loss falls as in fp32, the checkpoint is complete.
     (Broken before: NaN gradients from the CPU kernels' backward under amp, and the amp wrapper
     lacked the model config the checkpoint needs.)"""
-    from bit_transfer.train import fit
+    from bit_transfer.commands.fit import fit
 
     # 30 steps at lr 0.05: the last losses 7-9 % of the first (measured; at 0.02 they needed 60 steps)
     r = tiny_recipe(task, tmp_path, rule__steps=30, rule__base_lr=0.05, model__width=0.25, data__random_crop=False,

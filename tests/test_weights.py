@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from bit_transfer.checkpoint import save_checkpoint
+from bit_transfer.models.weights.ckpt import save_checkpoint
 from bit_transfer.errors import WeightsError
 from bit_transfer.models import create_model, create_model_from_weights, load_weights, model_config, weights_padding
-from bit_transfer.models.hf import build_config, parse_config, to_hf_name
+from bit_transfer.models.weights.hf import build_config, parse_config, to_hf_name
 
 DEPTHS = [1, 2, 1, 1]
 

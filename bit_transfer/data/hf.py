@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import hub
+from bit_transfer.system import hub
 from bit_transfer.data.split import HFStore, Split
 from bit_transfer.errors import DataError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import paths
+from bit_transfer import settings
 from bit_transfer.data.sampling import holdout_indices
 from bit_transfer.data.split import ArrayStore, Dataset, Split, check_rgb
 from bit_transfer.errors import DataError
@@ -21,7 +21,7 @@ def cache_root(cfg) -> Path:
     """data.cache_dir, else $BIT_TRANSFER_HOME/data-cache, else ~/.cache/bit-transfer/data-cache."""
     if getattr(cfg, "cache_dir", None):
         return Path(cfg.cache_dir).expanduser()
-    return paths.home() / "data-cache"
+    return settings.home() / "data-cache"
 
 
 def load(cfg, fewshot: bool = True) -> Dataset:

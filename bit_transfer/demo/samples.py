@@ -20,8 +20,9 @@ DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 
 def write_samples(out_dir, count: int = 8, recipe_path=DEMO_RECIPE) -> list[Path]:
     """OUT_DIR/<digit>/heldout-NNN.png for the first `count` held-out images."""
-    from bit_transfer import data, recipe as recipes
-    from bit_transfer.rundir import RunDir
+    from bit_transfer import data
+    from bit_transfer.config import recipe as recipes
+    from bit_transfer.run.rundir import RunDir
 
     dataset = data.load(recipes.load(recipe_path).data)
     out = RunDir.claim(out_dir, kind="samples", flag="OUT_DIR")

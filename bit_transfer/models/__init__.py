@@ -7,9 +7,23 @@
 See docs/models.md for parameter names, padding modes and parameter counts.
 """
 
-from bit_transfer.models.download import resolve_weights
-from bit_transfer.models.resnetv2 import ResNetV2, create_model, list_models, model_config
-from bit_transfer.models.weights import LoadReport, create_model_from_weights, load_weights, weights_padding
+# Imported on first use (PEP 562), so `models.archs` (recipe checks, `plan`) never loads MindSpore.
+_HOME = {
+    "resolve_weights": "bit_transfer.models.weights.download",
+    "ResNetV2": "bit_transfer.models.resnetv2", "create_model": "bit_transfer.models.resnetv2",
+    "list_models": "bit_transfer.models.resnetv2", "model_config": "bit_transfer.models.resnetv2",
+    "LoadReport": "bit_transfer.models.weights.load", "create_model_from_weights": "bit_transfer.models.weights.load",
+    "load_weights": "bit_transfer.models.weights.load", "weights_padding": "bit_transfer.models.weights.load",
+}
+
+
+def __getattr__(name):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_HOME[name]), name)
+
 
 __all__ = [
     "LoadReport",

@@ -27,7 +27,7 @@ import weakref
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from bit_transfer import onednn_conv
+from bit_transfer.kernels import onednn as onednn_conv
 from bit_transfer.models.resnetv2 import ConvLayer, ResNetV2, StdConv2d
 
 
@@ -71,17 +71,17 @@ class FoldedResNetV2(ResNetV2):
 
     def refresh(self, model: ResNetV2 | None = None) -> None:
         """Re-read every weight from `model` (default: the model this was folded from): standardise the
-        conv weights again, copy GroupNorm and head. Written in place with `runtime.assign`, so graphs
+        conv weights again, copy GroupNorm and head. Written in place with `device.assign`, so graphs
         compiled on this model (an EvalStep) use the new values. Call it after training steps, before
         evaluating; ~0.3 s for an R50x1 on CPU."""
-        from bit_transfer import runtime
+        from bit_transfer.system import device
 
         source = model if model is not None else self._source_ref()
         if source is None:
             raise RuntimeError("the model this was folded from no longer exists; pass it: refresh(model)")
         params = {p.name: p for p in self.get_parameters()}
         for name, value in inference_arrays(source).items():
-            runtime.assign(params[name], value)
+            device.assign(params[name], value)
         onednn_conv.forget_packed()  # the convolutions' blocked copies are of the old weights
 
 

@@ -27,8 +27,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from bit_transfer.errors import UsageError
-from bit_transfer import cpu_kernels, onednn_conv
-from bit_transfer.archs import ARCHS, CUSTOM, MODELS, canonical_name, list_models  # noqa: F401 (re-exported)
+from bit_transfer.kernels import build as cpu_kernels
+from bit_transfer.kernels import onednn as onednn_conv
+from bit_transfer.models.archs import ARCHS, CUSTOM, MODELS, canonical_name, list_models  # noqa: F401 (re-exported)
 
 WS_EPS = 1e-10  # official bit_pytorch StdConv2d; transformers/timm use 1e-8 (immaterial)
 GN_EPS = 1e-5
@@ -80,7 +81,7 @@ def _he_normal(shape) -> np.ndarray:
 
 
 def kernel_group_norm(kernel, x, groups: int, gamma, beta, eps):
-    """GroupNorm through the compiled CPU kernel (bit_transfer/cpu_kernels.py): same maths as
+    """GroupNorm through the compiled CPU kernel (bit_transfer/kernels/build.py): same maths as
     `ops.group_norm`, ~5x faster forward+backward there. Computes in float32, returns x's dtype."""
     n, c = x.shape[0], x.shape[1]
     y = kernel(x.astype(ms.float32).reshape(n * groups, c // groups, -1), gamma.astype(ms.float32),
@@ -146,7 +147,7 @@ def best_layout(channels) -> str:
 
 class ConvLayer(nn.Cell):
     """What StdConv2d and the inference layer (models/inference.py) share: the geometry and the
-    convolution op, oneDNN's (bit_transfer/onednn_conv.py, float32 on CPU, padding inside the
+    convolution op, oneDNN's (bit_transfer/kernels/onednn.py, float32 on CPU, padding inside the
     kernel) where it is available, else `ops.conv2d` after our own padding."""
 
     packed = False  # inference layers: oneDNN keeps a blocked copy of the fixed weight
@@ -230,7 +231,7 @@ class GroupNormAct(nn.Cell):
 
     Uses a fused kernel: on CPU `ops.group_norm` made the R50x1 training step ~1.75x faster with
     ~3.5x less memory than a reshape/mean/var composite (benchmarks/model_speed.py --gn composite),
-    and the compiled kernel of bit_transfer/cpu_kernels.py (used where it builds) is faster again.
+    and the compiled kernel of bit_transfer/kernels/build.py (used where it builds) is faster again.
     """
 
     def __init__(self, channels: int, act: bool = True):
@@ -379,7 +380,7 @@ class ResNetV2(nn.Cell):
     def set_layout(self, layout: str = "auto") -> None:
         """The activations' layout from the stem's convolution to the pooling (LAYOUTS): "nhwc"
         channels-last or "nchw8c" blocked (oneDNN convolutions with our GroupNorm and max-pool kernels
-        around them: bit_transfer/onednn_conv.py, cpu_kernels.py), or "nchw" (MindSpore's ops, every
+        around them: bit_transfer/kernels/onednn.py, cpu_kernels.py), or "nchw" (MindSpore's ops, every
         device); "auto": the fastest here (`best_layout`). Inputs (NCHW images) and outputs are the
         same either way. Set before compiling; `step.cast_model` sets NCHW for fp16. A oneDNN layout
         where oneDNN is missing falls back to NCHW."""
@@ -449,7 +450,7 @@ class ResNetV2(nn.Cell):
         return self.head(self.forward_features(x))
 
 
-# Registry: name -> (depths, width) lives in bit_transfer/archs.py (MindSpore-free, for recipe checks).
+# Registry: name -> (depths, width) lives in bit_transfer/models/archs.py (MindSpore-free, for recipe checks).
 def create_model(name: str, num_classes: int, *, depths=None, width=None, padding: str = "fixed") -> ResNetV2:
     """Build a BiT model with a zero-initialised head; depths/width override the registry entry."""
     name = canonical_name(name)

@@ -1,4 +1,4 @@
-"""`bit-transfer predict` and `Predictor`: the top-k classes of images, from any model bit-transfer reads.
+"""`Predictor`, the Python API behind `bit-transfer predict`: the top-k classes of images, from any model bit-transfer reads.
 
 MODEL: a run directory (its latest checkpoint) or a `.ckpt`, a Hugging Face directory or `hf:org/name`,
 an official BiT `.npz` (its own head), or an `.onnx` written by `bit-transfer export --format onnx`
@@ -14,18 +14,16 @@ The resolution: `--image-size`, else the one the model records (a run's plan.jso
 checkpoint's meta, our Hugging Face export's preprocessor_config.json, the ONNX input shape), else
 the rule's crop for `--recipe`'s data, else 128; the summary line says which.
 
-The package, module by module (nothing here imports MindSpore until a model loads or images stream):
+The package, module by module (the command itself is bit_transfer/commands/predict.py) (nothing here imports MindSpore until a model loads or images stream):
 
     model    LoadedModel, load_model: the MindSpore and ONNX Runtime loaders, the image size
     inputs   Inputs, collect_inputs, label_folders, files_split: what INPUT names, labelled by folders
     running  stream, Unreadable, best_k: logits batch by batch through the eval pipeline
     api      Predictor, Prediction: the Python API
     output   OutFile, Table: the --out file and the stdout table
-    command  predict_command: `bit-transfer predict`
 """
 
 from bit_transfer.predict.api import API_FIX, Prediction, Predictor
-from bit_transfer.predict.command import predict_command
 from bit_transfer.predict.inputs import GLOB_CHARS, Inputs, collect_inputs, files_split, label_folders
 from bit_transfer.predict.model import DEFAULT_BATCH, DEFAULT_SIZE, DEVICES, TAKES, LoadedModel, load_model, onnx_info
 from bit_transfer.predict.output import OUT_SUFFIXES, OutFile, Table
@@ -55,7 +53,6 @@ __all__ = [
     "label_folders",
     "load_model",
     "onnx_info",
-    "predict_command",
     "softmax",
     "stream",
     "unreadable_reason",

@@ -62,7 +62,7 @@ def _model_kind(spec) -> tuple[Path, str]:
     """(local path, kind) for a model argument; a missing or unsupported one is one line."""
     text = str(spec)
     if text.startswith("hf:"):
-        from bit_transfer.models.download import resolve_weights
+        from bit_transfer.models.weights.download import resolve_weights
 
         return resolve_weights(text, "BiT-custom"), "hf"
     path = Path(text).expanduser()
@@ -77,7 +77,7 @@ def _model_kind(spec) -> tuple[Path, str]:
             return path, "hf"
         if (path / "model.mindir").is_file():
             raise WeightsError(f"{path} is a MindIR export, which predict does not run; predict takes {TAKES}")
-        from bit_transfer.rundir import is_run
+        from bit_transfer.run.rundir import is_run
 
         if is_run(path):  # a run without checkpoints yet: find_checkpoint says so
             return path, "run"
@@ -92,7 +92,7 @@ def _model_kind(spec) -> tuple[Path, str]:
 
 
 def _setup_device(device: str) -> str:
-    from bit_transfer import runtime
+    from bit_transfer.system import device as runtime
 
     have = runtime.available_devices()
     if device != "auto" and device not in have:
@@ -102,7 +102,7 @@ def _setup_device(device: str) -> str:
 
 
 def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fallback_size) -> LoadedModel:
-    from bit_transfer import checkpoint
+    from bit_transfer.run import checkpoint
     from bit_transfer.models import create_model_from_weights
 
     run = ckpt = None
@@ -125,9 +125,9 @@ def _mindspore_forward(model) -> Callable[[np.ndarray, int], np.ndarray]:
     one graph per batch size (EvalStep pads a short batch to its size)."""
     import mindspore as ms
 
-    from bit_transfer import compile_cache
+    from bit_transfer.system import compile_cache
     from bit_transfer.models.inference import fold
-    from bit_transfer.step import EvalStep
+    from bit_transfer.engine.step import EvalStep
 
     model = fold(model)  # holds the weights; the training model can go
     cache = compile_cache.enabled(ms.get_context("device_target"), True, 1)  # the first graph, silently
@@ -145,7 +145,7 @@ def _mindspore_forward(model) -> Callable[[np.ndarray, int], np.ndarray]:
 def _recorded_size(kind: str, path: Path, run: Path | None, meta: dict) -> tuple[int | None, str]:
     """(resolution the model was trained at, where that is written) or (None, "")."""
     if kind in ("run", "ckpt"):
-        from bit_transfer.models.export import run_image_size
+        from bit_transfer.run.checkpoint import run_image_size
 
         size, _ = run_image_size(run, meta)
         if size is not None:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer.checkpoint import find_checkpoint
+from bit_transfer.run.checkpoint import check_size, weights_image_size, find_checkpoint, run_image_size
 from bit_transfer.errors import UsageError, WeightsError, storage_error
-from bit_transfer.models import hf
+from bit_transfer.models.weights import hf
 from bit_transfer.models.resnetv2 import ResNetV2, model_config
 
 FORMATS = ("hf", "mindir", "onnx")
@@ -33,7 +33,7 @@ def export_hf(model: ResNetV2, out_dir, class_names=None, image_size: int | None
     from safetensors.numpy import save_file
 
     config = hf.build_config(model, class_names)
-    image_size = _check_size(image_size, "image_size") if image_size is not None else None
+    image_size = check_size(image_size, "image_size") if image_size is not None else None
     tensors = {hf.to_hf_name(p.name): np.ascontiguousarray(p.asnumpy()) for p in model.get_parameters()}
     out = _claim(out_dir)
     with _cleanup_on_failure(out):
@@ -69,7 +69,7 @@ def export_mindir(model: ResNetV2, out_dir, image_size: int, class_names=None) -
 
     from bit_transfer.models.inference import FoldedResNetV2, fold
 
-    size = _check_size(image_size, "image_size")
+    size = check_size(image_size, "image_size")
     info = {
         "file": "model.mindir",
         "input": {"shape": [1, 3, size, size], "layout": "NCHW", "dtype": "float32",
@@ -97,9 +97,9 @@ def export_onnx(model: ResNetV2, out_dir, image_size: int, class_names=None, ext
     """model.onnx (ONNX Runtime, any platform): dynamic batch and size, WS folded, metadata_props with the
     class names, image_size and preprocessing (models/onnx_export.py). Models over 1 GB of weights keep
     them in model.onnx.data beside it (external=True forces that). Returns the .onnx file."""
-    from bit_transfer.models import onnx_export
+    from bit_transfer.models.export import onnx as onnx_export
 
-    size = _check_size(image_size, "image_size")
+    size = check_size(image_size, "image_size")
     proto = onnx_export.build_onnx(model, size, class_names)  # onnx missing: one line, before claiming
     out = _claim(out_dir)
     path = out.path / "model.onnx"
@@ -119,15 +119,15 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
     for weights to their preprocessor_config.json's size; MindIR and ONNX need one. Returns the directory
     (hf) or the .mindir / .onnx file written.
     """
-    from bit_transfer.models.weights import create_model_from_weights
+    from bit_transfer.models.weights.load import create_model_from_weights
 
     if fmt not in FORMATS:
         raise WeightsError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     ckpt, run = find_checkpoint(source, command="export", weights=True)
     if image_size is not None:
-        image_size = _check_size(image_size, "--image-size")
+        image_size = check_size(image_size, "--image-size")
     if fmt == "onnx":
-        from bit_transfer.models.onnx_export import require
+        from bit_transfer.models.export.onnx import require
 
         require("onnx")  # not installed: one line before any work
     out = _claim(out_dir)  # a file, someone's directory or a run: refused before the work
@@ -138,7 +138,7 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
             raise WeightsError(f"{ckpt} has no model config in its meta; export takes checkpoints written by "
                                "bit-transfer fit or fewshot (a run directory or its checkpoints/step-*.ckpt)")
         if image_size is None:
-            image_size, why = run_image_size(run, meta) if run is not None else _weights_image_size(report.source)
+            image_size, why = run_image_size(run, meta) if run is not None else weights_image_size(report.source)
             if image_size is None and fmt in ("mindir", "onnx"):
                 example = "e.g. 128, the crop it was trained at" if run is not None else \
                     "the resolution the weights were trained or fine-tuned at, e.g. 224"
@@ -151,60 +151,10 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
         return export_mindir(model, out, image_size, names)
 
 
-# ---------------------------------------------------------------- image size
-def _check_size(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise UsageError(f"{what} must be a whole number of pixels >= 1 (e.g. 128), got {value!r}")
-    return int(value)
-
-
-def run_image_size(run: Path, meta: dict) -> tuple[int | None, str]:
-    """(the run's eval crop from plan.json or the checkpoint meta, or None and why there is none)."""
-    plan = run / "plan.json"
-    if plan.is_file():
-        try:
-            crop = json.loads(plan.read_text()).get("crop")
-        except (OSError, ValueError, AttributeError):
-            raise WeightsError(f"{plan} is not a readable plan (not valid JSON); pass --image-size N "
-                               "(e.g. 128, the crop it was trained at)") from None
-        if crop is not None:
-            if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
-                raise WeightsError(f"{plan} has crop {crop!r}, not a whole number of pixels >= 1; "
-                                   "pass --image-size N (e.g. 128)")
-            return crop, ""
-        why = f"{plan} has no 'crop'"
-    else:
-        why = f"there is no {plan}"
-    crop = meta.get("crop")
-    if crop is not None:
-        return _check_size(crop, f"the 'crop' in the checkpoint meta of {run}"), ""
-    return None, f"{why} and the checkpoint's meta records none"
-
-
-def _weights_image_size(source) -> tuple[int | None, str]:
-    """The size in the preprocessor_config.json beside weights read from `source` (a local file or Hugging
-    Face directory; crop_size when it crops), or None and why."""
-    where = Path(source)
-    if where.suffix.lower() == ".npz" or not where.exists():
-        return None, "official .npz weights record no training resolution"
-    config = (where if where.is_dir() else where.parent) / "preprocessor_config.json"
-    if not config.is_file():
-        return None, f"there is no {config}"
-    try:
-        pre = json.loads(config.read_text())
-        size = pre.get("crop_size") if pre.get("do_center_crop") else pre.get("size")
-        size = size if isinstance(size, dict) else {"height": size, "width": size}
-        h, w = size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))
-    except (OSError, ValueError, AttributeError):
-        return None, f"{config} is not a readable preprocessor config"
-    if isinstance(h, int) and not isinstance(h, bool) and h == w and h > 0:
-        return h, ""
-    return None, f"{config} gives no square size"
-
 
 # ---------------------------------------------------------------- writing
 def _claim(out_dir):
-    from bit_transfer.rundir import RunDir
+    from bit_transfer.run.rundir import RunDir
 
     if isinstance(out_dir, RunDir):
         return out_dir
@@ -232,7 +182,7 @@ def _write(path: Path, write, needed: int | None = None, suffix: str = "") -> No
     """write(temporary) then mode 0644, fsync and rename over `path`; one line if the place fails."""
     import errno
 
-    from bit_transfer.rundir import os_error_in
+    from bit_transfer.run.rundir import os_error_in
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
     try:
@@ -260,7 +210,7 @@ def _remove(path: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    from bit_transfer import runlog
+    from bit_transfer.run import runlog
 
     try:
         runlog.write_json(path, obj)  # atomic, strict JSON; a StorageError line when the place fails

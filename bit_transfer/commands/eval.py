@@ -9,7 +9,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from bit_transfer import planning, recipe as recipes, runtime
+from bit_transfer.hyperrule import planning
+from bit_transfer.config import recipe as recipes
+from bit_transfer.system import device as runtime
 from bit_transfer.errors import DataError
 
 
@@ -19,11 +21,13 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
     Writes metrics.json, per_class.json and confusion.json (+ .png) to the output directory (module
     docstring) and returns the metrics.
     """
-    from bit_transfer import checkpoint, compile_cache, data, models
-    from bit_transfer.evaluate import evaluate_split
+    from bit_transfer import data, models
+    from bit_transfer.run import checkpoint
+    from bit_transfer.system import compile_cache
+    from bit_transfer.engine.metrics import evaluate_split
     from bit_transfer.models.inference import fold
-    from bit_transfer.rundir import RunDir
-    from bit_transfer.step import EvalStep
+    from bit_transfer.run.rundir import RunDir
+    from bit_transfer.engine.step import EvalStep
 
     path, run = checkpoint.find_checkpoint(checkpoint_path, command="eval --checkpoint")  # a .ckpt, or a run's latest
     # a file, someone's directory, a run or a read-only place: refused before the work
@@ -64,7 +68,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
 
 def output_dir(recipe: recipes.Recipe, ckpt: Path, run: Path, out_dir) -> Path:
     """--out; else `<run>/evals/<checkpoint>-<recipe>` inside the checkpoint's run; else a new directory."""
-    from bit_transfer.rundir import is_run, new_run_path
+    from bit_transfer.run.rundir import is_run, new_run_path
 
     if out_dir:
         return Path(out_dir).expanduser()

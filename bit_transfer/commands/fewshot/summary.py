@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import runlog
+from bit_transfer.run import runlog
 
 STD_NOTE = "std is the sample standard deviation over seeds (ddof=1); n is the number of seeds"
 

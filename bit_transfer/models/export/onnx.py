@@ -80,7 +80,7 @@ def preprocessing(image_size: int) -> dict:
 
 def metadata(model: ResNetV2, image_size: int, class_names=None) -> dict[str, str]:
     """The `metadata_props` of an exported file (all values are strings; JSON where structured)."""
-    from bit_transfer import __version__
+    from bit_transfer.settings import VERSION as __version__
 
     if class_names is not None and len(class_names) != model.num_classes:
         raise UsageError(f"{len(class_names)} class names for a {model.num_classes}-class head; "
@@ -121,7 +121,7 @@ def build_onnx(model: ResNetV2, image_size: int, class_names=None):
         [helper.make_tensor_value_info(LOGITS, TP.FLOAT, ["batch", model.num_classes])],
         g.initializers,
     )
-    from bit_transfer import __version__
+    from bit_transfer.settings import VERSION as __version__
 
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bit-transfer",
                               producer_version=__version__,

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import paths, runlog
+from bit_transfer import settings
+from bit_transfer.run import runlog
 from bit_transfer.errors import storage_error
 
 VERSION = 1
@@ -43,7 +44,7 @@ COMPUTED: Counter = Counter()
 
 def default_root() -> Path:
     """$BIT_TRANSFER_HOME/features, else ~/.cache/bit-transfer/features (next to the data cache)."""
-    return paths.home() / "features"
+    return settings.home() / "features"
 
 
 def backbone_id(model) -> str:

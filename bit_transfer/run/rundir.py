@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bit_transfer import runlog
+from bit_transfer.run import runlog
 from bit_transfer.errors import StorageError, UsageError, WeightsError, storage_error
 
 MARKER = ".bit-transfer-run"
@@ -175,7 +175,7 @@ class RunDir:
 
     def write_final(self, result, class_names: list[str], fields: dict, report_dir: str = "eval") -> dict:
         """metrics.json and the eval report (per-class accuracy, confusion), built in one place."""
-        from bit_transfer.evaluate import save_report
+        from bit_transfer.run.reports import save_report
 
         final = {"top1": result.top1, "top5": result.top5, "loss": result.loss, "eval_images": result.count,
                  "eval_images_per_sec": result.images_per_sec, **fields}
@@ -203,7 +203,7 @@ class RunDir:
 
     def save_checkpoint(self, step: int, params: dict, meta: dict, keep: int) -> Path:
         """Write step-NNNNNN.ckpt atomically, then drop all but the newest `keep`."""
-        from bit_transfer import checkpoint
+        from bit_transfer.models.weights import ckpt
 
         path = self.checkpoint_path(step)
         if not self.writer:
@@ -211,7 +211,7 @@ class RunDir:
         needed = sum(int(getattr(v, "nbytes", 0) or 0) for v in params.values())
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.save_checkpoint(path, params, meta)
+            ckpt.save_checkpoint(path, params, meta)
         except (OSError, RuntimeError) as e:
             shutil.rmtree(f"{path}.tmp", ignore_errors=True)
             if isinstance(e, RuntimeError):  # MindSpore's writer wraps the OSError
@@ -224,11 +224,11 @@ class RunDir:
     def latest_checkpoint(self, log=print):
         """(path, params, meta) of the newest readable checkpoint, or None; a corrupt newer one is
         named in one line and set aside (renamed *.corrupt), and the one before it is used."""
-        from bit_transfer import checkpoint
+        from bit_transfer.models.weights import ckpt
 
         for path in reversed(self.checkpoints()):
             try:
-                params, meta = checkpoint.read_checkpoint(path)
+                params, meta = ckpt.read_checkpoint(path)
             except WeightsError:
                 aside = path.with_name(path.name + ".corrupt")
                 if self.writer:

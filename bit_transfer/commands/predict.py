@@ -68,8 +68,10 @@ def _prepare(args) -> _Job:
 
 
 def _prepare_recipe(args) -> _Job:
-    from bit_transfer import data, planning, recipe as recipes
-    from bit_transfer.evalrun import check_class_names
+    from bit_transfer import data
+    from bit_transfer.hyperrule import planning
+    from bit_transfer.config import recipe as recipes
+    from bit_transfer.commands.eval import check_class_names
 
     r = recipes.load(args.recipe)
 
@@ -96,8 +98,8 @@ def _claim_report(report_dir, model: LoadedModel, name: str, parent: str):
     """--report, else `<run>/evals/<checkpoint>-predict-<name>` for a run's checkpoint (a run that is
     not writable, e.g. shared read-only, is not written to), else a new `<parent>/predict-<name>-<time>`;
     claimed like eval's directory (never someone's files)."""
-    from bit_transfer.evalrun import safe_name
-    from bit_transfer.rundir import RunDir, is_run, new_run_path
+    from bit_transfer.commands.eval import safe_name
+    from bit_transfer.run.rundir import RunDir, is_run, new_run_path
 
     if report_dir:
         path = Path(report_dir).expanduser()
@@ -141,7 +143,7 @@ def _run(job: _Job, args, out: OutFile | None) -> None:
             bar.write(table.header(), file=sys.stdout)
         batches = stream(model, split, unreadable, job.workers)
         if job.labels is not None:
-            from bit_transfer.evaluate import evaluate
+            from bit_transfer.engine.metrics import evaluate
 
             try:
                 result = evaluate(lambda z: z, ((emit(p, z), job.labels[p]) for p, z in batches), model.num_classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+VERSION = "0.1.0"
 DEFAULT_HOME = "~/.cache/bit-transfer"
 
 

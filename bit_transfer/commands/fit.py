@@ -18,15 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import (checkpoint, compile_cache, data, distributed, models, onednn_conv, planning, recipe as recipes,
-                          runlog, runtime)
+from bit_transfer import data, models
+from bit_transfer.run import checkpoint
+from bit_transfer.system import compile_cache
+from bit_transfer.system import distributed
+from bit_transfer.kernels import onednn as onednn_conv
+from bit_transfer.hyperrule import planning
+from bit_transfer.config import recipe as recipes
+from bit_transfer.run import runlog
+from bit_transfer.system import device as runtime
 from bit_transfer.data import pipeline
 from bit_transfer.errors import Interrupted, RunError, UsageError, WeightsError
-from bit_transfer.evaluate import evaluate_split
-from bit_transfer.models.weights import assign, check, read_weights
-from bit_transfer.rundir import RunDir
-from bit_transfer.signals import StopFlag
-from bit_transfer.step import EvalStep, TrainStep, cast_model
+from bit_transfer.engine.metrics import evaluate_split
+from bit_transfer.models.weights.load import assign, check, read_weights
+from bit_transfer.run.rundir import RunDir
+from bit_transfer.run.signals import StopFlag
+from bit_transfer.engine.step import EvalStep, TrainStep, cast_model
 
 RESUME_HINT = "rerun the same command to continue"
 DIVERGED_FACTOR = 10.0  # a final loss this many times the first one is flagged as divergence

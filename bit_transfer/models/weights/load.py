@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bit_transfer.errors import WeightsError
-from bit_transfer.models import hf
+from bit_transfer.models.weights import hf
 from bit_transfer.models.resnetv2 import MODELS, ResNetV2, create_model
 
 HEAD = ("head.weight", "head.bias")
@@ -156,7 +156,7 @@ def read_hf_dir(path: Path) -> WeightsFile:
 
 
 def read_ckpt(path: Path) -> WeightsFile:
-    from bit_transfer.checkpoint import read_checkpoint
+    from bit_transfer.models.weights.ckpt import read_checkpoint
 
     params, meta = read_checkpoint(path)
     tensors = {k: v for k, v in params.items() if not k.startswith("optimizer.")}
@@ -281,11 +281,11 @@ def check(model: ResNetV2, wf: WeightsFile, head: str) -> LoadReport:
 
 
 def assign(model: ResNetV2, wf: WeightsFile, report: LoadReport) -> None:
-    from bit_transfer import runtime
+    from bit_transfer.system import device
 
     params = {p.name: p for p in model.get_parameters()}
     for name in report.loaded:  # in place: graphs compiled earlier must see the loaded values
-        runtime.assign(params[name], wf.tensors[name].astype(np.float32))
+        device.assign(params[name], wf.tensors[name].astype(np.float32))
     if report.head == "zero":
         model.reset_head(model.num_classes)  # same size: zeroed in place
 
@@ -303,7 +303,7 @@ def load_weights(model: ResNetV2, path, head: str = "zero") -> LoadReport:
 
 
 def _local(spec, model_name: str) -> Path:
-    from bit_transfer.models.download import is_remote, resolve_weights
+    from bit_transfer.models.weights.download import is_remote, resolve_weights
 
     if isinstance(spec, str) and is_remote(spec):
         return resolve_weights(spec, model_name)

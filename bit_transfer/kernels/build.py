@@ -17,7 +17,7 @@ the CPU is MindSpore's only device and a C++ compiler builds them; otherwise the
 `*_primitive()` functions return None and the callers keep MindSpore's ops (a failed build warns
 once). Set BIT_TRANSFER_CPU_KERNELS=0 to force those. The library is built once per source version
 and compiler target (-march=native, without AVX-512 where oneDNN is capped below it: keyed by the
-instruction sets the compiler enables, not the host name) into paths.home()/kernels.
+instruction sets the compiler enables, not the host name) into settings.home()/kernels.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ BT_GN_ENTRY(gn_relu_fwd, gn_fwd_impl, true)
 BT_GN_ENTRY(gn_bwd, gn_bwd_impl, false)
 BT_GN_ENTRY(gn_relu_bwd, gn_bwd_impl, true)
 
-// GroupNorm of the oneDNN convolutions' activations (bit_transfer/onednn_conv.py), channels-last
+// GroupNorm of the oneDNN convolutions' activations (bit_transfer/kernels/onednn.py), channels-last
 // in blocks: x (N, CB, HW, L), channel cb * L + l of pixel p at ((n * CB + cb) * HW + p) * L + l.
 // Channels-last (N, HW, C) is CB = 1, L = C; oneDNN's blocked nChw8c (AVX2 machines) is L = 8.
 // G groups of Cg = C / G consecutive channels (a group may span blocks); mean/rstd row n * G + g.
@@ -521,16 +521,16 @@ def library_key(target: str, source: str | None = None, flags: list[str] | None 
 
 def _library_path(cxx: str, name: str = "cpu_kernels", source: str | None = None,
                   flags: list[str] | None = None) -> Path:
-    from bit_transfer import paths
+    from bit_transfer import settings
 
-    return paths.home() / "kernels" / f"{name}-{library_key(target_features(cxx), source, flags)}.so"
+    return settings.home() / "kernels" / f"{name}-{library_key(target_features(cxx), source, flags)}.so"
 
 
 def build(name: str = "cpu_kernels", source: str | None = None, flags: list[str] | None = None,
           link: list[str] = ()) -> Path | None:
     """Compile a kernel library (default: this module's SOURCE with CXX_FLAGS) once per key into
-    paths.home()/kernels (atomic rename, so concurrent processes are safe). `link` follows the
-    source on the command line (libraries; bit_transfer/onednn_conv.py links oneDNN).
+    settings.home()/kernels (atomic rename, so concurrent processes are safe). `link` follows the
+    source on the command line (libraries; bit_transfer/kernels/onednn.py links oneDNN).
 
     None when there is no C++ compiler; RuntimeError (with the compiler's message) when it fails.
     """
@@ -597,7 +597,7 @@ def _library() -> Path | None:
     """The built kernel library, or None where MindSpore's ops must be used (one warning when it cannot be built)."""
     if os.environ.get("BIT_TRANSFER_CPU_KERNELS", "1") == "0":
         return None
-    from bit_transfer import runtime
+    from bit_transfer.system import device as runtime
 
     if runtime.available_devices() != ("CPU",):
         return None

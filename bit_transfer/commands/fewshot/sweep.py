@@ -13,7 +13,7 @@ sees the subset's size, so few-shot runs get 500 steps and no MixUp, as in the p
 
 Rerunning on the same directory skips finished runs and resumes an interrupted one.
 `--mode finetune` runs `train.fit` per run; `--mode linear` freezes the backbone, computes each
-image's pre-logit features once (`bit_transfer.features`, cached across runs and sweeps) and
+image's pre-logit features once (`bit_transfer.commands.fewshot.features`, cached across runs and sweeps) and
 trains only the head on them: seconds per run instead of minutes.
 """
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import planning
+from bit_transfer.hyperrule import planning
 from bit_transfer.errors import RecipeError, UsageError
-from bit_transfer.recipe import Recipe
-from bit_transfer.rundir import RunDir, describe_diff, recipe_diff
-from bit_transfer.signals import StopFlag
+from bit_transfer.config.recipe import Recipe
+from bit_transfer.run.rundir import RunDir, describe_diff, recipe_diff
+from bit_transfer.run.signals import StopFlag
 
 MODES = ("finetune", "linear")
 
@@ -151,7 +151,7 @@ def sweep(
     A signal stops the sweep after the current run's checkpoint (a fine-tune run evaluates first);
     the result says `complete=False` and a rerun on the same directory continues.
     """
-    from bit_transfer.sweep_summary import write_summary
+    from bit_transfer.commands.fewshot.summary import write_summary
 
     if not shots or not seeds:
         raise UsageError("a sweep needs at least one shots value and one seed")
@@ -209,7 +209,7 @@ def _row(run: Run, m: dict) -> dict:
 
 
 def _sweep_finetune(runs: list[Run], sweep_dir: Path, quiet: bool, log, stop: StopFlag) -> SweepResult:
-    from bit_transfer import train
+    from bit_transfer.commands import fit as train
 
     rows = []
     for i, run in enumerate(runs, 1):
@@ -228,7 +228,7 @@ def _sweep_finetune(runs: list[Run], sweep_dir: Path, quiet: bool, log, stop: St
 
 # ----------------------------------------------------------------------------- linear probes
 def _sweep_linear(base, runs, pools, info, sweep_dir, quiet, feature_root, log, stop: StopFlag) -> SweepResult:
-    from bit_transfer import linear_probe
+    from bit_transfer.commands.fewshot import probe as linear_probe
 
     todo = [r for r in runs if finished(r.run_dir) is None]
     model = cache = None
@@ -255,7 +255,10 @@ def _sweep_linear(base, runs, pools, info, sweep_dir, quiet, feature_root, log, 
 def _feature_pass(base, todo, pools, subsets, planned, feature_root, log, stop: StopFlag):
     """The frozen backbone and its feature cache, filled for every image a pending run needs:
     one pass per pool over the union of the subsets' images, then over its eval split."""
-    from bit_transfer import features, linear_probe, runtime, train
+    from bit_transfer.commands.fewshot import features
+    from bit_transfer.commands.fewshot import probe as linear_probe
+    from bit_transfer.system import device as runtime
+    from bit_transfer.commands import fit as train
 
     device = runtime.setup(base.train.device, jit=base.train.jit)
     stop.rearm()  # MindSpore's context start installed its own SIGINT handler

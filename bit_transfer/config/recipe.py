@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from bit_transfer.archs import canonical_name
+from bit_transfer.models.archs import canonical_name
 from bit_transfer.errors import RecipeError, UsageError
 
 
@@ -527,7 +527,7 @@ def reference_markdown() -> str:
     lines = [
         "# Recipe keys",
         "",
-        "Generated from `bit_transfer/recipe.py` (`python -m bit_transfer.recipe > docs/recipes.md`).",
+        "Generated from `bit_transfer/config/recipe.py` (`python -m bit_transfer.config.recipe > docs/recipes.md`).",
         "Every key is optional; `null` in `rule` means the BiT-HyperRule decides.",
         "",
     ]

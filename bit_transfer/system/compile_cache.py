@@ -38,7 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from bit_transfer import paths, processes
+from bit_transfer import settings as paths
+from bit_transfer.system import processes
 
 VERSION = 1  # of the key's recipe: bump when what goes into it changes
 MANIFEST = "manifest.json"
@@ -184,7 +185,7 @@ def _cell_base_attributes() -> frozenset[str]:
 
 
 def _source_digest() -> str:
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]  # bit_transfer/
     sources = [f for f in package.rglob("*") if f.suffix in (".py", ".cc", ".cpp", ".h") and "__pycache__" not in f.parts]
     return _files_digest(sources, package)
 

@@ -55,7 +55,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bit_transfer import cpu_kernels
+from bit_transfer.kernels import build as cpu_kernels
 
 SOURCE = r"""
 // Convolution forward, backward-data and backward-weights on oneDNN 3.x for MindSpore CPU custom

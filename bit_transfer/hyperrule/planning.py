@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from bit_transfer import hyperrule
+from bit_transfer.hyperrule import rule as hyperrule
 from bit_transfer.errors import RecipeError
 from bit_transfer.data.measure import DataInfo  # what the rule needs from the data (no MindSpore)
-from bit_transfer.recipe import Recipe
+from bit_transfer.config.recipe import Recipe
 
 
 def _normalise(name: str) -> str:

@@ -13,7 +13,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from bit_transfer import compile_cache, cpu_kernels, runtime
+from bit_transfer.system import compile_cache
+from bit_transfer.kernels import build as cpu_kernels
+from bit_transfer.system import device
 from bit_transfer.errors import UsageError
 
 PRECISIONS = {"fp32": None, "fp16": ms.float16, "bf16": ms.bfloat16}
@@ -53,7 +55,7 @@ class SGDMomentum(nn.Cell):
         for v in self.moments:
             if v.name not in state:
                 raise KeyError(v.name)
-            runtime.assign(v, state[v.name])
+            device.assign(v, state[v.name])
 
 
 def all_finite(grads, kernel=None):

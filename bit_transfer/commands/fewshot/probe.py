@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import planning
-from bit_transfer.rundir import RunDir
+from bit_transfer.hyperrule import planning
+from bit_transfer.run.rundir import RunDir
 
 
 def fit_linear(recipe, run_dir: Path, model, dataset, info, plan, cache, *, label: str, quiet: bool = True,
@@ -26,8 +26,8 @@ def fit_linear(recipe, run_dir: Path, model, dataset, info, plan, cache, *, labe
     train.seed (seeded epochs; a subset no larger than the batch is the whole batch every step).
     An unfinished probe restarts from scratch: it takes seconds.
     """
-    from bit_transfer.evaluate import evaluate
-    from bit_transfer.step import EvalStep, TrainStep
+    from bit_transfer.engine.metrics import evaluate
+    from bit_transfer.engine.step import EvalStep, TrainStep
 
     t0 = time.time()
     tcfg = recipe.train
@@ -76,7 +76,7 @@ def _plan_json(info, plan, batch: int, backbone: str) -> dict:
 def train_head(step_fn, x, y, plan, batch: int, seed: int, metrics, every: int, *, label: str, log=None) -> float:
     """The plan's steps on feature batches; returns the seconds spent. A non-finite loss stops the run."""
     from bit_transfer.data.sampling import Stream
-    from bit_transfer.train import TrainingDiverged
+    from bit_transfer.commands.fit import TrainingDiverged
 
     stream = Stream(len(x), batch, seed, max_offset=0, flip=False)
     t = time.perf_counter()
@@ -96,7 +96,7 @@ def train_head(step_fn, x, y, plan, batch: int, seed: int, metrics, every: int, 
 
 def _save_and_finish(run: RunDir, recipe, model, step_fn, dataset, plan, batch, result, seconds, t0) -> dict:
     """The full model's checkpoint and metrics.json, through the same builders as `fit`."""
-    from bit_transfer import checkpoint
+    from bit_transfer.run import checkpoint
 
     params = {p.name: p for p in model.get_parameters()}
     params.update(step_fn.optimizer.state())

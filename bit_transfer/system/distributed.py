@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bit_transfer import processes
+from bit_transfer.system import processes
 from bit_transfer.errors import Interrupted, RunError, UsageError
 
 MSRUN_ENV = "MS_WORKER_NUM"  # set by msrun in every worker it spawns
@@ -111,7 +111,7 @@ def msrun_command(
     msrun = shutil.which("msrun", path=_path_with_this_python())
     if not msrun:
         raise UsageError("msrun is not on PATH; it ships with MindSpore: reinstall mindspore in this environment")
-    main = Path(__file__).resolve().parent / "entry" / "msrun_worker.py"
+    main = Path(__file__).resolve().parents[1] / "entry" / "msrun_worker.py"
     return [
         msrun,
         f"--worker_num={devices * nodes}",
@@ -214,7 +214,7 @@ def _children(pid: int) -> list[int]:
 def _signal_workers(msrun_pid: int, signum: int) -> int:
     """Send `signum` to msrun's workers (the processes running our worker entry), not to its scheduler
     (the workers stop gracefully on SIGINT and SIGTERM only); how many there were."""
-    return _signal_children(msrun_pid, signum, str(Path(__file__).resolve().parent / "entry" / "msrun_worker.py"))
+    return _signal_children(msrun_pid, signum, str(Path(__file__).resolve().parents[1] / "entry" / "msrun_worker.py"))
 
 
 def _signal_children(pid: int, signum: int, running: str = "") -> int:

@@ -1,0 +1,1 @@
+"""Recipes: the schema, its converters and defaults, and what may change on resume."""

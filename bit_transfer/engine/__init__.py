@@ -1,0 +1,1 @@
+"""What runs on the device: the optimiser, the train and eval steps, metrics."""

@@ -1,0 +1,1 @@
+"""The BiT-HyperRule (rule: pure functions of the data) and planning (recipe + data -> plan)."""

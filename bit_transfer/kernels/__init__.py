@@ -1,0 +1,1 @@
+"""Compiled CPU kernels: the builder, GroupNorm / weight standardisation / max-pool ops, oneDNN convolutions."""

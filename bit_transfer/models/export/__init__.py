@@ -1,0 +1,1 @@
+"""Writers of exported models (ONNX) that take a model and a directory."""

@@ -1,0 +1,1 @@
+"""The machine: devices, ranks, the compile cache, other processes, the Hugging Face hub."""
