@@ -128,12 +128,17 @@ def test_kernels_build_wherever_a_compiler_is_present(monkeypatch):
         cpu_kernels.clear_caches()
 
 
-def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home):
+def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home, tmp_path):
+    import shutil
+
     monkeypatch.delenv("BIT_TRANSFER_CPU_KERNELS", raising=False)
-    monkeypatch.setattr(cpu_kernels, "SOURCE", cpu_kernels.SOURCE + "\n#error deliberately broken\n")
+    broken = tmp_path / "csrc" / "cpu_kernels.cc"  # a copy of the real source (its header beside it), broken
+    shutil.copytree(cpu_kernels.CSRC, broken.parent)
+    broken.write_text(broken.read_text() + "\n#error deliberately broken\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     cpu_kernels.clear_caches()
     try:
-        with pytest.warns(RuntimeWarning, match=r"compiled CPU kernels unavailable \(.*deliberately broken"):
+        with pytest.warns(RuntimeWarning, match=r"compiled CPU kernels unavailable \(.*cpu_kernels\.cc:\d+:\d+: error: #error deliberately broken"):
             assert cpu_kernels.group_norm_primitive() is None
         assert cpu_kernels.all_finite_primitive() is None and not cpu_kernels.available()
     finally:
@@ -165,16 +170,18 @@ print(time.process_time() - t)
 """
 
 
-def test_libgomp_threads_stop_spinning_soon_after_a_kernel_unless_the_user_set_it(home):
+def test_libgomp_threads_stop_spinning_soon_after_a_kernel_unless_the_user_set_it(home, tmp_path):
     """bit_transfer/__init__.py sets GOMP_SPINCOUNT=10000 before MindSpore loads libgomp; with
     libgomp's default (300,000 spins) the idle threads hold the cores MindSpore's threads need."""
     import os
     import subprocess
     import sys
 
-    lib = cpu_kernels.build("omp_probe", 'extern "C" double work(int n) { double s = 0;\n'
-                            "#pragma omp parallel for reduction(+:s)\nfor (int i = 0; i < n; i++) s += i * 0.5;\n"
-                            "return s; }\n", ["-O1", "-fopenmp", "-shared", "-fPIC"])
+    source = tmp_path / "omp_probe.cc"
+    source.write_text('extern "C" double work(int n) { double s = 0;\n'
+                      "#pragma omp parallel for reduction(+:s)\nfor (int i = 0; i < n; i++) s += i * 0.5;\n"
+                      "return s; }\n")
+    lib = cpu_kernels.build("omp_probe", source, ["-O1", "-fopenmp", "-shared", "-fPIC"])
     if lib is None:
         pytest.skip("no C++ compiler here")
 
