@@ -8,10 +8,12 @@ import pytest
 from mindspore import Tensor, ops
 
 from bit_transfer.kernels import build as cpu_kernels
-from bit_transfer.models.resnetv2 import kernel_group_norm
+
+from bit_transfer.kernels import ops as kernel_ops
+from bit_transfer.kernels.layers import kernel_group_norm
 
 # The build itself is tested below without a skip; these compare results where the kernels exist.
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernels not available here")
+needs_kernels = pytest.mark.skipif(not kernel_ops.available(), reason="compiled CPU kernels not available here")
 
 
 @needs_kernels
@@ -24,7 +26,7 @@ def test_kernel_matches_ops_group_norm_values_and_gradients(shape, groups, eps, 
     gamma = Tensor(rng.standard_normal(c).astype(np.float32))
     beta = Tensor(rng.standard_normal(c).astype(np.float32))
     r = Tensor(rng.standard_normal(shape).astype(np.float32))
-    kernel, eps_t = cpu_kernels.group_norm_primitive(relu), Tensor([eps], ms.float32)
+    kernel, eps_t = kernel_ops.group_norm_primitive(relu), Tensor([eps], ms.float32)
 
     def builtin(x, g, b):
         if groups == 1:  # the weight-standardisation form: no affine in ops.group_norm
@@ -53,7 +55,7 @@ def test_weight_standardisation_kernel_matches_group_norm_on_the_flat_view(shape
     rng = np.random.default_rng(1)
     w = Tensor((rng.standard_normal(shape) * 0.1 + 0.02).astype(np.float32))
     r = Tensor(rng.standard_normal(shape).astype(np.float32))
-    kernel, eps_t = cpu_kernels.weight_standardisation_primitive(), Tensor([WS_EPS], ms.float32)
+    kernel, eps_t = kernel_ops.weight_standardisation_primitive(), Tensor([WS_EPS], ms.float32)
 
     def builtin(w):
         return (ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, WS_EPS).reshape(w.shape) * r).sum()
@@ -80,7 +82,7 @@ def test_a_group_equal_to_its_mean_gives_exactly_beta(relu, cg, hw):
     groups, n = 32, 5
     x = np.repeat(rng.standard_normal((n * groups, 1, 1)) * 30, cg, 1).repeat(hw, 2).astype(np.float32)
     gamma, beta = rng.standard_normal((2, groups * cg)).astype(np.float32)
-    y = cpu_kernels.group_norm_primitive(relu)(Tensor(x), Tensor(gamma), Tensor(beta), Tensor([1e-5], ms.float32))[0]
+    y = kernel_ops.group_norm_primitive(relu)(Tensor(x), Tensor(gamma), Tensor(beta), Tensor([1e-5], ms.float32))[0]
     want = np.broadcast_to(np.tile(beta.reshape(groups, cg, 1), (n, 1, hw)), x.shape)
     np.testing.assert_array_equal(y.asnumpy(), np.maximum(want, 0) if relu else want)
 
@@ -121,11 +123,11 @@ def test_kernels_build_wherever_a_compiler_is_present(monkeypatch):
         pytest.skip("no C++ compiler")
     assert cpu_kernels.build() is not None
     monkeypatch.delenv("BIT_TRANSFER_CPU_KERNELS", raising=False)
-    cpu_kernels.clear_caches()
+    kernel_ops.clear_caches()
     try:
-        assert cpu_kernels.available()
+        assert kernel_ops.available()
     finally:
-        cpu_kernels.clear_caches()
+        kernel_ops.clear_caches()
 
 
 def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home, tmp_path):
@@ -136,18 +138,19 @@ def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home, t
     shutil.copytree(cpu_kernels.CSRC, broken.parent)
     broken.write_text(broken.read_text() + "\n#error deliberately broken\n")
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
-    cpu_kernels.clear_caches()
+    kernel_ops.clear_caches()
     try:
         with pytest.warns(RuntimeWarning, match=r"compiled CPU kernels unavailable \(.*cpu_kernels\.cc:\d+:\d+: error: #error deliberately broken"):
-            assert cpu_kernels.group_norm_primitive() is None
-        assert cpu_kernels.all_finite_primitive() is None and not cpu_kernels.available()
+            assert kernel_ops.group_norm_primitive() is None
+        assert kernel_ops.all_finite_primitive() is None and not kernel_ops.available()
     finally:
-        cpu_kernels.clear_caches()
+        kernel_ops.clear_caches()
 
 
 def test_an_unwritable_kernel_cache_is_a_build_failure_not_a_traceback(monkeypatch, tmp_path):
     """_library() turns this RuntimeError into its one warning and MindSpore's ops."""
     from bit_transfer.kernels import build as cpu_kernels
+    from bit_transfer.kernels import ops as kernel_ops
 
     if not cpu_kernels._compiler():
         pytest.skip("no C++ compiler here")

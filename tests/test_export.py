@@ -14,7 +14,7 @@ from bit_transfer.models import create_model, create_model_from_weights, model_c
 from bit_transfer.run.checkpoint import find_checkpoint
 from bit_transfer.commands.export import export_from_checkpoint, export_hf, export_mindir
 from bit_transfer.models.inference import fold
-from bit_transfer.models.resnetv2 import channels_last_available
+from bit_transfer.kernels.layout import channels_last_available
 from bit_transfer.run.rundir import MARKER, RunDir
 
 

@@ -15,10 +15,13 @@ import pytest
 from mindspore import Tensor, ops
 
 from bit_transfer.kernels import build as cpu_kernels
+
+from bit_transfer.kernels import ops as kernel_ops
 from bit_transfer.kernels import onednn as onednn_conv
 from bit_transfer.system import device
 from bit_transfer.models import create_model
-from bit_transfer.models.resnetv2 import _same_pad, channels_last_available
+from bit_transfer.kernels.layers import same_pad as _same_pad
+from bit_transfer.kernels.layout import channels_last_available
 
 device.setup("CPU")
 needs_onednn = pytest.mark.skipif(onednn_conv.library() is None, reason="oneDNN 3 kernels not available here")
@@ -115,7 +118,7 @@ def test_convolution_values_and_gradients_match_mindspore(n, c, h, w, o, k, stri
 
     close(forward(x, wt, res).asnumpy(), (want_y + res if residual else want_y).asnumpy())
     if standardise:  # the very values of the standardised weight the folded inference model keeps
-        w_hat = cpu_kernels.weight_standardisation_primitive()(wt, eps)[0]
+        w_hat = kernel_ops.weight_standardisation_primitive()(wt, eps)[0]
         plain = from_layout(onednn_conv.conv_primitive(stride, pad, same)(to_layout(x, layout), w_hat, cfg), layout)
         np.testing.assert_array_equal(forward(x, wt, res).asnumpy(), (plain + res if residual else plain).asnumpy())
     for jit in (False, True):
@@ -280,7 +283,7 @@ def test_channels_last_group_norm_matches_mindspore(n, h, w, c, groups, relu, la
     x = Tensor((rng.standard_normal((n, c, h, w)) * 3 + 1).astype(np.float32))
     gamma, beta = (Tensor(v.astype(np.float32)) for v in rng.standard_normal((2, c)))
     r = Tensor(rng.standard_normal((n, c, h, w)).astype(np.float32))
-    kernel, eps = cpu_kernels.group_norm_primitive(relu, groups), Tensor([1e-5], ms.float32)
+    kernel, eps = kernel_ops.group_norm_primitive(relu, groups), Tensor([1e-5], ms.float32)
     lanes = 8 if layout == "nchw8c" else c
 
     def ours(x, g, b):
@@ -308,12 +311,12 @@ def test_channels_last_stem_pool_matches_mindspore(n, h, w, c, same):
     """The stem's zero-padded max-pool kernel: values and gradients against zero_pad + MaxPool on NCHW
     (fixed: 1 on every side; same: TF-SAME from the size), odd and tiny maps, signed inputs so padded
     zeros win some windows."""
-    from bit_transfer.models.resnetv2 import zero_pad
+    from bit_transfer.kernels.layers import zero_pad
 
     rng = np.random.default_rng(5)
     x = Tensor(rng.standard_normal((n, c, h, w)).astype(np.float32) - 0.5)
     pad = 0 if same else 1
-    kernel, cfg = cpu_kernels.max_pool_primitive(3, 2, pad, same), Tensor([3, 2, pad, int(same)], ms.int32)
+    kernel, cfg = kernel_ops.max_pool_primitive(3, 2, pad, same), Tensor([3, 2, pad, int(same)], ms.int32)
     pool = ops.MaxPool(kernel_size=3, strides=2, pad_mode="VALID")
 
     def theirs(x):
@@ -349,7 +352,7 @@ def test_one_element_groups_give_beta_exactly(relu):
     n, groups = 5, 32
     x = (rng.standard_normal((n, 1, 1, groups)) * 30).astype(np.float32)
     gamma, beta = rng.standard_normal((2, groups)).astype(np.float32)
-    kernel = cpu_kernels.group_norm_primitive(relu, groups)
+    kernel = kernel_ops.group_norm_primitive(relu, groups)
     y = kernel(Tensor(x), Tensor(gamma), Tensor(beta), Tensor([1e-5], ms.float32))[0].asnumpy()
     want = np.broadcast_to(beta.reshape(1, 1, 1, groups), x.shape)
     np.testing.assert_array_equal(y, np.maximum(want, 0) if relu else want)
@@ -454,7 +457,7 @@ def test_without_onednn_it_is_one_warning_and_mindspores_convolutions(monkeypatc
     onednn_conv.library.cache_clear()
     onednn_conv.conv_primitive.cache_clear()
     try:
-        if cpu_kernels.available():
+        if kernel_ops.available():
             with pytest.warns(RuntimeWarning, match=r"oneDNN convolutions unavailable \(oneDNN 3 not installed \(pip"):
                 assert onednn_conv.library() is None
         assert not channels_last_available()

@@ -205,14 +205,14 @@ def test_choose_batch_split_halves_until_it_fits():
 def test_all_finite_catches_inf_and_nan_anywhere(impl):
     import mindspore as ms
 
-    from bit_transfer.kernels import build as cpu_kernels
+    from bit_transfer.kernels import ops as kernel_ops
     from bit_transfer.system import device
     from bit_transfer.engine.step import all_finite
 
     device.setup("auto")
     kernel = None
     if impl == "kernel":
-        kernel = cpu_kernels.all_finite_primitive()
+        kernel = kernel_ops.all_finite_primitive()
         if kernel is None:
             pytest.skip("compiled CPU kernels not available here")
     def eager(*grads):

@@ -14,7 +14,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from bit_transfer.system import compile_cache
-from bit_transfer.kernels import build as cpu_kernels
+from bit_transfer.kernels import ops as kernel_ops
 from bit_transfer.system import device
 from bit_transfer.errors import UsageError
 
@@ -61,7 +61,7 @@ class SGDMomentum(nn.Cell):
 def all_finite(grads, kernel=None):
     """No inf/NaN in any gradient, as a scalar bool tensor.
 
-    With `kernel` (cpu_kernels.all_finite_primitive(), float32 gradients on CPU): one pass over the
+    With `kernel` (kernel_ops.all_finite_primitive(), float32 gradients on CPU): one pass over the
     exponent bits. Otherwise one isfinite of the sum of per-tensor sums (an inf or NaN anywhere
     makes the sum non-finite). `ms.amp.all_finite` launches IsFinite per tensor, ~1 ms each on CPU
     (~20 % of an R50 step), and the sums still cost ~17 % there (profiled, docs/performance.md).
@@ -125,7 +125,7 @@ class TrainStep:
         self._good_steps = 0
         inv_split = 1.0 / batch_split
         unscale = precision == "fp16"  # the scale is 1.0 otherwise: skip a division per tensor
-        finite_kernel = cpu_kernels.all_finite_primitive() if all(p.dtype == ms.float32 for p in params) else None
+        finite_kernel = kernel_ops.all_finite_primitive() if all(p.dtype == ms.float32 for p in params) else None
 
         def forward(x, ya, yb, lam, scale):
             loss = mixup_loss(model(x), ya, yb, lam)

@@ -55,7 +55,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from bit_transfer import settings
 from bit_transfer.kernels import build as cpu_kernels
+
+from bit_transfer.kernels import ops as kernel_ops
 
 SOURCE = cpu_kernels.CSRC / "onednn_conv.cc"
 # For this CPU (cpu_kernels.target_flags: -march=native, AVX-512 off where oneDNN is capped below it)
@@ -95,7 +98,7 @@ def _build() -> Path | None:
 def library() -> Path | None:
     """The built kernel library, or None where MindSpore's convolutions must be used (one warning
     when oneDNN or the compiler is missing or the build fails)."""
-    if os.environ.get("BIT_TRANSFER_ONEDNN", "1") == "0" or not cpu_kernels.available():
+    if not settings.onednn() or not kernel_ops.available():
         return None
     cpu_kernels.wait_for_build("onednn_conv")
     try:
@@ -111,10 +114,10 @@ def prebuild() -> None:
     """Compile both kernel libraries (cpu_kernels' and this one) in the background, side by side, at
     the start of a CPU run: a first run's start-up then pays ~1 s of compile instead of both in turn
     when the model is built. Nothing happens where the kernels are switched off."""
-    if os.environ.get("BIT_TRANSFER_CPU_KERNELS", "1") == "0":
+    if not settings.cpu_kernels():
         return
     cpu_kernels.build_in_background("cpu_kernels", cpu_kernels.build)
-    if os.environ.get("BIT_TRANSFER_ONEDNN", "1") != "0" and prefix() is not None:
+    if settings.onednn() and prefix() is not None:
         cpu_kernels.build_in_background("onednn_conv", _build)
 
 
@@ -141,10 +144,10 @@ def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False, st
 
     def fwd_shape(x, w, *_):  # channels-last (N, H, W, C) or blocked (N, C/8, H, W, 8)
         if len(x) == 5:
-            return [x[0], w[0] // 8, cpu_kernels.out_size(x[2], w[2], stride, pad, same),
-                    cpu_kernels.out_size(x[3], w[3], stride, pad, same), 8]
-        return [x[0], cpu_kernels.out_size(x[1], w[2], stride, pad, same),
-                cpu_kernels.out_size(x[2], w[3], stride, pad, same), w[0]]
+            return [x[0], w[0] // 8, kernel_ops.out_size(x[2], w[2], stride, pad, same),
+                    kernel_ops.out_size(x[3], w[3], stride, pad, same), 8]
+        return [x[0], kernel_ops.out_size(x[1], w[2], stride, pad, same),
+                kernel_ops.out_size(x[2], w[3], stride, pad, same), w[0]]
 
     if standardise:
         data = ops.Custom(f"{lib}:conv_ws_bwd_data", out_shape=lambda dy, w, m, r, x, cfg: x, out_dtype=f32,

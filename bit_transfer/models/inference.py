@@ -27,27 +27,25 @@ import weakref
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from bit_transfer.kernels import onednn as onednn_conv
-from bit_transfer.models.resnetv2 import ConvLayer, ResNetV2, StdConv2d
+from bit_transfer.kernels import layers as kernels, onednn as onednn_conv
+from bit_transfer.models.resnetv2 import ResNetV2, StdConv2d
 
 
-class FoldedConv2d(ConvLayer):
+class FoldedConv2d(nn.Cell):
     """StdConv2d at inference: a plain conv on an already standardised weight (not trainable).
 
     Same signature as StdConv2d (ResNetV2 builds either); the weight starts at zero and is written
-    by FoldedResNetV2.refresh. On oneDNN (channels-last or blocked activations), the convolution keeps
-    the weight in oneDNN's blocked layout between calls (onednn_conv.config(packed=True)), repacked
-    after a refresh.
+    by FoldedResNetV2.refresh. On oneDNN the convolution keeps the weight in oneDNN's blocked layout
+    between calls (`packed`), repacked after a refresh.
     """
 
-    packed = True
-
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
-        super().__init__(kernel, stride, padding)
+        super().__init__()
         self.weight = Parameter(Tensor(np.zeros((cout, cin, kernel, kernel), np.float32)), requires_grad=False)
+        self.conv = kernels.Conv(kernel, stride, padding, standardise=False, packed=True)
 
     def construct(self, x, residual=None):
-        return self.convolve(x, self.weight, residual)
+        return self.conv(x, self.weight, residual)
 
 
 class FoldedResNetV2(ResNetV2):

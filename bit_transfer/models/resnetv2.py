@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from bit_transfer.errors import UsageError
-from bit_transfer.kernels import build as cpu_kernels
-from bit_transfer.kernels import onednn as onednn_conv
+from bit_transfer.kernels import layers as kernels
+from bit_transfer.kernels import layout as layouts
+from bit_transfer.kernels.layers import GN_EPS, WS_EPS  # noqa: F401 (the model's constants, re-exported)
 from bit_transfer.models.archs import ARCHS, CUSTOM, MODELS, canonical_name, list_models  # noqa: F401 (re-exported)
 
-WS_EPS = 1e-10  # official bit_pytorch StdConv2d; transformers/timm use 1e-8 (immaterial)
-GN_EPS = 1e-5
-MAX_GROUPS = 32
+MAX_GROUPS = layouts.MAX_GROUPS
 PADDINGS = ("fixed", "same")
 STAGE_STRIDES = (1, 2, 2, 2)
 
@@ -57,16 +54,6 @@ def channels_for(width: float) -> tuple[int, list[int]]:
     return root, mids
 
 
-def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TensorFlow 'SAME' padding (before, after) for one spatial dim.
-
-    Same arithmetic as transformers' `DynamicPad2d` (models/bit/modeling_bit.py): total pad
-    max((ceil(size/stride) - 1) * stride + kernel - size, 0), the odd pixel goes after.
-    """
-    total = max((size + stride - 1) // stride * stride - stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
 def _he_normal(shape) -> np.ndarray:
     """He-normal (fan_out, ReLU) init as in transformers/timm, drawn in float32.
 
@@ -80,100 +67,7 @@ def _he_normal(shape) -> np.ndarray:
     return w
 
 
-def kernel_group_norm(kernel, x, groups: int, gamma, beta, eps):
-    """GroupNorm through the compiled CPU kernel (bit_transfer/kernels/build.py): same maths as
-    `ops.group_norm`, ~5x faster forward+backward there. Computes in float32, returns x's dtype."""
-    n, c = x.shape[0], x.shape[1]
-    y = kernel(x.astype(ms.float32).reshape(n * groups, c // groups, -1), gamma.astype(ms.float32),
-               beta.astype(ms.float32), eps)[0]
-    return y.reshape(x.shape).astype(x.dtype)
-
-
-def zero_pad(x, top: int, bottom: int, left: int, right: int):
-    """Zero-pad H and W of an NCHW tensor by concatenating zero blocks.
-
-    Not the functional `ops.pad`: in MindSpore 2.8 on CPU, a compiled backward through
-    `ops.pad` followed by the stem's max-pool deadlocks on the 5th call for maps under 14 px
-    (reproduced in tests/test_models.py::test_small_inputs_train_repeatedly_under_jit). Not the
-    `ops.Pad` primitive either: its CPU kernel took 28 ms of a ~950 ms R50x1 training step for the
-    stem's 1-pixel pad (batch 8, 128 px); concat and its slice backward take ~1/4 of that.
-    """
-    n, c, h, w = x.shape
-    if top or bottom:
-        parts = [ops.zeros((n, c, top, w), x.dtype)] if top else []
-        parts += [x] + ([ops.zeros((n, c, bottom, w), x.dtype)] if bottom else [])
-        x = ops.concat(parts, 2)
-        h = h + top + bottom
-    if left or right:
-        parts = [ops.zeros((n, c, h, left), x.dtype)] if left else []
-        parts += [x] + ([ops.zeros((n, c, h, right), x.dtype)] if right else [])
-        x = ops.concat(parts, 3)
-    return x
-
-
-def conv_geometry(kernel: int, stride: int, padding: str) -> tuple[int, int, bool, int]:
-    """(kernel, stride, dynamic, pad): TF-SAME pads a strided conv from the input size at run time
-    (`dynamic`); everything else pads kernel//2 on every side, as the official code."""
-    dynamic = padding == "same" and stride > 1
-    return kernel, stride, dynamic, 0 if dynamic else kernel // 2
-
-
-def channels_last_available() -> bool:
-    """Whether models built now run channels-last on oneDNN (CPU, float32; onednn_conv.library())."""
-    return (onednn_conv.library() is not None and cpu_kernels.group_norm_primitive(groups=MAX_GROUPS) is not None
-            and cpu_kernels.max_pool_primitive(3, 2, 1, False) is not None)
-
-
-# Activation layouts: MindSpore's ops (every device, fp16), or oneDNN's convolutions with our
-# kernels around them, channels-last or blocked in 8 channels (AVX2; onednn_conv.activation_block).
-LAYOUTS = ("nchw", "nhwc", "nchw8c")
-
-
-def in_eights(channels) -> bool:
-    """Whether nchw8c can hold these channel counts (blocks of 8, no padded channels)."""
-    return all(c % 8 == 0 for c in channels)
-
-
-def best_layout(channels) -> str:
-    """The fastest layout available here for a model with these channel counts, unless
-    BIT_TRANSFER_LAYOUT names one (nchw, nhwc; nchw8c where the channels come in 8s)."""
-    if not channels_last_available():
-        return "nchw"
-    chosen = os.environ.get("BIT_TRANSFER_LAYOUT", "")
-    if chosen not in LAYOUTS:
-        chosen = "nchw8c" if onednn_conv.activation_block() == 8 else "nhwc"
-    return "nhwc" if chosen == "nchw8c" and not in_eights(channels) else chosen
-
-
-class ConvLayer(nn.Cell):
-    """What StdConv2d and the inference layer (models/inference.py) share: the geometry and the
-    convolution op, oneDNN's (bit_transfer/kernels/onednn.py, float32 on CPU, padding inside the
-    kernel) where it is available, else `ops.conv2d` after our own padding."""
-
-    packed = False  # inference layers: oneDNN keeps a blocked copy of the fixed weight
-    standardise = False  # StdConv2d: its oneDNN ops standardise the weight inside the kernels
-
-    def __init__(self, kernel: int, stride: int, padding: str):
-        super().__init__()
-        self.kernel, self.stride, self.dynamic, self.pad = conv_geometry(kernel, stride, padding)
-        self.nhwc = False  # ResNetV2.set_layout; a layer on its own takes NCHW
-        self.conv_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, False, self.standardise)
-        if self.conv_op is not None:  # a constant, not a Parameter: names and checkpoints unchanged
-            self.conv_add_op = onednn_conv.conv_primitive(stride, self.pad, self.dynamic, True, self.standardise)
-            self.conv_cfg = onednn_conv.config(stride, self.pad, self.dynamic, self.packed)
-
-    def convolve(self, x, w, residual=None):
-        """conv(x, w), plus `residual` when given (a bottleneck's last conv adds its shortcut).
-        Channels-last, a standardising layer calls its ops itself (they take eps, give statistics)."""
-        if self.nhwc:  # oneDNN, channels-last (only set where conv_op exists)
-            if residual is None:
-                return self.conv_op(x, w, self.conv_cfg)
-            return self.conv_add_op(x, w, residual, self.conv_cfg)
-        y = padded_conv(x, w, self.kernel, self.stride, self.dynamic, self.pad)
-        return y if residual is None else y + residual
-
-
-class StdConv2d(ConvLayer):
+class StdConv2d(nn.Cell):
     """Weight-standardised conv, no bias: w <- (w - mean) / sqrt(var + 1e-10) per output channel.
 
     Standardising inside the graph keeps the stored weight the raw one, as in every official
@@ -182,57 +76,22 @@ class StdConv2d(ConvLayer):
     input size when the stride is 2 (transformers' `global_padding: SAME`).
     """
 
-    standardise = True
-
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
-        super().__init__(kernel, stride, padding)
+        super().__init__()
         self.weight = Parameter(Tensor.from_numpy(_he_normal((cout, cin, kernel, kernel))))
-        self.ws_kernel = cpu_kernels.weight_standardisation_primitive()
-        if self.ws_kernel is not None:  # a constant, not a Parameter: names and checkpoints unchanged
-            self.ws_eps = Tensor([WS_EPS], ms.float32)
+        self.conv = kernels.Conv(kernel, stride, padding, standardise=True)
 
     def construct(self, x, residual=None):
-        if self.nhwc:  # the standardised weight goes straight into oneDNN's blocked layouts
-            if residual is None:
-                return self.conv_op(x, self.weight, self.ws_eps, self.conv_cfg)[0]
-            return self.conv_add_op(x, self.weight, residual, self.ws_eps, self.conv_cfg)[0]
-        # Per-output-channel standardisation is a one-group GroupNorm of the (O, 1, I*kh*kw)
-        # view: fused kernels make the training step faster and use ~2x less memory than a
-        # mean/var/rsqrt composite (benchmarks/model_speed.py --ws composite). The compiled CPU
-        # kernel works on the (O, I, kh, kw) weight in place (the reshapes copied ~2 % of a step).
-        w = self.standardised_weight(x.dtype == ms.float32)  # float32 kernels; amp models: the op
-        return self.convolve(x, w, residual)
+        return self.conv(x, self.weight, residual)
 
     def standardised_weight(self, kernel: bool = True):
         """The standardised weight the layer convolves with; models/inference.py folds it once from here,
         so inference uses the very values the training graph computes."""
-        w = self.weight
-        if self.ws_kernel is not None and kernel:
-            return self.ws_kernel(w, self.ws_eps)[0]
-        return ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, WS_EPS).reshape(w.shape)
-
-
-def padded_conv(x, w, kernel: int, stride: int, dynamic: bool, pad: int):
-    """The convolution of a BiT layer with its padding: TF-SAME zero pad from the input size when
-    `dynamic` (padding "same", stride 2), else `pad` on every side. Shared by the training layer
-    (StdConv2d) and the inference layer with folded weights (models/inference.py)."""
-    if dynamic:
-        top, bottom = _same_pad(x.shape[2], kernel, stride)
-        left, right = _same_pad(x.shape[3], kernel, stride)
-        if top + bottom + left + right > 0:
-            x = zero_pad(x, top, bottom, left, right)
-    if w.dtype != x.dtype:  # fp16 (amp O2): convolve in x's dtype; standardise in float32
-        w = w.astype(x.dtype)
-    return ops.conv2d(x, w, None, stride, "pad", pad)
+        return self.conv.standardised(self.weight, kernel)
 
 
 class GroupNormAct(nn.Cell):
-    """GroupNorm (eps 1e-5), optionally followed by ReLU.
-
-    Uses a fused kernel: on CPU `ops.group_norm` made the R50x1 training step ~1.75x faster with
-    ~3.5x less memory than a reshape/mean/var composite (benchmarks/model_speed.py --gn composite),
-    and the compiled kernel of bit_transfer/kernels/build.py (used where it builds) is faster again.
-    """
+    """GroupNorm (eps 1e-5, gcd(32, channels) groups), optionally followed by ReLU."""
 
     def __init__(self, channels: int, act: bool = True):
         super().__init__()
@@ -240,27 +99,10 @@ class GroupNormAct(nn.Cell):
         self.act = act
         self.weight = Parameter(Tensor(np.ones(channels, np.float32)))
         self.bias = Parameter(Tensor(np.zeros(channels, np.float32)))
-        self.gn_kernel = cpu_kernels.group_norm_primitive(relu=act)  # ReLU fused into the kernel
-        self.gn_kernel_nhwc = cpu_kernels.group_norm_primitive(relu=act, groups=self.groups)
-        self.nhwc = False  # ResNetV2.set_layout: the oneDNN layouts (float32, compiled kernels only)
-        if self.gn_kernel is not None:
-            self.eps = Tensor([GN_EPS], ms.float32)
+        self.norm = kernels.GroupNormAct(self.groups, act)
 
     def construct(self, x):
-        if self.nhwc:  # the kernel's (N, CB, HW, L): channels-last (N, H, W, C) or blocked (N, C/8, H, W, 8)
-            blocks = (x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.shape[4]) if x.ndim == 5 else \
-                (x.shape[0], 1, x.shape[1] * x.shape[2], x.shape[3])
-            y = self.gn_kernel_nhwc(x.reshape(blocks), self.weight, self.bias, self.eps)[0]
-            return y.reshape(x.shape)
-        # The compiled kernels are float32 kernels and serve float32 models: under fp16 (amp O2) on
-        # CPU they trained nothing (zero features; tests/test_train.py::test_fp16_trains...), so
-        # half-precision models use MindSpore's op, as on accelerators.
-        if self.gn_kernel is not None and x.dtype == ms.float32:
-            return kernel_group_norm(self.gn_kernel, x, self.groups, self.weight, self.bias, self.eps)
-        # In float32 under fp16/bf16: GroupNorm's type inference refuses a half-precision input with
-        # float32 weights, and its statistics want the range.
-        x = ops.group_norm(x.astype(ms.float32), self.groups, self.weight, self.bias, GN_EPS).astype(x.dtype)
-        return ops.relu(x) if self.act else x
+        return self.norm(x, self.weight, self.bias)
 
 
 class PreActBottleneck(nn.Cell):
@@ -314,32 +156,12 @@ class Root(nn.Cell):
 
     def __init__(self, cout: int, padding: str, conv=StdConv2d):
         super().__init__()
-        self.dynamic = padding == "same"
+        self.images_in = kernels.ImagesIn()
         self.conv = conv(3, cout, 7, 2, padding)
-        self.pool = ops.MaxPool(kernel_size=3, strides=2, pad_mode="VALID")
-        self.nhwc = False  # ResNetV2.set_layout: oneDNN's conv and our zero-padded pool, channels-last
-        self.block = 0  # ResNetV2.set_layout: 8 to hand on oneDNN's blocked nChw8c
-        pad = 0 if self.dynamic else 1
-        self.pool_nhwc = cpu_kernels.max_pool_primitive(3, 2, pad, self.dynamic)
-        if self.pool_nhwc is not None:
-            self.pool_cfg = Tensor([3, 2, pad, int(self.dynamic)], ms.int32)
+        self.pool = kernels.StemPool(padding)
 
     def construct(self, x):
-        if self.nhwc:  # NCHW images in, channels-last (or blocked) out
-            y = self.pool_nhwc(self.conv(x.transpose(0, 2, 3, 1)), self.pool_cfg)[0]
-            if self.block:  # (N, H, W, C) -> (N, C/8, H, W, 8); after the pool, on 4x fewer pixels
-                n, h, w, c = y.shape
-                y = y.reshape(n, h, w, c // self.block, self.block).transpose(0, 3, 1, 2, 4)
-            return y
-        x = self.conv(x)
-        if self.dynamic:
-            top, bottom = _same_pad(x.shape[2], 3, 2)
-            left, right = _same_pad(x.shape[3], 3, 2)
-            if top + bottom + left + right > 0:
-                x = zero_pad(x, top, bottom, left, right)
-        else:
-            x = zero_pad(x, 1, 1, 1, 1)
-        return self.pool(x)
+        return self.pool(self.conv(self.images_in(x)))
 
 
 class ResNetV2(nn.Cell):
@@ -370,6 +192,7 @@ class ResNetV2(nn.Cell):
             cin = 4 * cmid
         self.stages = nn.CellList(stages)
         self.norm = GroupNormAct(cin)
+        self.pool = kernels.GlobalPool()
         self.num_features = cin
         self.num_classes = 0
         self.reset_head(num_classes)
@@ -378,18 +201,10 @@ class ResNetV2(nn.Cell):
         self.set_layout("auto")
 
     def set_layout(self, layout: str = "auto") -> None:
-        """The activations' layout from the stem's convolution to the pooling (LAYOUTS): "nhwc"
-        channels-last or "nchw8c" blocked (oneDNN convolutions with our GroupNorm and max-pool kernels
-        around them: bit_transfer/kernels/onednn.py, cpu_kernels.py), or "nchw" (MindSpore's ops, every
-        device); "auto": the fastest here (`best_layout`). Inputs (NCHW images) and outputs are the
-        same either way. Set before compiling; `step.cast_model` sets NCHW for fp16. A oneDNN layout
-        where oneDNN is missing falls back to NCHW."""
-        if layout not in (*LAYOUTS, "auto"):
-            raise ValueError(f"layout {layout!r}: one of {', '.join(LAYOUTS)} or auto")
-        if layout == "auto" or (layout != "nchw" and not channels_last_available()):
-            layout = best_layout(self.channels)
-        if layout == "nchw8c" and not in_eights(self.channels):
-            raise ValueError(f"layout nchw8c needs multiples of 8 channels, not {self.channels}")
+        """The activations' layout from the stem to the pooling (kernels/layout.py): "nhwc" or "nchw8c"
+        (oneDNN with our kernels, CPU float32) or "nchw" (MindSpore's ops, every device); "auto": the
+        fastest here. Set before compiling; `step.cast_model` sets NCHW for fp16."""
+        layout = layouts.resolve(layout, self.channels)
         for _, cell in self.cells_and_names():
             if hasattr(cell, "nhwc"):
                 cell.nhwc = layout != "nchw"
@@ -438,13 +253,11 @@ class ResNetV2(nn.Cell):
                 p.requires_grad = not frozen
 
     def forward_features(self, x):
-        x = self.root(x)  # NCHW in; self.layout out
+        """NCHW images -> pre-logits (N, num_features): after the final GroupNorm+ReLU, global average pool."""
+        x = self.root(x)
         for stage in self.stages:
             x = stage(x)
-        x = self.norm(x)
-        if self.block:  # (N, C/8, H, W, 8) -> (N, C/8, 8) -> (N, C): channel c/8 * 8 + c%8
-            return x.mean(axis=(2, 3)).reshape(x.shape[0], -1)
-        return x.mean(axis=(1, 2) if self.nhwc else (2, 3))
+        return self.pool(self.norm(x))
 
     def construct(self, x):
         return self.head(self.forward_features(x))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from bit_transfer import settings
 from bit_transfer.errors import storage_error
 
 
@@ -186,7 +187,7 @@ class Progress:
     """A tqdm bar (step, loss, lr, images/s, ETA); in quiet mode a plain line at each log point."""
 
     def __init__(self, total: int, initial: int, quiet: bool):
-        self.quiet = quiet or not sys.stderr.isatty() and os.environ.get("BIT_TRANSFER_BAR") != "1"
+        self.quiet = quiet or not sys.stderr.isatty() and not settings.progress_bar()
         self.bar = None
         if not self.quiet:
             from tqdm import tqdm

@@ -21,7 +21,7 @@ The step's Parameters must be reachable from a Cell (step.py `_StepCell`): a cac
 graph's Parameters by name from the compiled object's `parameters_dict()`, and a plain function
 has none (its cached graph computed NaN). Verified on CPU only, so used only there
 (docs/performance.md); BIT_TRANSFER_COMPILE_CACHE=0 turns it off. Entries are ~1 MB, in
-paths.home()/compile-cache, and safe to delete.
+settings.home()/compile-cache, and safe to delete.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from bit_transfer import settings as paths
+from bit_transfer import settings
 from bit_transfer.system import processes
 
 VERSION = 1  # of the key's recipe: bump when what goes into it changes
@@ -53,12 +53,12 @@ _used = False  # MindSpore fixes the cache directory at a process's first cached
 
 
 def root() -> Path:
-    return paths.home() / "compile-cache"
+    return settings.home() / "compile-cache"
 
 
 def enabled(device: str, jit: bool, ranks: int) -> bool:
     """On for compiled single-process CPU steps (the case verified), unless BIT_TRANSFER_COMPILE_CACHE=0."""
-    return os.environ.get("BIT_TRANSFER_COMPILE_CACHE", "1") != "0" and jit and ranks == 1 and device == "CPU"
+    return settings.compile_cache() and jit and ranks == 1 and device == "CPU"
 
 
 @contextlib.contextmanager

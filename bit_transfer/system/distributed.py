@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bit_transfer import settings
 from bit_transfer.system import processes
 from bit_transfer.errors import Interrupted, RunError, UsageError
 
 MSRUN_ENV = "MS_WORKER_NUM"  # set by msrun in every worker it spawns
-LAUNCHER_ENV = "BIT_TRANSFER_LAUNCHER_PID"  # set by `fit --devices` for its workers
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def watch_launcher(period_s: float = 1.0) -> None:
     """In a worker of `fit --devices`: if the launcher dies (`kill -9`, the OOM killer), SIGTERM this
     process, so the ranks stop together at a step with a checkpoint as for a forwarded signal,
     instead of training on unseen. Nothing under a plain msrun (no launcher to watch)."""
-    pid = int(os.environ.get(LAUNCHER_ENV, "0"))
+    pid = settings.launcher_pid()
     if pid <= 0:
         return
 
@@ -145,7 +145,7 @@ def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> i
     log_dir = run_dir / "msrun"
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = msrun_command(fit_args + ["--run-dir", str(run_dir)], devices=devices, log_dir=log_dir, **msrun_kw)
-    env = dict(os.environ, PATH=_path_with_this_python(), **{LAUNCHER_ENV: str(os.getpid())})
+    env = dict(os.environ, PATH=_path_with_this_python(), **{settings.LAUNCHER_PID: str(os.getpid())})
     print(f"launching {devices} ranks with msrun; worker logs in {log_dir}", flush=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

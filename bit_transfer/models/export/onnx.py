@@ -15,7 +15,7 @@ The file (opset 17, IR version 8: ONNX Runtime >= 1.13 on every platform) has
 
 Numerics, layer by layer (bit_pytorch / transformers' modeling_bit):
 - conv: the standardised weight as a constant; fixed padding pads kernel // 2 on every side; "same"
-  pads stride-2 convs TF-style from the input size at run time (`_same_pad`: total
+  pads stride-2 convs TF-style from the input size at run time (`same_pad` in kernels/layers.py: total
   max((ceil(n / s) - 1) * s + k - n, 0), the odd pixel after, zeros: transformers' DynamicPad2d);
   Conv's `auto_pad` is not used (deprecated in the ONNX spec);
 - GroupNorm (eps 1e-5): Reshape to (N, groups, -1) -> InstanceNormalization (no affine) -> Reshape

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from bit_transfer.system import hub
-from bit_transfer import settings as paths
+from bit_transfer import settings
 from bit_transfer.errors import WeightsError
 
 OFFICIAL_URL = "https://storage.googleapis.com/bit_models/{}.npz"
@@ -27,7 +27,7 @@ CHUNK = 1 << 20
 
 def cache_home(cache_dir=None) -> Path:
     """Where weights are cached: cache_dir, else bit_transfer.settings.home()."""
-    return Path(cache_dir).expanduser() if cache_dir else paths.home()
+    return Path(cache_dir).expanduser() if cache_dir else settings.home()
 
 
 def is_remote(spec: str) -> bool:
