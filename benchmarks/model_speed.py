@@ -57,7 +57,7 @@ def composite_weight_standardisation():
         w = self.weight
         w = w - w.mean(axis=(1, 2, 3), keep_dims=True)
         w = w * ops.rsqrt((w * w).mean(axis=(1, 2, 3), keep_dims=True) + resnetv2.WS_EPS)
-        return ops.conv2d(x, w, None, self.conv.stride, "pad", self.conv.pad)
+        return ops.conv2d(x, w, None, self.stride, "pad", self.pad)
 
     resnetv2.StdConv2d.construct = construct
 

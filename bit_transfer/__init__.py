@@ -18,7 +18,7 @@ _os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from bit_transfer.settings import VERSION as __version__  # noqa: E402 (after the environment above)
+from bit_transfer.settings import VERSION as __version__  # noqa: E402, F401 (after the environment above)
 
 
 def __getattr__(name):

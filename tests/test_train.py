@@ -182,7 +182,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(task, tmp_pat
 
 
 def test_choose_batch_split_halves_until_it_fits():
-    from bit_transfer.commands.fit import choose_batch_split
+    from bit_transfer.engine.batch_split import choose_batch_split
 
     tried = []
 

@@ -13,14 +13,13 @@ previous one), with mode 0644 (MindSpore's and safetensors' writers leave theirs
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from bit_transfer.run.checkpoint import check_size, weights_image_size, find_checkpoint, run_image_size
-from bit_transfer.errors import UsageError, WeightsError, storage_error
+from bit_transfer.errors import WeightsError, storage_error
 from bit_transfer.models.weights import hf
 from bit_transfer.models.resnetv2 import ResNetV2, model_config
 

@@ -3,8 +3,9 @@
 Each cell picks, once, between oneDNN's convolutions with our kernels in a oneDNN layout (CPU,
 float32), our NCHW kernels (CPU, float32) and MindSpore's own ops (every device and precision); the
 model (models/resnetv2.py) only says what it computes. `nhwc` (and the stem's `block`) are set by
-`ResNetV2.set_layout` before compiling. The cells hold no Parameters, so parameter names, checkpoints
-and optimiser state are the model's.
+`ResNetV2.set_layout` before compiling. `Conv` and `GroupNormAct` are the base classes of the model's
+layers, which own the Parameters (`weight`, `bias`): parameter names stay the model's, and under mixed
+precision (amp O2 casts a cell's inputs) the float32 weights are read, not passed in and cast.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def padded_conv(x, w, kernel: int, stride: int, dynamic: bool, pad: int):
 
 
 class Conv(nn.Cell):
-    """conv(x, w) (+ residual) with BiT's padding; with `standardise`, of the standardised weight
-    (w - mean) / sqrt(var + 1e-10) per output channel, computed in the graph (training). `packed`
-    (inference, a fixed weight): oneDNN keeps a blocked copy of it between calls."""
+    """conv(x, self.weight) (+ residual) with BiT's padding; with `standardise`, of the standardised
+    weight (w - mean) / sqrt(var + 1e-10) per output channel, computed in the graph (training).
+    `packed` (inference, a fixed weight): oneDNN keeps a blocked copy of it between calls. Subclasses
+    set `self.weight` (O, I, kh, kw)."""
 
     def __init__(self, kernel: int, stride: int, padding: str, standardise: bool, packed: bool = False):
         super().__init__()
@@ -85,26 +87,30 @@ class Conv(nn.Cell):
         self.ws_kernel = kernel_ops.weight_standardisation_primitive() if standardise else None
         self.ws_eps = Tensor([WS_EPS], ms.float32)
 
-    def construct(self, x, w, residual=None):
+    def construct(self, x, residual=None):
+        # self.weight is read where it is used, never through a local: under amp O2 (cell flag fp16)
+        # MindSpore 2.8 then handed GroupNorm a float16 copy of float32 parameters (tests/commands).
         if self.nhwc:  # oneDNN (only set where conv_op exists); a standardising op takes eps
             if self.standardise:
                 if residual is None:
-                    return self.conv_op(x, w, self.ws_eps, self.conv_cfg)[0]
-                return self.conv_add_op(x, w, residual, self.ws_eps, self.conv_cfg)[0]
+                    return self.conv_op(x, self.weight, self.ws_eps, self.conv_cfg)[0]
+                return self.conv_add_op(x, self.weight, residual, self.ws_eps, self.conv_cfg)[0]
             if residual is None:
-                return self.conv_op(x, w, self.conv_cfg)
-            return self.conv_add_op(x, w, residual, self.conv_cfg)
-        if self.standardise:
-            w = self.standardised(w, x.dtype == ms.float32)  # float32 kernels; amp models: the op
+                return self.conv_op(x, self.weight, self.conv_cfg)
+            return self.conv_add_op(x, self.weight, residual, self.conv_cfg)
+        # float32 kernels; amp models: the op
+        w = self.standardised_weight(x.dtype == ms.float32) if self.standardise else self.weight
         y = padded_conv(x, w, self.kernel, self.stride, self.dynamic, self.pad)
         return y if residual is None else y + residual
 
-    def standardised(self, w, kernel: bool = True):
+    def standardised_weight(self, kernel: bool = True):
         """The standardised weight: a one-group GroupNorm of the (O, 1, I*kh*kw) view (fused, ~2x less
-        memory than a mean/var composite), or our kernel on the weight in place."""
+        memory than a mean/var composite), or our kernel on the weight in place. models/inference.py
+        folds it once from here, so inference uses the very values the training graph computes."""
         if self.ws_kernel is not None and kernel:
-            return self.ws_kernel(w, self.ws_eps)[0]
-        return ops.group_norm(w.reshape(w.shape[0], 1, -1), 1, None, None, WS_EPS).reshape(w.shape)
+            return self.ws_kernel(self.weight, self.ws_eps)[0]
+        shape = self.weight.shape
+        return ops.group_norm(self.weight.reshape(shape[0], 1, -1), 1, None, None, WS_EPS).reshape(shape)
 
 
 def kernel_group_norm(kernel, x, groups: int, gamma, beta, eps):
@@ -117,7 +123,8 @@ def kernel_group_norm(kernel, x, groups: int, gamma, beta, eps):
 
 
 class GroupNormAct(nn.Cell):
-    """GroupNorm (eps 1e-5) of `groups` groups with the model's gamma and beta, then ReLU if `act`."""
+    """GroupNorm (eps 1e-5) of `groups` groups, then ReLU if `act`; subclasses set `self.weight` and
+    `self.bias` (gamma and beta)."""
 
     def __init__(self, groups: int, act: bool):
         super().__init__()
@@ -127,18 +134,18 @@ class GroupNormAct(nn.Cell):
         self.nhwc = False  # ResNetV2.set_layout: the oneDNN layouts (float32, compiled kernels only)
         self.eps = Tensor([GN_EPS], ms.float32)
 
-    def construct(self, x, gamma, beta):
+    def construct(self, x):
         if self.nhwc:  # the kernel's (N, CB, HW, L): channels-last (N, H, W, C) or blocked (N, C/8, H, W, 8)
             blocks = (x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.shape[4]) if x.ndim == 5 else \
                 (x.shape[0], 1, x.shape[1] * x.shape[2], x.shape[3])
-            return self.gn_kernel_nhwc(x.reshape(blocks), gamma, beta, self.eps)[0].reshape(x.shape)
+            return self.gn_kernel_nhwc(x.reshape(blocks), self.weight, self.bias, self.eps)[0].reshape(x.shape)
         # Our kernels serve float32 models only (under fp16 on CPU they trained nothing); half-precision
         # models use MindSpore's op, as on accelerators.
         if self.gn_kernel is not None and x.dtype == ms.float32:
-            return kernel_group_norm(self.gn_kernel, x, self.groups, gamma, beta, self.eps)
+            return kernel_group_norm(self.gn_kernel, x, self.groups, self.weight, self.bias, self.eps)
         # In float32 under fp16/bf16: GroupNorm's type inference refuses a half-precision input with
         # float32 weights, and its statistics want the range.
-        x = ops.group_norm(x.astype(ms.float32), self.groups, gamma, beta, GN_EPS).astype(x.dtype)
+        x = ops.group_norm(x.astype(ms.float32), self.groups, self.weight, self.bias, GN_EPS).astype(x.dtype)
         return ops.relu(x) if self.act else x
 
 

@@ -137,10 +137,6 @@ def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False, st
     lib = library()
     if lib is None:
         return None
-    import mindspore as ms
-    from mindspore import ops
-
-    f32 = lambda *_: ms.float32  # noqa: E731
 
     def fwd_shape(x, w, *_):  # channels-last (N, H, W, C) or blocked (N, C/8, H, W, 8)
         if len(x) == 5:
@@ -149,42 +145,55 @@ def conv_primitive(stride: int, pad: int, same: bool, residual: bool = False, st
         return [x[0], kernel_ops.out_size(x[1], w[2], stride, pad, same),
                 kernel_ops.out_size(x[2], w[3], stride, pad, same), w[0]]
 
-    if standardise:
-        data = ops.Custom(f"{lib}:conv_ws_bwd_data", out_shape=lambda dy, w, m, r, x, cfg: x, out_dtype=f32,
-                          func_type="aot")
-        weights = ops.Custom(f"{lib}:conv_ws_bwd_weights", out_shape=lambda dy, x, w, m, r, cfg: w, out_dtype=f32,
-                             func_type="aot")
-
-        # The bprops call the ops themselves: a helper function between them (a closure called from
-        # a closure) failed once to compile, "The name 'data' is not defined" (MindSpore 2.8).
-        def bprop(x, w, eps, cfg, out, dout):
-            return (data(dout[0], w, out[1], out[2], x, cfg), weights(dout[0], x, w, out[1], out[2], cfg),
-                    ops.zeros_like(eps), ops.zeros_like(cfg))
-
-        def bprop_residual(x, w, r, eps, cfg, out, dout):
-            return (data(dout[0], w, out[1], out[2], x, cfg), weights(dout[0], x, w, out[1], out[2], cfg), dout[0],
-                    ops.zeros_like(eps), ops.zeros_like(cfg))
-
-        op = ops.Custom(f"{lib}:conv_ws_fwd", out_shape=lambda x, w, *_: (fwd_shape(x, w), (w[0],), (w[0],)),
-                        out_dtype=lambda *_: (ms.float32, ms.float32, ms.float32), func_type="aot",
-                        bprop=bprop_residual if residual else bprop)
-    else:
-        data = ops.Custom(f"{lib}:conv_bwd_data", out_shape=lambda dy, w, x, cfg: x, out_dtype=f32, func_type="aot")
-        weights = ops.Custom(f"{lib}:conv_bwd_weights", out_shape=lambda dy, x, w, cfg: w, out_dtype=f32,
-                             func_type="aot")
-
-        def bprop(x, w, cfg, out, dout):
-            return data(dout, w, x, cfg), weights(dout, x, w, cfg), ops.zeros_like(cfg)
-
-        def bprop_residual(x, w, r, cfg, out, dout):
-            return data(dout, w, x, cfg), weights(dout, x, w, cfg), dout, ops.zeros_like(cfg)
-
-        op = ops.Custom(f"{lib}:conv_fwd", out_shape=fwd_shape, out_dtype=f32, func_type="aot",
-                        bprop=bprop_residual if residual else bprop)
+    op = (_standardising_conv if standardise else _plain_conv)(lib, fwd_shape, residual)
     # MindSpore caches a Custom op's inferred shape by its function and attributes: without this,
     # two geometries of one function shared the first one's output shape (PyNative).
     op.add_prim_attr("geometry", f"{stride},{pad},{int(same)},{int(residual)}")
     return op
+
+
+def _standardising_conv(lib: Path, fwd_shape, residual: bool):
+    import mindspore as ms
+    from mindspore import ops
+
+    f32 = lambda *_: ms.float32  # noqa: E731
+    data = ops.Custom(f"{lib}:conv_ws_bwd_data", out_shape=lambda dy, w, m, r, x, cfg: x, out_dtype=f32,
+                      func_type="aot")
+    weights = ops.Custom(f"{lib}:conv_ws_bwd_weights", out_shape=lambda dy, x, w, m, r, cfg: w, out_dtype=f32,
+                         func_type="aot")
+
+    # The bprops call the ops themselves: a helper function between them (a closure called from
+    # a closure) failed once to compile, "The name 'data' is not defined" (MindSpore 2.8).
+    def bprop(x, w, eps, cfg, out, dout):
+        return (data(dout[0], w, out[1], out[2], x, cfg), weights(dout[0], x, w, out[1], out[2], cfg),
+                ops.zeros_like(eps), ops.zeros_like(cfg))
+
+    def bprop_residual(x, w, r, eps, cfg, out, dout):
+        return (data(dout[0], w, out[1], out[2], x, cfg), weights(dout[0], x, w, out[1], out[2], cfg), dout[0],
+                ops.zeros_like(eps), ops.zeros_like(cfg))
+
+    return ops.Custom(f"{lib}:conv_ws_fwd", out_shape=lambda x, w, *_: (fwd_shape(x, w), (w[0],), (w[0],)),
+                      out_dtype=lambda *_: (ms.float32, ms.float32, ms.float32), func_type="aot",
+                      bprop=bprop_residual if residual else bprop)
+
+
+def _plain_conv(lib: Path, fwd_shape, residual: bool):
+    import mindspore as ms
+    from mindspore import ops
+
+    f32 = lambda *_: ms.float32  # noqa: E731
+    data = ops.Custom(f"{lib}:conv_bwd_data", out_shape=lambda dy, w, x, cfg: x, out_dtype=f32, func_type="aot")
+    weights = ops.Custom(f"{lib}:conv_bwd_weights", out_shape=lambda dy, x, w, cfg: w, out_dtype=f32,
+                         func_type="aot")
+
+    def bprop(x, w, cfg, out, dout):
+        return data(dout, w, x, cfg), weights(dout, x, w, cfg), ops.zeros_like(cfg)
+
+    def bprop_residual(x, w, r, cfg, out, dout):
+        return data(dout, w, x, cfg), weights(dout, x, w, cfg), dout, ops.zeros_like(cfg)
+
+    return ops.Custom(f"{lib}:conv_fwd", out_shape=fwd_shape, out_dtype=f32, func_type="aot",
+                      bprop=bprop_residual if residual else bprop)
 
 
 def _loaded() -> ctypes.CDLL | None:

@@ -11,7 +11,6 @@ build (one line says why), or BIT_TRANSFER_CPU_KERNELS=0.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from pathlib import Path
 

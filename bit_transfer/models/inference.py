@@ -25,13 +25,13 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor
 
 from bit_transfer.kernels import layers as kernels, onednn as onednn_conv
 from bit_transfer.models.resnetv2 import ResNetV2, StdConv2d
 
 
-class FoldedConv2d(nn.Cell):
+class FoldedConv2d(kernels.Conv):
     """StdConv2d at inference: a plain conv on an already standardised weight (not trainable).
 
     Same signature as StdConv2d (ResNetV2 builds either); the weight starts at zero and is written
@@ -40,12 +40,8 @@ class FoldedConv2d(nn.Cell):
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
-        super().__init__()
+        super().__init__(kernel, stride, padding, standardise=False, packed=True)
         self.weight = Parameter(Tensor(np.zeros((cout, cin, kernel, kernel), np.float32)), requires_grad=False)
-        self.conv = kernels.Conv(kernel, stride, padding, standardise=False, packed=True)
-
-    def construct(self, x, residual=None):
-        return self.conv(x, self.weight, residual)
 
 
 class FoldedResNetV2(ResNetV2):

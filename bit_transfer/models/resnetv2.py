@@ -67,7 +67,7 @@ def _he_normal(shape) -> np.ndarray:
     return w
 
 
-class StdConv2d(nn.Cell):
+class StdConv2d(kernels.Conv):
     """Weight-standardised conv, no bias: w <- (w - mean) / sqrt(var + 1e-10) per output channel.
 
     Standardising inside the graph keeps the stored weight the raw one, as in every official
@@ -77,32 +77,17 @@ class StdConv2d(nn.Cell):
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: str = "fixed"):
-        super().__init__()
+        super().__init__(kernel, stride, padding, standardise=True)
         self.weight = Parameter(Tensor.from_numpy(_he_normal((cout, cin, kernel, kernel))))
-        self.conv = kernels.Conv(kernel, stride, padding, standardise=True)
-
-    def construct(self, x, residual=None):
-        return self.conv(x, self.weight, residual)
-
-    def standardised_weight(self, kernel: bool = True):
-        """The standardised weight the layer convolves with; models/inference.py folds it once from here,
-        so inference uses the very values the training graph computes."""
-        return self.conv.standardised(self.weight, kernel)
 
 
-class GroupNormAct(nn.Cell):
+class GroupNormAct(kernels.GroupNormAct):
     """GroupNorm (eps 1e-5, gcd(32, channels) groups), optionally followed by ReLU."""
 
     def __init__(self, channels: int, act: bool = True):
-        super().__init__()
-        self.groups = gn_groups(channels)
-        self.act = act
+        super().__init__(gn_groups(channels), act)
         self.weight = Parameter(Tensor(np.ones(channels, np.float32)))
         self.bias = Parameter(Tensor(np.zeros(channels, np.float32)))
-        self.norm = kernels.GroupNormAct(self.groups, act)
-
-    def construct(self, x):
-        return self.norm(x, self.weight, self.bias)
 
 
 class PreActBottleneck(nn.Cell):

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 
-def save_report(result: EvalResult, class_names: list[str], out_dir: Path) -> list[Path]:
-    """per_class.json + confusion.json, and confusion.png when matplotlib is installed."""
+def save_report(result, class_names: list[str], out_dir: Path) -> list[Path]:
+    """per_class.json + confusion.json of `result` (an engine.metrics.EvalResult), and confusion.png when
+    matplotlib is installed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     per_class = {
         name: (None if np.isnan(acc) else float(acc)) for name, acc in zip(class_names, result.per_class_accuracy)
