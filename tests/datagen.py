@@ -304,3 +304,35 @@ def assert_params_close(a, b, atol=1e-5):
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst < atol, worst
+
+
+def official_arrays(depths=(1, 2, 1, 1), width=0.25, classes=5, seed=0):
+    """A random .npz in the authors' layout, written from the documented key scheme (HWIO kernels)."""
+    rng = np.random.default_rng(seed)
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    root = int(64 * width)
+    arrays = {"resnet/root_block/standardized_conv2d/kernel": r(7, 7, 3, root)}
+    cin = root
+    for b, depth in enumerate(depths, 1):
+        mid = int(64 * 2 ** (b - 1) * width)
+        out = 4 * mid
+        for u in range(1, depth + 1):
+            p = f"resnet/block{b}/unit{u:02d}/"
+            c = cin if u == 1 else out
+            arrays[p + "a/standardized_conv2d/kernel"] = r(1, 1, c, mid)
+            arrays[p + "b/standardized_conv2d/kernel"] = r(3, 3, mid, mid)
+            arrays[p + "c/standardized_conv2d/kernel"] = r(1, 1, mid, out)
+            for layer, channels in zip("abc", (c, mid, mid)):
+                arrays[p + f"{layer}/group_norm/gamma"] = r(channels)
+                arrays[p + f"{layer}/group_norm/beta"] = r(channels)
+            if u == 1:
+                arrays[p + "a/proj/standardized_conv2d/kernel"] = r(1, 1, c, out)
+        cin = out
+    arrays["resnet/group_norm/gamma"] = r(cin)
+    arrays["resnet/group_norm/beta"] = r(cin)
+    arrays["resnet/head/conv2d/kernel"] = r(1, 1, cin, classes)
+    arrays["resnet/head/conv2d/bias"] = r(classes)
+    return arrays

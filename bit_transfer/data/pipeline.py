@@ -14,7 +14,7 @@ a resume at `start` skips straight to its position without decoding, and nothing
 Workers are threads, not processes: PIL releases the GIL while it decodes and resizes, threads
 measured faster here (benchmarks/data_pipeline.py), and the `map` docs list forked workers as
 unsupported when the training network runs in the same process. Row order through a parallel
-`map` is kept (tests/test_data_pipeline.py checks 1 vs 2 workers give identical batches).
+`map` is kept (tests/data/test_pipeline.py checks 1 vs 2 workers give identical batches).
 """
 
 from __future__ import annotations

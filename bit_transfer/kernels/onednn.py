@@ -19,7 +19,7 @@ own, backward-weights reads the blocked gradient: no standardised copy, no reord
 convolutions reorder per call; inference weights (`config(packed=True)`) are packed once and kept.
 A residual block's last convolution adds the shortcut as it writes its output (`residual`). The
 maths is the same; values and gradients match MindSpore's ops to ~1e-6 of the largest value
-(tests/test_onednn_conv.py). Measurements: docs/performance.md.
+(tests/kernels/test_onednn.py). Measurements: docs/performance.md.
 
 Inference (packed weights) runs 3x3 stride-1 convolutions as Winograd F(4x4, 3x3) where that pays
 (`winograd_tile` in SOURCE: enough tiles in the batch, transformed weight <= 64 MB): 4x fewer
@@ -39,7 +39,7 @@ library built with GNU OpenMP, the runtime MindSpore already loads, and its head
 the environment's prefix. Two oneDNNs live in one process: MindSpore's libdnnl.so.2 and our
 libdnnl.so.3 differ in soname, ours is a dependency of our kernel library alone (which MindSpore
 loads with RTLD_LOCAL), and that library exports only its kernel entry points (-fvisibility=hidden);
-tests/test_onednn_conv.py checks both versions answer in one process and neither is global.
+tests/kernels/test_onednn.py checks both versions answer in one process and neither is global.
 
 Used only where the compiled CPU kernels are (CPU the only device, BIT_TRANSFER_CPU_KERNELS not 0),
 for float32, when oneDNN 3 is installed and the library builds; BIT_TRANSFER_ONEDNN=0 turns these

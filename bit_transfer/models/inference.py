@@ -82,7 +82,7 @@ class FoldedResNetV2(ResNetV2):
 def fold(model: ResNetV2) -> FoldedResNetV2:
     """The inference model of `model` (a ResNetV2): weight standardisation computed once, float32.
 
-    Logits equal the training model's to ~1e-6 relative (tests/test_inference.py). After training
+    Logits equal the training model's to ~1e-6 relative (tests/models/test_inference.py). After training
     steps, `folded.refresh()` follows the new weights.
     """
     return FoldedResNetV2(model)

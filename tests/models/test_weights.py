@@ -10,44 +10,13 @@ from bit_transfer.models.weights.ckpt import save_checkpoint
 from bit_transfer.errors import WeightsError
 from bit_transfer.models import create_model, create_model_from_weights, load_weights, model_config, weights_padding
 from bit_transfer.models.weights.hf import build_config, parse_config, to_hf_name
+from datagen import official_arrays
 
 DEPTHS = [1, 2, 1, 1]
 
 
 def tiny(num_classes=5, width=0.25, depths=DEPTHS, padding="fixed"):
     return create_model("custom", num_classes, depths=depths, width=width, padding=padding)
-
-
-def official_arrays(depths=DEPTHS, width=0.25, classes=5, seed=0):
-    """A random .npz in the authors' layout, written from the documented key scheme (HWIO kernels)."""
-    rng = np.random.default_rng(seed)
-
-    def r(*shape):
-        return rng.standard_normal(shape).astype(np.float32)
-
-    root = int(64 * width)
-    arrays = {"resnet/root_block/standardized_conv2d/kernel": r(7, 7, 3, root)}
-    cin = root
-    for b, depth in enumerate(depths, 1):
-        mid = int(64 * 2 ** (b - 1) * width)
-        out = 4 * mid
-        for u in range(1, depth + 1):
-            p = f"resnet/block{b}/unit{u:02d}/"
-            c = cin if u == 1 else out
-            arrays[p + "a/standardized_conv2d/kernel"] = r(1, 1, c, mid)
-            arrays[p + "b/standardized_conv2d/kernel"] = r(3, 3, mid, mid)
-            arrays[p + "c/standardized_conv2d/kernel"] = r(1, 1, mid, out)
-            for layer, channels in zip("abc", (c, mid, mid)):
-                arrays[p + f"{layer}/group_norm/gamma"] = r(channels)
-                arrays[p + f"{layer}/group_norm/beta"] = r(channels)
-            if u == 1:
-                arrays[p + "a/proj/standardized_conv2d/kernel"] = r(1, 1, c, out)
-        cin = out
-    arrays["resnet/group_norm/gamma"] = r(cin)
-    arrays["resnet/group_norm/beta"] = r(cin)
-    arrays["resnet/head/conv2d/kernel"] = r(1, 1, cin, classes)
-    arrays["resnet/head/conv2d/bias"] = r(classes)
-    return arrays
 
 
 def write_npz(path, **kw):

@@ -144,7 +144,7 @@ def test_export_refuses_files_that_are_not_checkpoints_or_weights(tmp_path):
 
 def test_export_converts_pretrained_weights(tmp_path):
     """An official .npz and a Hugging Face directory export like a run: bit-transfer as a converter."""
-    from test_weights import official_arrays
+    from datagen import official_arrays
 
     np.savez(tmp_path / "BiT-M-tiny.npz", **official_arrays(width=0.5, classes=4))
     with pytest.raises(WeightsError, match=r"no image size for .*BiT-M-tiny\.npz: official \.npz weights record no "

@@ -136,7 +136,7 @@ def test_export_a_run_to_onnx(tmp_path):
 
 def test_export_pretrained_weights_to_onnx(tmp_path):
     """A Hugging Face directory, hf:org/name (from the hub's cache, offline) and an official .npz."""
-    from test_weights import official_arrays
+    from datagen import official_arrays
 
     model = trained("same")
     hf_dir = export_hf(model, tmp_path / "hf", ["a", "b", "c"], image_size=40)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, one_line_error, run_cli, scratch_fs, snapshot, write_recipe
-from test_train import final_params, pattern_task, read_jsonl, tiny_recipe
+from datagen import final_params, pattern_task, read_jsonl, tiny_recipe
 
 STEPS = 20
 

@@ -322,7 +322,7 @@ def test_hf_offline_without_cache_says_what_to_download(tmp_path):
         "data.load(datagen.data_cfg(source='hf', name='cifar10'))\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.path.dirname(__file__)}
+           "PYTHONPATH": str(ROOT / "tests")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     last = out.stderr.strip().splitlines()[-1]
     assert "DataError" in last and "load_dataset('cifar10')" in last and "not cached" in last, out.stderr
@@ -504,7 +504,7 @@ def test_describe_does_not_import_mindspore(tmp_path):
         f"data.describe(datagen.data_cfg(source='imagefolder', path={str(root)!r}))\n"
         "assert 'mindspore' not in sys.modules, 'describe imported mindspore'\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "BIT_TRANSFER_HOME": str(tmp_path / "h"),
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "BIT_TRANSFER_HOME": str(tmp_path / "h"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -11,7 +11,7 @@ F = torch.nn.functional
 from bit_transfer.models import create_model, create_model_from_weights, load_weights  # noqa: E402
 from bit_transfer.commands.export import export_hf  # noqa: E402
 
-from test_weights import official_arrays  # noqa: E402
+from datagen import official_arrays  # noqa: E402
 
 
 def logits(model, x):

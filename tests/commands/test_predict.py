@@ -297,7 +297,7 @@ def test_a_loose_checkpoint_a_hf_directory_and_hf_repo_predict_as_the_run(world,
 
 
 def test_an_official_npz_answers_with_class_indices(world, tmp_path):
-    from test_weights import official_arrays
+    from datagen import official_arrays
 
     np.savez(tmp_path / "BiT-M-tiny.npz", **official_arrays(classes=7))
     said = ok(predict(tmp_path / "BiT-M-tiny.npz", "data/val", "--top-k", 2, "--out", tmp_path / "p.jsonl",
