@@ -22,6 +22,7 @@ from bit_transfer.run.checkpoint import check_size, weights_image_size, find_che
 from bit_transfer.errors import WeightsError, storage_error
 from bit_transfer.models.weights import hf
 from bit_transfer.models.resnetv2 import ResNetV2, model_config
+from bit_transfer.system import files
 
 FORMATS = ("hf", "mindir", "onnx")
 MODE = 0o644
@@ -178,22 +179,15 @@ class _cleanup_on_failure:
 
 
 def _write(path: Path, write, needed: int | None = None, suffix: str = "") -> None:
-    """write(temporary) then mode 0644, fsync and rename over `path`; one line if the place fails."""
+    """files.atomic_write with mode 0644; the writers (MindSpore, safetensors) wrap a full or read-only place
+    in their own errors, which are one line too."""
     import errno
 
     from bit_transfer.run.rundir import os_error_in
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
     try:
-        write(tmp)
-        os.chmod(tmp, MODE)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # also Ctrl-C: no temporary is left behind
-        _remove(tmp)
-        if isinstance(e, OSError):
-            raise storage_error(e, path, needed) from None
+        files.atomic_write(path, write, mode=MODE, needed=needed, suffix=suffix)
+    except Exception as e:  # noqa: BLE001 - no temporary is left behind (files.atomic_write)
         if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
             cause = os_error_in(RuntimeError(str(e)), path)  # the writers wrap the OSError in their own error
             if cause.errno in (errno.ENOSPC, errno.EROFS):

@@ -19,6 +19,8 @@ import numpy as np
 from bit_transfer.data.sampling import fewshot_indices, sample_indices
 from bit_transfer.data.sources import DEMO_FILE, cache_root, load
 from bit_transfer.errors import DataError
+from bit_transfer.errors import StorageError
+from bit_transfer.system import files
 
 SAMPLE_SIZE = 1000
 _CACHE_VERSION = 1
@@ -168,8 +170,6 @@ def _write(path: Path, m: dict) -> None:
     """Best effort: an unwritable cache only makes the next `plan` slower."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(m))
-        os.replace(tmp, path)
-    except OSError:
+        files.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(m)), mode=None)
+    except (OSError, StorageError):
         pass

@@ -17,6 +17,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from bit_transfer.system import files
+
 CSRC = Path(__file__).parent / "csrc"  # the C++ sources, shipped as package data
 SOURCE = CSRC / "cpu_kernels.cc"
 # -fopenmp: the NCHW kernels stay single-threaded (with OpenMP threads they were faster on an idle
@@ -118,7 +120,7 @@ def _compile(command: list[str], source: Path, link: list[str], lib: Path) -> Pa
             raise RuntimeError(f"{command[0]} failed: {first_errors(e.stderr.decode(errors='replace'))}") from None
         except (OSError, subprocess.SubprocessError) as e:
             raise RuntimeError(f"{command[0]} failed: {e}") from None
-        os.replace(out, lib)
+        files.publish(out, lib)
     return lib
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import threading
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from bit_transfer import settings
+from bit_transfer.system import files
 from bit_transfer.errors import storage_error
 
 
@@ -19,21 +19,8 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a per-process temporary, fsync and rename: readers, and other processes writing the
     same file (the shared feature cache), see the old file or the new one, never a part. A failed
     write (disk full, read-only) removes the temporary and is one line naming the place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = text.encode()
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # a read-only file system refuses the cleanup too
-            pass
-        raise storage_error(e, path, needed=len(data)) from None
+    files.atomic_write(path, lambda tmp: tmp.write_bytes(data), mode=None, needed=len(data))
 
 
 def finite_or_none(obj):

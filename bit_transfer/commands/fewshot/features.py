@@ -33,6 +33,7 @@ import numpy as np
 from bit_transfer import settings
 from bit_transfer.run import runlog
 from bit_transfer.errors import storage_error
+from bit_transfer.system import files
 
 VERSION = 1
 PART_FIELDS = ("rows", "checks", "readable", "features")
@@ -172,14 +173,13 @@ class FeatureCache:
 
     def _save_part(self, entry: Path, rows, checks, readable, feats) -> None:
         name = f"part-{time.time_ns():020d}-{os.getpid()}.npz"
-        tmp = entry / f".{name}.tmp"
-        try:
+
+        def write(tmp):
             with open(tmp, "wb") as f:
                 np.savez(f, **dict(zip(PART_FIELDS, (rows, checks, readable, feats))))
-            os.replace(tmp, entry / name)
-        except OSError as e:  # a full disk: the parts written before are kept, this one is not
-            tmp.unlink(missing_ok=True)
-            raise storage_error(e, entry / name, needed=int(feats.nbytes)) from None
+
+        # a full disk: the parts written before are kept, this one is not
+        files.atomic_write(entry / name, write, mode=None, needed=int(feats.nbytes))
         self._entries.pop(entry, None)
 
     # ------------------------------------------------------------------ computing

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bit_transfer.errors import WeightsError
+from bit_transfer.system import files
 
 
 META_KEY = "bit_transfer_meta"
@@ -66,27 +66,11 @@ def save_checkpoint(path, params: dict, meta: dict) -> Path:
         tmp = tmp_dir / "checkpoint.ckpt"
         with quiet_mindspore():  # a failed write becomes one line from the caller, not MindSpore's CRITICAL log
             ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: text}, crc_check=True)
-        os.chmod(tmp, 0o644)  # MindSpore leaves it read-only, which makes cleanups prompt
-        with open(tmp, "rb") as f:  # on disk before it gets its name: a power cut keeps the old one
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        files.publish(tmp, path, mode=0o644)  # MindSpore leaves it read-only, which makes cleanups prompt
     finally:  # also on KeyboardInterrupt: never leave a half-written temporary behind
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:

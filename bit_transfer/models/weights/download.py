@@ -8,7 +8,6 @@ under a lock so that several workers of one run download once.
 from __future__ import annotations
 
 import fcntl
-import os
 import re
 import urllib.error
 import urllib.parse
@@ -18,6 +17,7 @@ from pathlib import Path
 from bit_transfer.system import hub
 from bit_transfer import settings
 from bit_transfer.errors import WeightsError
+from bit_transfer.system import files
 
 OFFICIAL_URL = "https://storage.googleapis.com/bit_models/{}.npz"
 # Published files: BiT-{S,M}-<arch>.npz and the ImageNet fine-tuned BiT-M-<arch>-ILSVRC2012.npz.
@@ -122,7 +122,7 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
             ) from None
     if total is not None and done != total:
         raise WeightsError(f"download of {url} stopped at {done} of {total} bytes; run again to resume from {part}")
-    os.replace(part, dest)
+    files.publish(part, dest)
 
 
 # huggingface_hub error classes (matched by name: their modules moved between versions)

@@ -1,0 +1,59 @@
+"""Atomic file writes, the one way every writer puts a file in place (run logs, checkpoints, exports,
+caches, downloads, kernel libraries): readers and other processes see the old file or the new one,
+never a part, and a power cut after the rename keeps the new one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bit_transfer.errors import storage_error
+
+
+def atomic_write(path, write, *, mode: int | None = 0o644, needed: int | None = None, suffix: str = "") -> Path:
+    """`write(tmp)` fills a per-process temporary beside `path`, which is then published over `path`.
+    Any failure (Ctrl-C too) removes the temporary; an OSError is one line naming the place (`needed`:
+    the bytes it wanted, for a full disk). `suffix` ends the temporary's name (writers that insist on one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        write(tmp)
+        publish(tmp, path, mode)
+    except BaseException as e:
+        remove_quietly(tmp)
+        if isinstance(e, OSError):
+            raise storage_error(e, path, needed) from None
+        raise
+    return path
+
+
+def publish(tmp, path, mode: int | None = None) -> None:
+    """Give the finished file `tmp` the name `path`: mode, fsync, rename, fsync of the directory."""
+    if mode is not None:
+        os.chmod(tmp, mode)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+def fsync_dir(path) -> None:
+    """Make a rename in `path` durable; best effort (some file systems refuse to open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(path) -> None:
+    """Remove a temporary; a read-only file system refuses the cleanup too, which is not the error to report."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
