@@ -30,7 +30,7 @@ from bit_transfer.system import device as runtime
 from bit_transfer.data import pipeline
 from bit_transfer.errors import Interrupted, RunError, UsageError, WeightsError
 from bit_transfer.engine.metrics import evaluate_split
-from bit_transfer.models.weights.load import assign, check, read_weights
+from bit_transfer.models.weights.load import create_model_with_weights
 from bit_transfer.run.rundir import RunDir
 from bit_transfer.run.signals import StopFlag
 from bit_transfer.engine.batch_split import choose_batch_split, probe
@@ -196,19 +196,13 @@ def _check_images(dataset, workers, say) -> None:
 
 
 def build_model(model_cfg, num_classes: int, *, log=print):
-    """The recipe's architecture with its weights loaded (one read of the file); 'none' trains from scratch."""
-    def create(padding="fixed"):
-        return models.create_model(model_cfg.name, num_classes, depths=model_cfg.depths, width=model_cfg.width,
-                                   padding=padding)
-
+    """The recipe's architecture with its weights loaded; 'none' trains from scratch."""
     if model_cfg.weights.lower() == "none":
         log("weights: none (training from scratch; the head is zero-initialised)")
-        return create()
-    path = models.resolve_weights(model_cfg.weights, model_cfg.name)
-    wf = read_weights(path)
-    model = create(wf.padding or "fixed")  # google/bit-* HF checkpoints need TF "SAME" padding
-    report = check(model, wf, model_cfg.head)
-    assign(model, wf, report)
+        return models.create_model(model_cfg.name, num_classes, depths=model_cfg.depths, width=model_cfg.width)
+    model, report, path = create_model_with_weights(model_cfg.name, num_classes, model_cfg.weights,
+                                                    depths=model_cfg.depths, width=model_cfg.width,
+                                                    head=model_cfg.head)
     log(f"weights: {path} ({report})")
     return model
 

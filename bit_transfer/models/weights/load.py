@@ -296,10 +296,27 @@ def load_weights(model: ResNetV2, path, head: str = "zero") -> LoadReport:
     head="zero" (default, fine-tuning) zero-initialises the model's head whatever the file has;
     head="keep" uses the file's head and requires its shape to match the model's.
     """
-    wf = read_weights(_local(path, model.model_name))
+    return _load(model, read_weights(_local(path, model.model_name)), head)
+
+
+def _load(model: ResNetV2, wf: WeightsFile, head: str) -> LoadReport:
+    """Check that `wf` fits `model` (one line when not), then assign it: every route ends here."""
     report = check(model, wf, head)
     assign(model, wf, report)
     return report
+
+
+def create_model_with_weights(name: str, num_classes: int, weights: str, *, depths=None, width=None,
+                              head: str = "zero"):
+    """The recipe's architecture with `weights` ('auto', a path, hf:org/name, a URL) loaded, its padding
+    the file's (google/bit-* Hugging Face checkpoints need TF "SAME"); one read of the file.
+    Returns (model, LoadReport, the local path)."""
+    from bit_transfer.models.weights.download import resolve_weights
+
+    path = resolve_weights(weights, name)
+    wf = read_weights(path)
+    model = create_model(name, num_classes, depths=depths, width=width, padding=wf.padding or "fixed")
+    return model, _load(model, wf, head), path
 
 
 def _local(spec, model_name: str) -> Path:
@@ -348,9 +365,7 @@ def create_model_from_weights(path, num_classes: int | None = None, head: str | 
     if name in MODELS and MODELS[name] != (list(depths), width):
         name = "BiT-custom"
     model = create_model(name, classes, depths=depths, width=width, padding=wf.padding or "fixed")
-    report = check(model, wf, head)
-    assign(model, wf, report)
-    return model, report
+    return model, _load(model, wf, head)
 
 
 def _guess_name(name, wf: WeightsFile) -> str:
