@@ -34,7 +34,16 @@ WS_EPS = 1e-10  # official bit_pytorch StdConv2d; transformers/timm use 1e-8 (im
 GN_EPS = 1e-5
 MAX_GROUPS = 32
 PADDINGS = ("fixed", "same")
+FREEZE_PARTS = ("none", "stem", "stage1", "stage2", "stage3", "stage4", "backbone")  # = recipe.FREEZE
 STAGE_STRIDES = (1, 2, 2, 2)
+
+
+def frozen_prefixes(part: str) -> tuple[str, ...]:
+    """Parameter-name prefixes `train.freeze: part` leaves untrained (stem = root.*, stageN = stages.N-1.*)."""
+    if part == "backbone":
+        return ("root.", "stages.", "norm.")
+    depth = FREEZE_PARTS.index(part)
+    return (("root.",) if depth else ()) + tuple(f"stages.{i}." for i in range(depth - 1))
 
 
 def gn_groups(channels: int) -> int:
@@ -296,10 +305,12 @@ class Stage(nn.Cell):
         units += [PreActBottleneck(cout, cout, cmid, 1, padding, conv) for _ in range(depth - 1)]
         self.units = nn.CellList(units)
 
+    stop_grad = False  # ResNetV2.freeze_to: the frozen part ends here
+
     def construct(self, x):
         for unit in self.units:
             x = unit(x)
-        return x
+        return ops.stop_gradient(x) if self.stop_grad else x
 
 
 class Root(nn.Cell):
@@ -323,7 +334,13 @@ class Root(nn.Cell):
         if self.pool_nhwc is not None:
             self.pool_cfg = Tensor([3, 2, pad, int(self.dynamic)], ms.int32)
 
+    stop_grad = False  # ResNetV2.freeze_to: the frozen part ends here
+
     def construct(self, x):
+        y = self._stem(x)
+        return ops.stop_gradient(y) if self.stop_grad else y
+
+    def _stem(self, x):
         if self.nhwc:  # NCHW images in, channels-last (or blocked) out
             y = self.pool_nhwc(self.conv(x.transpose(0, 2, 3, 1)), self.pool_cfg)[0]
             if self.block:  # (N, H, W, C) -> (N, C/8, H, W, 8); after the pool, on 4x fewer pixels
@@ -349,6 +366,8 @@ class ResNetV2(nn.Cell):
     official 1x1 head conv applied to the 1x1 pooled map. `conv` builds every convolution: StdConv2d
     (training: weight standardisation in the graph) or models/inference.py's FoldedConv2d (inference).
     """
+
+    stop_features = False  # freeze_to("backbone"): no backward through the features
 
     def __init__(self, depths, width: float, num_classes: int, padding: str = "fixed", name: str = "BiT-custom",
                  conv=StdConv2d):
@@ -432,9 +451,22 @@ class ResNetV2(nn.Cell):
     def freeze_backbone(self, frozen: bool = True) -> None:
         """requires_grad=False on every non-head parameter (linear probe); pass only
         `model.trainable_params()` to the optimiser."""
+        self.freeze_to("backbone" if frozen else "none")
+
+    def freeze_to(self, part: str) -> None:
+        """`train.freeze`: requires_grad=False on the stem up to and including `part` (FREEZE_PARTS), and
+        the backward pass cut where the frozen part ends (stop_gradient: nothing below is computed).
+        Set before compiling; pass only `model.trainable_params()` to the optimiser."""
+        if part not in FREEZE_PARTS:
+            raise UsageError(f"freeze {part!r}: one of {', '.join(FREEZE_PARTS)}")
+        frozen = frozen_prefixes(part)
         for p in self.get_parameters():
-            if not p.name.startswith("head."):
-                p.requires_grad = not frozen
+            p.requires_grad = not p.name.startswith(frozen)
+        depth = FREEZE_PARTS.index(part)  # 0 none, 1 stem, 2..5 stage1..stage4, 6 backbone
+        self.root.stop_grad = depth == 1
+        for i, stage in enumerate(self.stages):
+            stage.stop_grad = depth == i + 2
+        self.stop_features = depth == len(FREEZE_PARTS) - 1
 
     def forward_features(self, x):
         x = self.root(x)  # NCHW in; self.layout out
@@ -442,8 +474,10 @@ class ResNetV2(nn.Cell):
             x = stage(x)
         x = self.norm(x)
         if self.block:  # (N, C/8, H, W, 8) -> (N, C/8, 8) -> (N, C): channel c/8 * 8 + c%8
-            return x.mean(axis=(2, 3)).reshape(x.shape[0], -1)
-        return x.mean(axis=(1, 2) if self.nhwc else (2, 3))
+            x = x.mean(axis=(2, 3)).reshape(x.shape[0], -1)
+        else:
+            x = x.mean(axis=(1, 2) if self.nhwc else (2, 3))
+        return ops.stop_gradient(x) if self.stop_features else x
 
     def construct(self, x):
         return self.head(self.forward_features(x))
