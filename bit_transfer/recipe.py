@@ -239,8 +239,8 @@ class TrainConfig:
     device: str = key("auto", Str(DEVICES, fold_case=True), "auto picks Ascend, then GPU, then CPU")
     precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step")
     mode: str = key("finetune", Str(["finetune", "linear"]), "finetune: all weights; linear: frozen backbone")
-    freeze: str = key("none", Str(list(FREEZE)), "frozen from the stem up to and including: none, stem, "
-                      "stage1..stage4, backbone (all but the head; = mode linear)")
+    freeze: str = key("none", Str(list(FREEZE)), "not trained: the stem up to and including this part; "
+                      "backbone: all but the head (= mode linear)")
     momentum: float | None = key(None, Nullable(Float(0, 1, hi_open=True)), "SGD momentum; null: the paper's 0.9")
     weight_decay: float | None = key(None, Nullable(Float(0)), "weight decay; null: the paper's 0")
     seed: int = key(0, Int(0), "seed of initialisation, data order, augmentation and MixUp")
