@@ -212,18 +212,17 @@ class FeatureCache:
         self.log(f"features: done in {seconds:.1f} s ({len(positions) / max(seconds, 1e-9):.1f} images/s)")
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        import mindspore as ms
-
         if self._forward is None:
             from bit_transfer.models.inference import fold
 
-            model = fold(self.model)  # the backbone is frozen: folded once
+            self._forward = feature_step(fold(self.model), self.batch_size, jit=self.jit)  # frozen: folded once
+        return self._forward(x)
 
-            def forward(images):
-                return model.forward_features(images).astype(ms.float32)
 
-            self._forward = ms.jit(forward) if self.jit else forward
-        n = len(x)
-        if n < self.batch_size:  # pad the last batch: one graph for every batch
-            x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
-        return self._forward(ms.Tensor(x)).asnumpy()[:n]
+def feature_step(folded, batch_size: int, *, jit: bool = True, compile_cache: bool = False):
+    """The one computation of pre-logit features, for the linear probe's cache, `bit-transfer embed` and
+    `Predictor.embed`: `forward_features` of the folded model (models/inference.py), compiled once, every
+    batch padded to `batch_size` (step.EvalStep). Called with (N, 3, S, S) images, returns (N, F) float32."""
+    from bit_transfer.step import EvalStep
+
+    return EvalStep(folded, batch_size, jit=jit, compile_cache=compile_cache, features=True)

@@ -1,0 +1,157 @@
+"""`bit-transfer embed` through the real command and `Predictor.embed`: the model's own pre-logits, the
+same numbers in .npz, .parquet and .npy, labels from class folders, --out never replacing a user's file,
+and a head trained on embed's output reproducing `fewshot --mode linear`."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import one_line_error, run_cli, snapshot
+from datagen import image_folder
+
+CROP = 16
+CLASSES = ["cat", "dog", "emu"]
+
+
+def ok(out) -> str:
+    assert out.returncode == 0, (out.returncode, out.stdout[-2000:], out.stderr[-3000:])
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Class folders and random tiny pretrained weights as a Hugging Face directory (a backbone to embed with)."""
+    from bit_transfer import runtime
+    from bit_transfer.models import create_model
+    from bit_transfer.models.export import export_hf
+
+    root = tmp_path_factory.mktemp("embed")
+    image_folder(root / "data", counts={c: 4 for c in CLASSES}, eval_count=3)
+    runtime.seed_everything(5)
+    export_hf(create_model("custom", 10, depths=[1, 1, 1, 1], width=0.5), root / "weights")
+    return root
+
+
+@pytest.fixture(scope="module")
+def embedded(world):
+    out = ok(run_cli("embed", world / "weights", world / "data/train", "--image-size", CROP, "--out",
+                     world / "train.npz"))
+    with np.load(world / "train.npz") as z:
+        return out, {k: z[k] for k in z.files}
+
+
+def test_features_are_the_models_own_pre_logits(world, embedded):
+    import mindspore as ms
+
+    from bit_transfer.data import pipeline
+    from bit_transfer.models import create_model_from_weights
+    from bit_transfer.predict import files_split
+
+    said, z = embedded
+    assert z["features"].dtype == np.float32 and z["features"].shape == (12, 1024)  # width 0.5: 2048 x 0.5
+    assert [os.path.relpath(p, world / "data/train").split(os.sep)[0] for p in z["paths"]] == list(z["labels"])
+    assert sorted(set(z["labels"])) == CLASSES
+    model, _ = create_model_from_weights(world / "weights")  # the training model: weight standardisation in it
+    model.set_train(False)
+    split = files_split(list(z["paths"]))
+    ref = np.zeros_like(z["features"])
+    for x, pos in pipeline.eval_batches(split, crop=CROP, batch_size=5, workers=1):
+        ref[pos] = model.forward_features(ms.Tensor(x)).asnumpy()
+    assert np.abs(z["features"] - ref).max() <= 1e-5
+    assert "embedded 12 images in" in said and "images/s" in said and "wrote 12 x 1024 features" in said
+
+
+def test_parquet_npy_and_predictor_give_the_same_numbers(world, embedded, tmp_path):
+    import pyarrow.parquet as pq
+
+    from bit_transfer.predict import Predictor
+
+    _, z = embedded
+    ok(run_cli("embed", world / "weights", world / "data/train", "--image-size", CROP, "--out", tmp_path / "f.parquet"))
+    table = pq.read_table(tmp_path / "f.parquet")
+    assert table.column_names == ["path", "label", "features"]
+    assert table.schema.field("features").type.list_size == 1024
+    assert table.column("path").to_pylist() == list(z["paths"])
+    assert table.column("label").to_pylist() == list(z["labels"])
+    assert np.array_equal(np.array(table.column("features").to_pylist(), np.float32), z["features"])
+
+    ok(run_cli("embed", world / "weights", *z["paths"][:3], "--image-size", CROP, "--out", tmp_path / "f.npy"))
+    # another batch (3 images, not 12) may round differently in the last bits
+    assert np.abs(np.load(tmp_path / "f.npy") - z["features"][:3]).max() <= 1e-5
+
+    p = Predictor(world / "weights", image_size=CROP)
+    assert np.abs(p.embed(list(z["paths"])) - z["features"]).max() <= 1e-5
+    assert p.embed(z["paths"][0]).shape == (1024,)
+
+
+def test_out_is_never_replaced_without_overwrite(world, tmp_path):
+    out = tmp_path / "mine.npz"
+    out.write_bytes(b"my own file")
+    before = snapshot(tmp_path)
+    line = one_line_error(run_cli("embed", world / "weights", world / "data/val", "--out", out), "embed")
+    assert "exists" in line and "--overwrite" in line
+    assert snapshot(tmp_path) == before
+    line = one_line_error(run_cli("embed", world / "weights", world / "data/val", "--out", tmp_path / "f.csv"), "embed")
+    assert ".npz" in line and ".parquet" in line
+    ok(run_cli("embed", world / "weights", world / "data/val", "--image-size", CROP, "--out", out, "--overwrite"))
+    with np.load(out) as z:
+        assert z["features"].shape == (9, 1024)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.npz"]  # no temporary left
+
+
+@pytest.mark.slow
+def test_a_head_trained_on_embed_reproduces_fewshot_linear(world, tmp_path):
+    from mindspore import nn
+
+    from bit_transfer import data, fewshot, planning, recipe as recipes
+    from bit_transfer.linear_probe import train_head
+    from bit_transfer.step import TrainStep
+
+    raw = {
+        "name": "tiny",
+        "data": {"source": "imagefolder", "path": str(world / "data"), "workers": 1},
+        "model": {"name": "custom", "depths": [1, 1, 1, 1], "width": 0.5, "weights": str(world / "weights")},
+        "train": {"batch_size": 16, "batch_split": 1, "seed": 0},
+        "rule": {"precrop": 20, "crop": CROP, "steps": 60},
+        "log": {"dir": str(tmp_path / "runs"), "every": 20, "quiet": True, "tensorboard": False},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    ok(run_cli("fewshot", tmp_path / "r.yaml", "--shots", "2", "--seeds", "0", "--mode", "linear", "--run-dir",
+               tmp_path / "sweep", "--feature-cache", tmp_path / "cache", "--quiet"))
+    run_dir = tmp_path / "sweep/shots2-seed0"
+    ok(run_cli("embed", world / "weights", world / "data", "--image-size", CROP, "--batch-size", 16,
+               "--out", tmp_path / "all.npz"))
+    with np.load(tmp_path / "all.npz") as z:
+        by_path = {os.path.realpath(p): f for p, f in zip(z["paths"], z["features"])}
+
+    base = recipes.load(tmp_path / "r.yaml").with_overrides(["train.mode=linear"])
+    run = fewshot.Run(2, 0, run_dir, fewshot.run_recipe(base, 2, 0))
+    subset = fewshot.Pools(base).subset(run)
+    _, plan = fewshot.run_plan(run, planning.task_info(run.recipe), len(subset.train))
+
+    def rows(split):
+        x = np.stack([by_path[os.path.realpath(split.where(i))] for i in range(len(split))])
+        return x, split.labels.astype(np.int32)
+
+    x, y = rows(subset.train)
+    head = nn.Dense(x.shape[1], len(CLASSES), weight_init="zeros", bias_init="zeros")
+    step = TrainStep(head, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=1)
+
+    class Metrics:
+        def log(self, step, values):
+            pass
+
+    batch = min(plan.batch_size, len(x))
+    train_head(step, x, y, plan, batch, base.train.seed, Metrics(), 20, label="embed")
+    from bit_transfer.checkpoint import read_checkpoint
+
+    params, _ = read_checkpoint(sorted((run_dir / "checkpoints").glob("*.ckpt"))[-1])
+    assert np.abs(head.weight.asnumpy() - params["head.weight"]).max() <= 1e-5
+    assert np.abs(head.bias.asnumpy() - params["head.bias"]).max() <= 1e-5
+    ex, ey = rows(data.load(run.recipe.data).eval)
+    top1 = float(np.mean(np.argmax(ex @ head.weight.asnumpy().T + head.bias.asnumpy(), 1) == ey))
+    assert top1 == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["top1"])
