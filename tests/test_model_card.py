@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from datagen import image_folder
 
 CROP = 16
@@ -47,6 +47,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
+@pytest.mark.slow
 def test_hf_export_has_a_model_card_whose_transformers_snippet_runs(run):
     ok(run_cli("export", run / "run", "--format", "hf", "--out", run / "hf"))
     meta, body = front_matter((run / "hf/README.md").read_text())
@@ -82,6 +83,7 @@ def test_hf_export_has_a_model_card_whose_transformers_snippet_runs(run):
     assert printed.getvalue().strip() in ("cat", "dog")
 
 
+@pytest.mark.slow
 def test_onnx_export_carries_the_cards_facts_and_its_snippet_runs(run, tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'bit-transfer[deploy]')")
     import onnxruntime as ort
@@ -104,6 +106,9 @@ def test_onnx_export_carries_the_cards_facts_and_its_snippet_runs(run, tmp_path)
     with redirect_stdout(printed):
         exec(compile(code, "README.md", "exec"), {"np": np})
     assert printed.getvalue().strip() in ("cat", "dog")
+    # the graph ends in logits: embed says so in one line and writes nothing
+    line = one_line_error(run_cli("embed", tmp_path / "onnx/model.onnx", image, "--out", tmp_path / "f.npz"), "embed")
+    assert "ONNX" in line and "logits only" in line and not (tmp_path / "f.npz").exists()
 
 
 def test_license_comes_from_the_weights_source():
