@@ -47,9 +47,13 @@ def test_frozen_parameters_are_bit_identical_after_a_fit(task, start, tmp_path):
     weights, initial = start
     r = tiny_recipe(task, tmp_path, model__width=0.5, model__weights=str(weights), rule__steps=6,
                     rule__base_lr=0.05, train__freeze="stage2")
-    out = run_cli("fit", write_recipe(tmp_path / "r.yaml", r), "--run-dir", tmp_path / "run")
+    # stopped after 3 steps and resumed: checkpoints of a frozen run hold what resuming needs
+    out = run_cli("fit", write_recipe(tmp_path / "r.yaml", r), "--run-dir", tmp_path / "run", "--stop-after", 3)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "train.freeze stage2:" in out.stdout and "parameters trainable" in out.stdout
+    out = run_cli("fit", tmp_path / "r.yaml", "--run-dir", tmp_path / "run")
+    assert out.returncode == 0 and "resumed from step-000003.ckpt" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["steps"] == 6
     after = final_params(tmp_path / "run")
     frozen = [k for k in initial if k.startswith(("root.", "stages.0.", "stages.1."))]
     trained = [k for k in initial if k not in frozen and not k.startswith("head.")]
