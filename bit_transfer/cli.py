@@ -1,4 +1,4 @@
-"""The `bit-transfer` command: plan, fit, eval, fewshot, export, predict.
+"""The `bit-transfer` command: plan, fit, eval, fewshot, export, predict, embed.
 
 Usage errors (bad recipe, missing data or weights) print one line and exit with code 2;
 heavy imports (MindSpore) happen inside the subcommands that need them.
@@ -94,7 +94,7 @@ def cmd_plan(args) -> int:
     plan = planning.make_plan(r, info)
     layout = planning.batch_layout(plan.batch_size, r.train.batch_split, world=args.devices * args.nodes)
     if args.json:
-        print(json.dumps(planning.plan_json(info, plan, layout), indent=2))
+        print(json.dumps(planning.plan_json(info, plan, layout) | {"trainable": planning.trainable(r, info)}, indent=2))
     else:
         print(planning.plan_report(r, info, plan, layout))
     return 0
@@ -300,6 +300,42 @@ def cmd_predict(args) -> int:
     return predict_command(args)
 
 
+def add_embed_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "embed",
+        help="pre-logit features of images (.npz, .parquet or .npy) for your own classifier, search or plots",
+        description="Compute the pre-logit features (what a linear probe trains on) of images, preprocessed "
+                    "exactly as eval does, with the folded inference model. Images in class folders get their "
+                    "folder's name as label.",
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="a run directory (its latest checkpoint), a .ckpt, a Hugging Face directory or hf:org/name, "
+                        "or an official BiT .npz")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, directories (recursive, sorted), glob patterns, or - for paths on stdin")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help=".npz (features, paths, labels), .parquet (path, label, features) or .npy (the matrix); "
+                        "an existing file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    p.add_argument("--batch-size", type=int_at_least(1), metavar="N",
+                   help="images per forward pass (default: the checkpoint's micro-batch, else 32)")
+    p.add_argument("--image-size", type=int_at_least(1), metavar="PX",
+                   help="square input size (default: the resolution the run was trained at, else 128)")
+    p.add_argument("--device", type=_device_name, choices=["auto", "CPU", "GPU", "Ascend"], default="auto")
+    p.add_argument("--workers", type=int_at_least(1), metavar="N", help="decoding threads (default min(4, CPUs))")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable or non-image file (exit 2) instead of naming and skipping it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed)
+    return p
+
+
+def cmd_embed(args) -> int:
+    from bit_transfer.commands.embed import embed_command
+
+    return embed_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="bit-transfer",
@@ -348,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     add_predict_parser(sub)
+    add_embed_parser(sub)
     return parser
 
 

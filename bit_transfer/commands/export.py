@@ -1,5 +1,6 @@
 """Export a fine-tuned model: Hugging Face layout (transformers' BitForImageClassification
-loads it), MindIR for MindSpore Lite / serving, or ONNX for ONNX Runtime (models/onnx_export.py).
+loads it), MindIR for MindSpore Lite / serving, or ONNX for ONNX Runtime (models/onnx_export.py); the
+Hugging Face and ONNX exports of a run or weights also get a model card, README.md (models/card.py).
 
 `export_from_checkpoint` is what `bit-transfer export MODEL --format hf|mindir|onnx --out DIR` calls; MODEL
 is a run directory or a .ckpt, or pretrained weights (a Hugging Face directory, hf:org/name, an official
@@ -28,8 +29,10 @@ FORMATS = ("hf", "mindir", "onnx")
 MODE = 0o644
 
 
-def export_hf(model: ResNetV2, out_dir, class_names=None, image_size: int | None = None) -> Path:
-    """config.json + model.safetensors (+ preprocessor_config.json when image_size is known)."""
+def export_hf(model: ResNetV2, out_dir, class_names=None, image_size: int | None = None,
+              card: dict | None = None) -> Path:
+    """config.json + model.safetensors (+ preprocessor_config.json when image_size is known), and with
+    `card` (models/card.py's facts) the model card README.md."""
     from safetensors.numpy import save_file
 
     config = hf.build_config(model, class_names)
@@ -60,6 +63,10 @@ def export_hf(model: ResNetV2, out_dir, class_names=None, image_size: int | None
             _write_json(out.path / "preprocessor_config.json", processor)
         else:  # an earlier export's, for another resolution: not this model's
             _remove(out.path / "preprocessor_config.json")
+        if card is not None:
+            from bit_transfer.models.export import card as cards
+
+            _write_text(out.path / "README.md", cards.markdown(card, "transformers", cards.hf_howto(image_size)))
     return out.path
 
 
@@ -93,20 +100,26 @@ def export_mindir(model: ResNetV2, out_dir, image_size: int, class_names=None) -
     return out.path / "model.mindir"
 
 
-def export_onnx(model: ResNetV2, out_dir, image_size: int, class_names=None, external: bool | None = None) -> Path:
+def export_onnx(model: ResNetV2, out_dir, image_size: int, class_names=None, external: bool | None = None,
+                card: dict | None = None) -> Path:
     """model.onnx (ONNX Runtime, any platform): dynamic batch and size, WS folded, metadata_props with the
     class names, image_size and preprocessing (models/onnx_export.py). Models over 1 GB of weights keep
     them in model.onnx.data beside it (external=True forces that). Returns the .onnx file."""
     from bit_transfer.models.export import onnx as onnx_export
 
+    from bit_transfer.models.export import card as cards
+
     size = check_size(image_size, "image_size")
-    proto = onnx_export.build_onnx(model, size, class_names)  # onnx missing: one line, before claiming
+    extra = cards.onnx_metadata(card) if card is not None else None
+    proto = onnx_export.build_onnx(model, size, class_names, extra)  # onnx missing: one line, before claiming
     out = _claim(out_dir)
     path = out.path / "model.onnx"
     with _cleanup_on_failure(out):
         written = onnx_export.save_onnx(proto, path, _write, external)
         if len(written) == 1:  # an earlier export's weights file is not this model's
             _remove(path.with_name(path.name + onnx_export.DATA_SUFFIX))
+        if card is not None:
+            _write_text(out.path / "README.md", cards.markdown(card, "onnx", cards.onnx_howto(size)))
     return path
 
 
@@ -144,10 +157,13 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
                     "the resolution the weights were trained or fine-tuned at, e.g. 224"
                 raise WeightsError(f"no image size for {ckpt}: {why}; pass --image-size N ({example})")
         names = meta.get("class_names")
+        from bit_transfer.models.export import card as cards
+
+        card = cards.facts(run, meta, report.source if run is None else ckpt)
         if fmt == "hf":
-            return export_hf(model, out, names, image_size)
+            return export_hf(model, out, names, image_size, card=card)
         if fmt == "onnx":
-            return export_onnx(model, out, image_size, names)
+            return export_onnx(model, out, image_size, names, card=card)
         return export_mindir(model, out, image_size, names)
 
 
@@ -200,6 +216,10 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError:  # a read-only file system refuses even this
         pass
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _write_json(path: Path, obj) -> None:

@@ -144,8 +144,10 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
     dataset, info, plan = load_task(recipe, world, device, say)
     stop.check("loading the data", f"nothing was trained; {RESUME_HINT}")
     net = build_model(recipe.model, dataset.num_classes, log=say)
-    if tcfg.mode == "linear":
-        net.freeze_backbone()
+    frozen = recipes.frozen_part(tcfg)
+    if frozen != "none":  # no gradient, optimizer state or weight decay for it (train.freeze)
+        net.freeze_to(frozen)
+        say(f"train.freeze {frozen}: {describe_trainable(net)}", flush=True)
     model = cast_model(net, tcfg.precision)  # fp16: a wrapper around `net`, same Parameters
     meta = latest[2] if latest else {}
     batch_split = int(meta.get("batch_split") or 0) or _batch_split(tcfg, plan, model, say)
@@ -205,6 +207,13 @@ def build_model(model_cfg, num_classes: int, *, log=print):
                                                     head=model_cfg.head)
     log(f"weights: {path} ({report})")
     return model
+
+
+def describe_trainable(net) -> str:
+    """'1,234 of 23,500,000 parameters trainable' for a (partly) frozen model."""
+    total = sum(int(np.prod(p.shape)) for p in net.get_parameters())
+    trained = sum(int(np.prod(p.shape)) for p in net.trainable_params())
+    return f"{trained:,} of {total:,} parameters trainable"
 
 
 def _train_step(model, plan, tcfg, batch_split: int, ranks: int, cache: bool, say):

@@ -64,6 +64,14 @@ class ModelConfig:
     head: str = key("zero", Str(["zero", "keep"]), "zero: new zero-initialised head; keep: the checkpoint's head")
 
 
+FREEZE = ("none", "stem", "stage1", "stage2", "stage3", "stage4", "backbone")
+
+
+def frozen_part(t) -> str:
+    """What `train.freeze` (or its alias `train.mode: linear`, = backbone) leaves untrained."""
+    return "backbone" if t.mode == "linear" else t.freeze
+
+
 @dataclass
 class TrainConfig:
     batch_size: int | None = key(None, Nullable(Int(1)), "logical batch; null: the rule's 512")
@@ -71,6 +79,8 @@ class TrainConfig:
     device: str = key("auto", Str(DEVICES, fold_case=True), "auto picks Ascend, then GPU, then CPU")
     precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step")
     mode: str = key("finetune", Str(["finetune", "linear"]), "finetune: all weights; linear: frozen backbone")
+    freeze: str = key("none", Str(list(FREEZE)), "not trained: the stem up to and including this part; "
+                      "backbone: all but the head (= mode linear)")
     momentum: float | None = key(None, Nullable(Float(0, 1, hi_open=True)), "SGD momentum; null: the paper's 0.9")
     weight_decay: float | None = key(None, Nullable(Float(0)), "weight decay; null: the paper's 0")
     seed: int = key(0, Int(0), "seed of initialisation, data order, augmentation and MixUp")
@@ -256,6 +266,11 @@ def _cross_check(r: Recipe, where) -> None:
                 f"{where('rule.steps', 'rule.schedule')}rule.steps ({rule.steps}) differs from the last "
                 f"rule.schedule boundary ({rule.schedule[-1]}); drop one"
             )
+    if t.mode == "linear" and t.freeze not in ("none", "backbone"):
+        raise RecipeError(
+            f"{where('train.mode', 'train.freeze')}train.mode linear freezes the whole backbone, but train.freeze is "
+            f"{t.freeze}; drop one of them (train.freeze: backbone is the same as train.mode: linear)"
+        )
     if isinstance(t.batch_split, int) and t.batch_size is not None and t.batch_size % t.batch_split:
         raise RecipeError(
             f"{where('train.batch_size', 'train.batch_split')}train.batch_size {t.batch_size} is not divisible by "

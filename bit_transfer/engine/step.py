@@ -246,25 +246,28 @@ class TrainStep:
 
 
 class _ForwardCell(nn.Cell):
-    """Inference as a Cell holding the model's Parameters under their own names (see _StepCell)."""
+    """Inference as a Cell holding the model's Parameters under their own names (see _StepCell):
+    logits, or with `features` the pre-logits (`forward_features`)."""
 
-    def __init__(self, model: nn.Cell):
+    def __init__(self, model: nn.Cell, features: bool = False):
         super().__init__(auto_prefix=False)
-        self.model = model
+        self.model, self.features = model, features
 
     def construct(self, x):
-        return self.model(x).astype(ms.float32)
+        y = self.model.forward_features(x) if self.features else self.model(x)
+        return y.astype(ms.float32)
 
 
 class EvalStep:
     """Compiled inference: logits for a batch (padded to a fixed size to avoid recompiles)."""
 
-    def __init__(self, model: nn.Cell, batch_size: int, jit: bool = True, compile_cache: bool = False, log=None):
+    def __init__(self, model: nn.Cell, batch_size: int, jit: bool = True, compile_cache: bool = False, log=None,
+                 features: bool = False):
         """`compile_cache`: load the compiled graph from, or save it to, the compile cache at the first
-        call (compile_cache.py; `log`, if given, gets its one line)."""
+        call (compile_cache.py; `log`, if given, gets its one line). `features`: the pre-logits, not logits."""
         self.model = model
         self.batch_size = batch_size
-        self._cell = _ForwardCell(model)
+        self._cell = _ForwardCell(model, features)
         self._forward = ms.jit(self._cell) if jit else self._cell
         self._cache_pending, self._log = compile_cache and jit, log
 
@@ -277,7 +280,8 @@ class EvalStep:
         if not self._cache_pending:
             return self._forward(Tensor(x)).asnumpy()[:n]
         self._cache_pending = False
-        with compile_cache.first_call(self._cell, (x,), {"step": "eval", "batch": self.batch_size}, self._log):
+        settings = {"step": "features" if self._cell.features else "eval", "batch": self.batch_size}
+        with compile_cache.first_call(self._cell, (x,), settings, self._log):
             return self._forward(Tensor(x)).asnumpy()[:n]
 
 
@@ -294,3 +298,10 @@ def cast_model(model: nn.Cell, precision: str) -> nn.Cell:
             "(Conv2D, MatMul, ReLU); use fp32 on CPU"
         )
     return ms.amp.auto_mixed_precision(model, amp_level="O2", dtype=dtype)
+
+
+def feature_step(folded, batch_size: int, *, jit: bool = True, compile_cache: bool = False):
+    """The one computation of pre-logit features, for the linear probe's cache, `bit-transfer embed` and
+    `Predictor.embed`: `forward_features` of the folded model (models/inference.py), compiled once, every
+    batch padded to `batch_size` (EvalStep). Called with (N, 3, S, S) images, returns (N, F) float32."""
+    return EvalStep(folded, batch_size, jit=jit, compile_cache=compile_cache, features=True)

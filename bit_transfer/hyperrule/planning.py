@@ -134,7 +134,30 @@ def plan_report(recipe: Recipe, info: DataInfo, plan: hyperrule.Plan, layout: Ba
     lines += ["", "learning rate by step:"]
     lines += [f"  {a:>6} - {b:<6} {lr}" for a, b, lr in lr_segments(plan)]
     lines += ["", f"batch         {layout.describe()}"]
+    lines += [f"trainable     {describe_trainable(trainable(recipe, info))}"]
     return "\n".join(lines)
+
+
+def trainable(recipe: Recipe, info: DataInfo) -> dict:
+    """What `train.freeze` leaves to train: {freeze, trainable, total} parameter counts (the head's
+    size needs the class count; without it both counts leave the head out and `head_counted` says so)."""
+    from bit_transfer.models.archs import MODELS, canonical_name, frozen_parts, parameter_counts
+    from bit_transfer.config.recipe import frozen_part
+
+    m = recipe.model
+    depths, width = MODELS.get(canonical_name(m.name), (None, None))
+    depths = m.depths if m.depths is not None else depths
+    width = m.width if m.width is not None else width
+    counts = parameter_counts(depths, width, info.num_classes)
+    freeze = frozen_part(recipe.train)
+    frozen = sum(counts[p] for p in frozen_parts(freeze))
+    total = sum(counts.values())
+    return {"freeze": freeze, "trainable": total - frozen, "total": total, "head_counted": bool(info.num_classes)}
+
+
+def describe_trainable(t: dict) -> str:
+    head = "" if t["head_counted"] else " (without the head: the class count is not known yet)"
+    return f"{t['trainable']:,} of {t['total']:,} parameters (train.freeze {t['freeze']}){head}"
 
 
 def plan_json(info: DataInfo, plan: hyperrule.Plan, layout: BatchLayout) -> dict:

@@ -44,3 +44,32 @@ def canonical_name(name: str) -> str:
     raise UsageError(
         f"unknown model {name!r}{hint}; use one of {', '.join(MODELS)} or 'custom' with model.depths and model.width"
     )
+
+
+def parameter_counts(depths, width: float, num_classes: int | None) -> dict[str, int]:
+    """Parameters per part (stem, stage1..stage4, norm, head) of a ResNetV2, counted without building it
+    (`bit-transfer plan` prints what `train.freeze` leaves trainable; tests check it against the model)."""
+    root = int(round(64 * width))
+    mids = [int(round(64 * 2**i * width)) for i in range(4)]
+    counts, cin = {"stem": 49 * 3 * root}, root
+    for s, (depth, m) in enumerate(zip(depths, mids)):
+        cout, n = 4 * m, 0
+        for u in range(depth):
+            c = cin if u == 0 else cout
+            n += 2 * c + c * m + 2 * m + 9 * m * m + 2 * m + m * cout  # norm1 conv1 norm2 conv2 norm3 conv3
+            if u == 0 and (s > 0 or c != cout):  # the projection shortcut: stride 2 or new channels
+                n += c * cout
+        counts[f"stage{s + 1}"], cin = n, cout
+    counts["norm"] = 2 * cin
+    counts["head"] = (cin + 1) * num_classes if num_classes else 0
+    return counts
+
+
+def frozen_parts(freeze: str) -> list[str]:
+    """The parts (parameter_counts' keys) that `train.freeze: freeze` leaves untrained."""
+    order = ["stem", "stage1", "stage2", "stage3", "stage4"]
+    if freeze == "none":
+        return []
+    if freeze == "backbone":
+        return [*order, "norm"]
+    return order[: order.index(freeze) + 1]

@@ -32,7 +32,16 @@ from bit_transfer.models.archs import ARCHS, CUSTOM, MODELS, canonical_name, lis
 
 MAX_GROUPS = layouts.MAX_GROUPS
 PADDINGS = ("fixed", "same")
+FREEZE_PARTS = ("none", "stem", "stage1", "stage2", "stage3", "stage4", "backbone")  # = recipe.FREEZE
 STAGE_STRIDES = (1, 2, 2, 2)
+
+
+def frozen_prefixes(part: str) -> tuple[str, ...]:
+    """Parameter-name prefixes `train.freeze: part` leaves untrained (stem = root.*, stageN = stages.N-1.*)."""
+    if part == "backbone":
+        return ("root.", "stages.", "norm.")
+    depth = FREEZE_PARTS.index(part)
+    return (("root.",) if depth else ()) + tuple(f"stages.{i}." for i in range(depth - 1))
 
 
 def gn_groups(channels: int) -> int:
@@ -124,10 +133,12 @@ class Stage(nn.Cell):
         units += [PreActBottleneck(cout, cout, cmid, 1, padding, conv) for _ in range(depth - 1)]
         self.units = nn.CellList(units)
 
+    stop_grad = False  # ResNetV2.freeze_to: the frozen part ends here
+
     def construct(self, x):
         for unit in self.units:
             x = unit(x)
-        return x
+        return ops.stop_gradient(x) if self.stop_grad else x
 
 
 class Root(nn.Cell):
@@ -145,8 +156,11 @@ class Root(nn.Cell):
         self.conv = conv(3, cout, 7, 2, padding)
         self.pool = kernels.StemPool(padding)
 
+    stop_grad = False  # ResNetV2.freeze_to: the frozen part ends here
+
     def construct(self, x):
-        return self.pool(self.conv(self.images_in(x)))
+        y = self.pool(self.conv(self.images_in(x)))
+        return ops.stop_gradient(y) if self.stop_grad else y
 
 
 class ResNetV2(nn.Cell):
@@ -157,6 +171,8 @@ class ResNetV2(nn.Cell):
     official 1x1 head conv applied to the 1x1 pooled map. `conv` builds every convolution: StdConv2d
     (training: weight standardisation in the graph) or models/inference.py's FoldedConv2d (inference).
     """
+
+    stop_features = False  # freeze_to("backbone"): no backward through the features
 
     def __init__(self, depths, width: float, num_classes: int, padding: str = "fixed", name: str = "BiT-custom",
                  conv=StdConv2d):
@@ -233,16 +249,30 @@ class ResNetV2(nn.Cell):
     def freeze_backbone(self, frozen: bool = True) -> None:
         """requires_grad=False on every non-head parameter (linear probe); pass only
         `model.trainable_params()` to the optimiser."""
+        self.freeze_to("backbone" if frozen else "none")
+
+    def freeze_to(self, part: str) -> None:
+        """`train.freeze`: requires_grad=False on the stem up to and including `part` (FREEZE_PARTS), and
+        the backward pass cut where the frozen part ends (stop_gradient: nothing below is computed).
+        Set before compiling; pass only `model.trainable_params()` to the optimiser."""
+        if part not in FREEZE_PARTS:
+            raise UsageError(f"freeze {part!r}: one of {', '.join(FREEZE_PARTS)}")
+        frozen = frozen_prefixes(part)
         for p in self.get_parameters():
-            if not p.name.startswith("head."):
-                p.requires_grad = not frozen
+            p.requires_grad = not p.name.startswith(frozen)
+        depth = FREEZE_PARTS.index(part)  # 0 none, 1 stem, 2..5 stage1..stage4, 6 backbone
+        self.root.stop_grad = depth == 1
+        for i, stage in enumerate(self.stages):
+            stage.stop_grad = depth == i + 2
+        self.stop_features = depth == len(FREEZE_PARTS) - 1
 
     def forward_features(self, x):
         """NCHW images -> pre-logits (N, num_features): after the final GroupNorm+ReLU, global average pool."""
         x = self.root(x)
         for stage in self.stages:
             x = stage(x)
-        return self.pool(self.norm(x))
+        x = self.pool(self.norm(x))
+        return ops.stop_gradient(x) if self.stop_features else x
 
     def construct(self, x):
         return self.head(self.forward_features(x))

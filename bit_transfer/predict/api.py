@@ -80,6 +80,7 @@ class Predictor:
         p = Predictor("runs/flowers-20250101-120000")      # or a .ckpt, HF dir, hf:org/name, .npz, .onnx
         p.predict("daisy.jpg")                             # Prediction(daisy.jpg: daisy 97.1%, ...)
         p.predict([path, pil_image, uint8_array], top_k=3) # a list, one Prediction per image
+        p.embed(["a.jpg", "b.jpg"])                        # (2, D) float32 pre-logit features
 
     An unreadable image raises DataError naming it; with `strict=False` its place holds None.
     """
@@ -105,6 +106,20 @@ class Predictor:
         for pos, logits in stream(self.model, split, Unreadable(split, True, print, API_FIX), self.workers):
             out[pos] = logits
         return out
+
+    def embed(self, images, strict: bool = True) -> np.ndarray:
+        """(N, D) float32 pre-logit features of a list of images (one image: (D,)), the numbers
+        `bit-transfer embed` writes; with `strict=False` an unreadable image's row is NaN."""
+        from bit_transfer.predict.model import check_embeddable
+
+        check_embeddable(self.model)
+        items, single = _as_items(images)
+        split = Split(_ItemStore(items), np.arange(len(items)), np.arange(len(items)), "images", skip_corrupt=True)
+        out = np.full((len(items), self.model.num_features), np.nan, np.float32)
+        unreadable = Unreadable(split, strict, lambda s: None, API_FIX)
+        for pos, feats in stream(self.model, split, unreadable, self.workers, features=True):
+            out[pos] = feats
+        return out[0] if single else out
 
     def predict(self, images, top_k: int | None = None, strict: bool = True):
         """Prediction for one image (a path, a PIL image, an H×W[×C] uint8 array), or a list of them for

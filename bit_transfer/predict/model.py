@@ -36,6 +36,8 @@ class LoadedModel:
     forward: Callable[[np.ndarray, int], np.ndarray]  # (images, batch size) -> logits
     run: Path | None = None  # the run a checkpoint belongs to
     checkpoint: Path | None = None
+    features: Callable[[np.ndarray, int], np.ndarray] | None = None  # (images, batch) -> pre-logits (N, D)
+    num_features: int | None = None
 
     @property
     def names(self) -> list[str]:
@@ -116,30 +118,38 @@ def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fall
     names = names if len(names) == model.num_classes else None
     size, size_from = _image_size(image_size, lambda: _recorded_size(kind, path, run, meta), fallback_size)
     batch = batch_size or int(meta.get("micro_batch") or DEFAULT_BATCH)
+    forward, features = _mindspore_forward(model)
     return LoadedModel(str(path), kind, model.num_classes, names, size, size_from, batch,
-                       _mindspore_forward(model), run=run, checkpoint=ckpt)
+                       forward, run=run, checkpoint=ckpt, features=features, num_features=model.num_features)
 
 
-def _mindspore_forward(model) -> Callable[[np.ndarray, int], np.ndarray]:
-    """Compiled inference on the folded model (weight standardisation computed once, as eval runs it),
-    one graph per batch size (EvalStep pads a short batch to its size)."""
+def _mindspore_forward(model) -> tuple[Callable, Callable]:
+    """Compiled inference on the folded model (weight standardisation computed once, as eval runs it):
+    (logits, pre-logit features) functions, one graph per batch size (EvalStep pads a short batch to its
+    size); the features are those of the linear probe's cache (engine.step.feature_step)."""
     import mindspore as ms
 
     from bit_transfer.system import compile_cache
+    from bit_transfer.engine.step import feature_step
     from bit_transfer.models.inference import fold
     from bit_transfer.engine.step import EvalStep
 
     model = fold(model)  # holds the weights; the training model can go
     cache = compile_cache.enabled(ms.get_context("device_target"), True, 1)  # the first graph, silently
 
-    steps: dict[int, EvalStep] = {}
+    steps: dict[tuple[bool, int], EvalStep] = {}
 
     def forward(x: np.ndarray, batch: int) -> np.ndarray:
-        if batch not in steps:
-            steps[batch] = EvalStep(model, batch, compile_cache=cache)
-        return steps[batch](x)
+        if (False, batch) not in steps:
+            steps[False, batch] = EvalStep(model, batch, compile_cache=cache)
+        return steps[False, batch](x)
 
-    return forward
+    def features(x: np.ndarray, batch: int) -> np.ndarray:
+        if (True, batch) not in steps:
+            steps[True, batch] = feature_step(model, batch, compile_cache=cache)
+        return steps[True, batch](x)
+
+    return forward, features
 
 
 def _recorded_size(kind: str, path: Path, run: Path | None, meta: dict) -> tuple[int | None, str]:
@@ -272,3 +282,9 @@ def _meta_int(meta: dict, path: Path, key: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise WeightsError(f"{path}: its '{key}' metadata is {value!r}, not a whole number >= 1; export it again")
     return value
+
+
+def check_embeddable(model: LoadedModel) -> None:
+    if model.features is None:
+        raise UsageError(f"{model.source} is an ONNX model, which computes logits only; embed takes a run "
+                         "directory or its .ckpt, a Hugging Face directory or hf:org/name, or an official BiT .npz")

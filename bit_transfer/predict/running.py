@@ -55,14 +55,17 @@ class Unreadable:
             self.say(f"skipped {where}: {why}")
 
 
-def stream(model: LoadedModel, split: Split, unreadable: Unreadable, workers: int | None = None
-           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(positions in the split, logits) batch after batch, through the eval pipeline.
+def stream(model: LoadedModel, split: Split, unreadable: Unreadable, workers: int | None = None,
+           features: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions in the split, logits) batch after batch, through the eval pipeline; with `features`
+    the pre-logit features instead of the logits (`embed`).
 
     Headers are checked first (a non-image is named before any work), then images that fail to
     decode are named as the pipeline meets them; `split.labels` must be the positions.
     """
     from bit_transfer.data import pipeline
+
+    run = model.features if features else model.forward
 
     split.check_headers(workers)
     unreadable.check()
@@ -71,7 +74,7 @@ def stream(model: LoadedModel, split: Split, unreadable: Unreadable, workers: in
     try:
         for images, positions in batches:
             unreadable.check()
-            yield positions.astype(np.int64), model.forward(images, batch)
+            yield positions.astype(np.int64), run(images, batch)
     finally:
         batches.close()  # stops the pipeline's threads now, also when a caller stops early
     unreadable.check()

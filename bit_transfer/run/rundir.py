@@ -37,9 +37,14 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Recipe keys added after runs were made, with the value a recipe without them meant.
+ADDED_KEYS = {"train.freeze": "none"}
+
+
 def recipe_diff(saved: dict, now: dict) -> list[str]:
-    """The dotted keys whose values differ between two recipe dicts."""
-    a, b = flat(saved), flat(now)
+    """The dotted keys whose values differ between two recipe dicts (a saved recipe older than a key
+    counts as holding its default)."""
+    a, b = ADDED_KEYS | flat(saved), flat(now)
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import datagen
+from conftest import ROOT
 from bit_transfer import data
 from bit_transfer.data import sampling
 from bit_transfer.errors import DataError, UsageError

@@ -3,7 +3,6 @@ kernels (bit_transfer/kernels/build.py): values and gradients equal MindSpore's 
 sizes, whole models equal their NCHW form, two oneDNNs live in one process, and a missing oneDNN is
 one warning and MindSpore's convolutions."""
 
-import ctypes
 import os
 import subprocess
 import sys

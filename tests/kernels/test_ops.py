@@ -150,7 +150,6 @@ def test_a_failing_build_is_one_warning_and_the_builtin_ops(monkeypatch, home, t
 def test_an_unwritable_kernel_cache_is_a_build_failure_not_a_traceback(monkeypatch, tmp_path):
     """_library() turns this RuntimeError into its one warning and MindSpore's ops."""
     from bit_transfer.kernels import build as cpu_kernels
-    from bit_transfer.kernels import ops as kernel_ops
 
     if not cpu_kernels._compiler():
         pytest.skip("no C++ compiler here")

@@ -185,7 +185,7 @@ def test_export_names_what_is_wrong_with_the_plan(tmp_path, plan, message):
 
 def test_exported_files_are_0644_and_a_rerun_updates_the_export(tmp_path):
     run = make_run(tmp_path, trained(), steps=(5,))
-    for fmt, files in [("hf", {"model.safetensors", "config.json", "preprocessor_config.json"}),
+    for fmt, files in [("hf", {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"}),
                        ("mindir", {"model.mindir", "model.json"})]:
         out = tmp_path / fmt
         for _ in range(2):  # the second export replaces the first's files in its own directory

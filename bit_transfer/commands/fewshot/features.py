@@ -213,18 +213,11 @@ class FeatureCache:
         self.log(f"features: done in {seconds:.1f} s ({len(positions) / max(seconds, 1e-9):.1f} images/s)")
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        import mindspore as ms
-
         if self._forward is None:
+            from bit_transfer.engine.step import feature_step
             from bit_transfer.models.inference import fold
 
-            model = fold(self.model)  # the backbone is frozen: folded once
+            self._forward = feature_step(fold(self.model), self.batch_size, jit=self.jit)  # frozen: folded once
+        return self._forward(x)
 
-            def forward(images):
-                return model.forward_features(images).astype(ms.float32)
 
-            self._forward = ms.jit(forward) if self.jit else forward
-        n = len(x)
-        if n < self.batch_size:  # pad the last batch: one graph for every batch
-            x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
-        return self._forward(ms.Tensor(x)).asnumpy()[:n]

@@ -98,8 +98,9 @@ def metadata(model: ResNetV2, image_size: int, class_names=None) -> dict[str, st
     }
 
 
-def build_onnx(model: ResNetV2, image_size: int, class_names=None):
-    """The onnx.ModelProto of `model` (a training or a folded ResNetV2), weights inline."""
+def build_onnx(model: ResNetV2, image_size: int, class_names=None, extra: dict[str, str] | None = None):
+    """The onnx.ModelProto of `model` (a training or a folded ResNetV2), weights inline; `extra`: more
+    metadata_props (the model card's facts, models/card.py)."""
     onnx = require("onnx")
     from bit_transfer.models.inference import inference_arrays
 
@@ -127,7 +128,7 @@ def build_onnx(model: ResNetV2, image_size: int, class_names=None):
                               producer_version=__version__,
                               doc_string=f"BiT {model.model_name}: images NCHW float32 in [-1, 1] -> logits")
     proto.ir_version = IR_VERSION
-    helper.set_model_props(proto, metadata(model, image_size, class_names))
+    helper.set_model_props(proto, metadata(model, image_size, class_names) | (extra or {}))
     return proto
 
 
