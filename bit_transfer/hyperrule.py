@@ -38,6 +38,12 @@ SCHEDULES = {
 }
 MIXUP_SMALL, MIXUP_LARGE = 0.0, 0.1
 
+# Bounds on what a recipe may ask for: far beyond any real run (the paper's longest is 20 000 steps of
+# batch 512 at 480 px), so a value above one is a typo (an extra zero, an exponent), refused in one line.
+MAX_STEPS = 10**9
+MAX_BATCH = 2**20
+MAX_RESOLUTION = 16_384
+
 BATCH_SCALINGS = ("none", "linear")
 
 # Resolutions of well-known datasets: a shortcut only; any dataset's resolution can be measured.
@@ -188,6 +194,13 @@ def _schedule(n: int, steps, schedule, scale: float, batch_size: int) -> tuple[t
     return rule_sched, Decision("rule", why)
 
 
+def _bounded(sched: tuple[int, ...]) -> tuple[int, ...]:
+    if sched[-1] > MAX_STEPS:
+        raise ValueError(f"{_n(sched[-1])} steps is more than any run can mean (at most {_n(MAX_STEPS)}); "
+                         "lower rule.steps or rule.schedule")
+    return sched
+
+
 def _base_lr(base_lr, scale: float, batch_size: int) -> tuple[float, Decision]:
     if base_lr is not None:
         return base_lr, Decision("user", f"rule.base_lr (rule: {BASE_LR})")
@@ -250,6 +263,7 @@ def plan(
     scale = batch_size / BATCH_SIZE if batch_scaling == "linear" else 1.0
 
     sched, d["schedule"] = _schedule(n, steps, schedule, scale, batch_size)
+    sched = _bounded(sched)
 
     rule_alpha, why = rule_mixup(n)
     if mixup_alpha is None:

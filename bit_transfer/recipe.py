@@ -20,6 +20,7 @@ import yaml
 
 from bit_transfer.archs import canonical_name
 from bit_transfer.errors import RecipeError, UsageError
+from bit_transfer.hyperrule import MAX_BATCH, MAX_RESOLUTION, MAX_STEPS
 
 
 # ---------------------------------------------------------------- converters (value -> typed value)
@@ -47,8 +48,8 @@ def _number(v):
 
 
 class Int(Converter):
-    def __init__(self, lo=None, hi=None):
-        self.lo, self.hi = lo, hi
+    def __init__(self, lo=None, hi=None, hi_why: str = ""):
+        self.lo, self.hi, self.hi_why = lo, hi, hi_why
         self.describe = "int" + _range(lo, hi)
 
     def __call__(self, v):
@@ -58,6 +59,8 @@ class Int(Converter):
                 v = int(v)
             else:
                 raise ValueError(f"expected an integer, got {v!r}")
+        if self.hi is not None and v > self.hi and self.hi_why:
+            raise ValueError(f"{v} is {self.hi_why} (at most {self.hi})")
         _check_range(v, self.lo, self.hi)
         return v
 
@@ -133,8 +136,8 @@ class OneOf(Converter):
 
 
 class IntList(Converter):
-    def __init__(self, length=None, lo=None):
-        self.length, self.item = length, Int(lo)
+    def __init__(self, length=None, lo=None, item: Converter | None = None):
+        self.length, self.item = length, item or Int(lo)
         self.describe = f"list of {length or 'N'} ints"
 
     def __call__(self, v):
@@ -185,6 +188,8 @@ def key(default, conv: Converter, doc: str):
 
 
 AUTO = Str(["auto"])
+STEPS = Int(1, MAX_STEPS, "more steps than any run can mean")
+PIXELS = Int(1, MAX_RESOLUTION, "more pixels than any BiT resolution can mean")
 DEVICES = ["auto", "CPU", "GPU", "Ascend"]
 
 
@@ -226,7 +231,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int | None = key(None, Nullable(Int(1)), "logical batch; null: the rule's 512")
+    batch_size: int | None = key(None, Nullable(Int(1, MAX_BATCH, "a larger batch than any run can mean")), "logical batch; null: the rule's 512")
     batch_split: int | str = key(1, OneOf(Int(1), AUTO), "micro-batches per logical batch, or auto (largest that fits)")
     device: str = key("auto", Str(DEVICES, fold_case=True), "auto picks Ascend, then GPU, then CPU")
     precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step")
@@ -243,10 +248,10 @@ class TrainConfig:
 
 @dataclass
 class RuleConfig:
-    precrop: int | None = key(None, Nullable(Int(1)), "resize before the random crop; null: 160 or 512")
-    crop: int | None = key(None, Nullable(Int(1)), "training/eval resolution; null: 128 or 480")
-    steps: int | None = key(None, Nullable(Int(1)), "optimizer steps; null: 500, 10 000 or 20 000")
-    schedule: list[int] | None = key(None, Nullable(IntList(lo=1)), "lr boundaries (warmup end ... last = steps)")
+    precrop: int | None = key(None, Nullable(PIXELS), "resize before the random crop; null: 160 or 512")
+    crop: int | None = key(None, Nullable(PIXELS), "training/eval resolution; null: 128 or 480")
+    steps: int | None = key(None, Nullable(STEPS), "optimizer steps; null: 500, 10 000 or 20 000")
+    schedule: list[int] | None = key(None, Nullable(IntList(item=STEPS)), "lr boundaries (warmup end ... last = steps)")
     mixup_alpha: float | None = key(None, Nullable(Float(0)), "MixUp alpha; null: 0 below 20 000 images, else 0.1")
     base_lr: float | None = key(None, Nullable(Float(0, lo_open=True)), "peak learning rate; null: 0.003")
     batch_scaling: str = key("none", Str(["none", "linear"]), "linear: lr x B/512, steps x 512/B for batch B")
