@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from bit_transfer.archs import canonical_name
+from bit_transfer.archs import MODELS, canonical_name
 from bit_transfer.errors import RecipeError, UsageError
 from bit_transfer.hyperrule import MAX_BATCH, MAX_RESOLUTION, MAX_STEPS
 
@@ -439,6 +439,16 @@ def _check_model(m: ModelConfig, where) -> None:
             f"{where('model.name', 'model.depths', 'model.width')}model.name custom needs both model.depths "
             "(e.g. [1, 1, 1, 1]) and model.width (e.g. 0.25)"
         )
+    if name in MODELS:  # a named BiT is its own architecture: other depths or width would build another model
+        depths, width = MODELS[name]
+        given = [f"model.{k} {v}" for k, v, own in (("depths", m.depths, depths), ("width", m.width, width))
+                 if v is not None and v != own]
+        if given:
+            raise RecipeError(
+                f"{where('model.name', 'model.depths', 'model.width')}model.name {name} is the architecture "
+                f"depths {depths}, width {width}, but the recipe also sets {' and '.join(given)}; drop them "
+                "(--set model.depths=null --set model.width=null) or use model.name: custom"
+            )
 
 
 class DuplicateKeyError(yaml.YAMLError):

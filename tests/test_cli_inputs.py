@@ -71,6 +71,19 @@ def test_custom_model_names_still_plan(recipe_file):
     assert out.returncode == 0, out.stderr
 
 
+def test_a_named_bit_with_custom_depths_or_width_is_a_conflict(recipe_file):
+    """`--set model.name=BiT-M-R50x1` on a tiny recipe built the tiny model and recorded R50x1."""
+    p = recipe_file(MEASURED + "model: {name: custom, depths: [1, 1, 1, 1], width: 0.25}\n")
+    line = one_line_error(run_cli("plan", p, "--set", "model.name=BiT-M-R50x1"), "plan")
+    assert line.endswith("error: --set model.name=BiT-M-R50x1: model.name BiT-M-R50x1 is the architecture depths "
+                         "[3, 4, 6, 3], width 1, but the recipe also sets model.depths [1, 1, 1, 1] and model.width "
+                         "0.25; drop them (--set model.depths=null --set model.width=null) or use model.name: custom")
+    fixed = run_cli("plan", p, "--set", "model.name=BiT-M-R50x1", "--set", "model.depths=null", "--set", "model.width=null")
+    assert fixed.returncode == 0, fixed.stderr
+    same = recipe_file(MEASURED + "model: {name: BiT-S-R101x1, depths: [3, 4, 23, 3], width: 1}\n", "same.yaml")
+    assert run_cli("plan", same).returncode == 0  # its own architecture spelled out: no conflict
+
+
 # ---------------------------------------------------------------- argparse: one line, exit 2
 @pytest.mark.parametrize(
     "args, command, expected",
