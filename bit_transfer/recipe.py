@@ -488,11 +488,9 @@ class StrictLoader(yaml.SafeLoader):
 def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply `--set key=value` overrides, validate."""
     p = Path(path)
-    if not p.is_file():
-        hint = "" if p.suffix else " (recipes are .yaml files, e.g. recipes/cifar10.yaml)"
-        raise RecipeError(f"recipe file not found: {p}{hint}")
+    _check_recipe_path(p)
     try:
-        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=StrictLoader)
+        raw = yaml.load(_read_text(p), Loader=StrictLoader)
     except DuplicateKeyError as e:
         raise RecipeError(f"{p}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -506,6 +504,41 @@ def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
     origins: dict[str, str] = {}
     raw = apply_sets(raw or {}, sets or [], origins)
     return from_dict(raw, path=str(p), origins=origins)
+
+
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; a larger file is not one
+
+
+def _check_recipe_path(p: Path) -> None:
+    """A missing path, a directory and a device, FIFO or socket each get their own line, before any read."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        hint = "" if p.suffix else " (recipes are .yaml files, e.g. recipes/cifar10.yaml)"
+        raise RecipeError(f"recipe file not found: {p}{hint}") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        inside = sorted(p.glob("*.yaml"))[:1]
+        example = f" (e.g. {inside[0]})" if inside else ""
+        raise RecipeError(f"recipe {p} is a directory; give a recipe file{example}")
+    if not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise RecipeError(f"recipe {p} is {kind}, not a file; give a .yaml recipe file (e.g. recipes/cifar10.yaml)")
+
+
+def _read_text(p: Path) -> str:
+    """The recipe's text; a file over MAX_RECIPE_BYTES is refused after reading no more than that."""
+    with open(p, "rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {p} is larger than {MAX_RECIPE_BYTES >> 20} MB, too large for a recipe; "
+                          "give the .yaml recipe file (e.g. recipes/cifar10.yaml)")
+    return data.decode("utf-8")
 
 
 def apply_sets(raw: dict, sets: list[str], origins: dict | None = None) -> dict:

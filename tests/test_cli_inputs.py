@@ -162,3 +162,24 @@ def test_batch_layout_refuses_zero_ranks_for_other_callers():
 
     with pytest.raises(RecipeError, match="0 ranks cannot train; use --devices and --nodes of at least 1"):
         planning.batch_layout(512, 1, world=0)
+
+
+# ---------------------------------------------------------------- what a recipe path is
+def test_a_recipe_path_that_is_not_a_file_says_what_it_is(recipe_file, tmp_path):
+    """A directory, /dev/zero and a FIFO were all "not found" (and must not be read forever)."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text(MEASURED)
+    line = one_line_error(run_cli("plan", folder, timeout=60), "plan")
+    assert line.endswith(f"error: recipe {folder} is a directory; give a recipe file (e.g. {folder / 'mine.yaml'})")
+    line = one_line_error(run_cli("plan", "/dev/zero", timeout=60), "plan")
+    assert line.endswith("error: recipe /dev/zero is a character device, not a file; give a .yaml recipe file "
+                         "(e.g. recipes/cifar10.yaml)")
+    os.mkfifo(tmp_path / "pipe.yaml")
+    line = one_line_error(run_cli("plan", tmp_path / "pipe.yaml", timeout=60), "plan")
+    assert "pipe.yaml is a FIFO (named pipe), not a file" in line
+    big = recipe_file(MEASURED + "#" * (1 << 21) + "\n", "big.yaml")
+    line = one_line_error(run_cli("plan", big, timeout=60), "plan")
+    assert line.endswith(f"error: recipe {big} is larger than 1 MB, too large for a recipe; give the .yaml recipe "
+                         "file (e.g. recipes/cifar10.yaml)")
+    assert one_line_error(run_cli("plan", tmp_path / "nope.yaml"), "plan").endswith(f"recipe file not found: {tmp_path / 'nope.yaml'}")
