@@ -27,14 +27,15 @@ def fit_linear(recipe, run_dir: Path, model, dataset, info, plan, cache, *, labe
     An unfinished probe restarts from scratch: it takes seconds.
     """
     from bit_transfer.evaluate import evaluate
+    from bit_transfer.features import split_about
     from bit_transfer.step import EvalStep, TrainStep
 
     t0 = time.time()
     tcfg = recipe.train
     run = RunDir.claim(run_dir, kind="fit", name=recipe.name)
     run.restart()
-    x, y = cache.features(dataset.name, dataset.train)
-    ex, ey = cache.features(dataset.name, dataset.eval)
+    x, y = cache.features(dataset.name, dataset.train, split_about(dataset, "train"))
+    ex, ey = cache.features(dataset.name, dataset.eval, split_about(dataset, "eval"))
     batch = min(plan.batch_size, len(x))
     if plan.mixup_alpha > 0:
         log(f"note: MixUp (alpha {plan.mixup_alpha:g}) is not applied to cached features; use --mode finetune for it")

@@ -20,6 +20,7 @@ import yaml
 
 from bit_transfer.archs import MODELS, canonical_name
 from bit_transfer.errors import RecipeError, UsageError
+from bit_transfer.filekinds import special_kind
 from bit_transfer.hyperrule import MAX_BATCH, MAX_RESOLUTION, MAX_STEPS
 
 
@@ -525,9 +526,7 @@ def _check_recipe_path(p: Path) -> None:
         example = f" (e.g. {inside[0]})" if inside else ""
         raise RecipeError(f"recipe {p} is a directory; give a recipe file{example}")
     if not stat.S_ISREG(mode):
-        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
-                else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
+        kind = special_kind(p) or "not a regular file"
         raise RecipeError(f"recipe {p} is {kind}, not a file; give a .yaml recipe file (e.g. recipes/cifar10.yaml)")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from bit_transfer.data.folder import IMAGE_EXTENSIONS, list_images
 from bit_transfer.data.split import FileStore, Split
 from bit_transfer.errors import DataError, UsageError
+from bit_transfer.filekinds import special_kind
 
 GLOB_CHARS = "*?["
 
@@ -29,6 +30,7 @@ class Inputs:
     labels: np.ndarray | None = None  # model class index per path
     labelled_by: str = ""
     notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # FIFOs, devices, sockets: named, never opened
 
     @property
     def name(self) -> str:
@@ -38,10 +40,15 @@ class Inputs:
         return "images"
 
 
-def collect_inputs(items: list[str], stdin=None) -> Inputs:
-    """Files, directories (recursive, sorted), glob patterns and `-` (paths on stdin), in order, once each."""
+def collect_inputs(items: list[str], stdin=None, say=None) -> Inputs:
+    """Files, directories (recursive, sorted), glob patterns and `-` (paths on stdin), in order, once each.
+
+    A FIFO, device or socket among them is skipped and named through `say` (default: stderr), never
+    opened: reading a FIFO would wait forever.
+    """
     found = Inputs([])
     seen: set[str] = set()
+    say = say or (lambda line: print(line, file=sys.stderr))
 
     def add(paths: list[str]) -> None:
         for p in paths:
@@ -50,17 +57,30 @@ def collect_inputs(items: list[str], stdin=None) -> Inputs:
                 seen.add(key)
                 found.paths.append(p)
 
+    def skip(path: str, kind: str) -> None:
+        found.skipped.append(path)
+        say(f"skipped {path}: {kind}, not an image file")
+
+    def listed(folder: Path) -> list[str]:
+        skipped: list[tuple[str, str]] = []
+        images = list_images(folder, skipped)
+        for path, kind in skipped:
+            skip(path, kind)
+        return images
+
     for item in _expand_stdin(items, stdin):
         text, from_stdin = item
         if os.path.isdir(text):
             folder = str(Path(text))  # the form list_images builds paths from
             start = len(found.paths)
-            images = list_images(Path(folder))
+            images = listed(Path(folder))
             if not images:
                 raise DataError(f"no images under {text} (files ending in {', '.join(IMAGE_EXTENSIONS)}); "
                                 "give image files or a folder that holds some")
             add(images)
             found.folders.append((folder, start, len(found.paths)))
+        elif (kind := special_kind(text)) is not None:
+            skip(text, kind)
         elif os.path.isfile(text):
             add([text])
         elif not from_stdin and any(c in text for c in GLOB_CHARS):
@@ -69,11 +89,19 @@ def collect_inputs(items: list[str], stdin=None) -> Inputs:
                 raise DataError(f"no file matches {text!r}; check the pattern (quote it so the shell leaves it to "
                                 "predict, e.g. 'photos/**/*.jpg')")
             for m in matches:
-                add(list_images(Path(m)) if os.path.isdir(m) else [m])
+                if os.path.isdir(m):
+                    add(listed(Path(m)))
+                elif (kind := special_kind(m)) is not None:
+                    skip(m, kind)
+                else:
+                    add([m])
         else:
             where = " (a path read from stdin)" if from_stdin else ""
             raise DataError(f"input {text} not found{where}; give image files, directories, glob patterns, "
                             "or - to read paths from stdin")
+    if not found.paths and found.skipped:
+        raise DataError(f"no images to predict: {len(found.skipped)} input(s) are not image files (named above); "
+                        "give image files, directories or glob patterns")
     if not found.paths:
         raise DataError("no images to predict: stdin gave no paths; pipe one path per line, e.g. "
                         "find photos -name '*.jpg' | bit-transfer predict MODEL -")
