@@ -153,7 +153,24 @@ def test_hf_weights_without_network_fails_fast_in_one_line(tmp_path):
     cache = tmp_path / "bt-home" / "hf"
     assert f"cannot fetch config.json of hf:google/bit-50 (not in the cache {cache} and {hub.host()} cannot be reached, " \
            "so it ran with HF_HUB_OFFLINE=1)" in line
-    assert "put config.json and model.safetensors from https://huggingface.co/google/bit-50 into a directory" in line
+    assert line.endswith("put config.json and model.safetensors from https://huggingface.co/google/bit-50 into a "
+                         "directory and set model.weights to it")
+
+
+def test_hf_model_argument_without_network_names_model_not_a_recipe_key(tmp_path):
+    """predict and export take the model as their MODEL argument: the fix names that, not model.weights."""
+    from PIL import Image
+
+    env = no_network_env(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    cache = tmp_path / "bt-home" / "hf"
+    for command, args in (("predict", ["hf:google/bit-50", tmp_path / "x.png"]),
+                          ("export", ["hf:google/bit-50", "--format", "hf", "--out", tmp_path / "out"])):
+        line = one_line_error(run_cli(command, *args, env=env, timeout=60), command)
+        assert f"cannot fetch config.json of hf:google/bit-50 (not in the cache {cache}" in line
+        assert line.endswith("put config.json and model.safetensors from https://huggingface.co/google/bit-50 into a "
+                             "directory and pass that directory as MODEL"), line
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_layout_refuses_zero_ranks_for_other_callers():

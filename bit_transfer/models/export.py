@@ -132,7 +132,7 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
         require("onnx")  # not installed: one line before any work
     out = _claim(out_dir)  # a file, someone's directory or a run: refused before the work
     with _cleanup_on_failure(out):
-        model, report = create_model_from_weights(ckpt)  # architecture, padding and head from the file
+        model, report = create_model_from_weights(_fetched(ckpt))  # architecture, padding and head from the file
         meta = report.meta
         if run is not None and not meta.get("model"):
             raise WeightsError(f"{ckpt} has no model config in its meta; export takes checkpoints written by "
@@ -149,6 +149,16 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
         if fmt == "onnx":
             return export_onnx(model, out, image_size, names)
         return export_mindir(model, out, image_size, names)
+
+
+def _fetched(source):
+    """hf:org/name, a URL or an official name, fetched here so that a failure names the MODEL argument
+    as the thing to change (not a recipe's model.weights); anything else as it is."""
+    if not isinstance(source, str):
+        return source
+    from bit_transfer.models.download import resolve_weights
+
+    return resolve_weights(source, "BiT-custom", given_as="MODEL")
 
 
 # ---------------------------------------------------------------- image size

@@ -64,7 +64,7 @@ def _model_kind(spec) -> tuple[Path, str]:
     if text.startswith("hf:"):
         from bit_transfer.models.download import resolve_weights
 
-        return resolve_weights(text, "BiT-custom"), "hf"
+        return resolve_weights(text, "BiT-custom", given_as="MODEL"), "hf"
     path = Path(text).expanduser()
     if not path.exists():
         raise WeightsError(f"model {path} not found; predict takes {TAKES}")
