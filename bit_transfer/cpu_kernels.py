@@ -14,10 +14,11 @@ portable check (a sum per tensor) ~17 % of an R50x1 step. docs/performance.md ha
 
 Float32 only (models/resnetv2.py sends half-precision models to MindSpore's ops). Used only where
 the CPU is MindSpore's only device and a C++ compiler builds them; otherwise the
-`*_primitive()` functions return None and the callers keep MindSpore's ops (a failed build warns
-once). Set BIT_TRANSFER_CPU_KERNELS=0 to force those. The library is built once per source version
-and compiler target (-march=native, without AVX-512 where oneDNN is capped below it: keyed by the
-instruction sets the compiler enables, not the host name) into paths.home()/kernels.
+`*_primitive()` functions return None and the callers keep MindSpore's ops (a failed build says
+why in one line on stderr, once). Set BIT_TRANSFER_CPU_KERNELS=0 to force those. The library is
+built once per source version and compiler target (-march=native, without AVX-512 where oneDNN is
+capped below it: keyed by the instruction sets the compiler enables, not the host name) into
+paths.home()/kernels.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import sys
 import threading
-import warnings
 from pathlib import Path
 
 # C++ both kernel libraries compile (this SOURCE and onednn_conv's, which standardises weights inside
@@ -545,7 +546,31 @@ def build(name: str = "cpu_kernels", source: str | None = None, flags: list[str]
         lib.parent.mkdir(parents=True, exist_ok=True)
         return _compile([cxx, *target_flags(), *flags], source, list(link), lib)
     except OSError as e:  # BIT_TRANSFER_HOME a file, read-only, full: the built-in ops still work
-        raise RuntimeError(f"cannot write {lib.parent} ({e.strerror or e}); check BIT_TRANSFER_HOME") from None
+        raise CacheUnwritable(f"cannot write the kernel cache {lib.parent} ({e.strerror or e})") from None
+
+
+class CacheUnwritable(RuntimeError):
+    """The kernel cache (paths.home()/kernels) cannot be written: the compiler is not the cause."""
+
+
+_said: set[str] = set()
+
+
+def notice(line: str) -> None:
+    """`line` once per process, as one plain line on stderr (not a Python warning: no file:line, no
+    source line): what is slower and why, from a build that fell back to MindSpore's ops."""
+    if line not in _said:
+        _said.add(line)
+        print(f"bit-transfer: {line}", file=sys.stderr, flush=True)
+
+
+def fallback_fix(e: Exception | None, silence: str) -> str:
+    """The fix for a kernel build that failed with `e` (None: no compiler), naming its real cause."""
+    if isinstance(e, CacheUnwritable):
+        return f"set BIT_TRANSFER_HOME to a writable directory, or {silence} to silence this"
+    if e is None:
+        return f"install g++, or set {silence} to silence this"
+    return f"set {silence} to silence this"
 
 
 def _compile(command: list[str], source: str, link: list[str], lib: Path) -> Path:
@@ -569,7 +594,7 @@ _background: dict[str, threading.Thread] = {}
 def build_in_background(name: str, build_fn) -> None:
     """Start compiling a kernel library in a thread (g++ runs outside the GIL) so the compile overlaps
     the rest of start-up (imports, data checks); `wait_for_build(name)` joins it before the library is
-    needed. Errors are left to the foreground build, which raises them again with its warning."""
+    needed. Errors are left to the foreground build, which meets them again and says why."""
     def quietly():
         try:
             build_fn()
@@ -594,7 +619,7 @@ def _gn_name(relu: bool, nhwc: bool) -> str:
 
 @functools.cache
 def _library() -> Path | None:
-    """The built kernel library, or None where MindSpore's ops must be used (one warning when it cannot be built)."""
+    """The built kernel library, or None where MindSpore's ops must be used (one line on stderr when it cannot be built)."""
     if os.environ.get("BIT_TRANSFER_CPU_KERNELS", "1") == "0":
         return None
     from bit_transfer import runtime
@@ -602,19 +627,15 @@ def _library() -> Path | None:
     if runtime.available_devices() != ("CPU",):
         return None
     wait_for_build("cpu_kernels")
+    error = None
     try:
         lib = build()
     except RuntimeError as e:
-        lib, why = None, str(e)
-    else:
-        why = "no C++ compiler (g++) found"
+        lib, error = None, e
     if lib is None:
-        warnings.warn(
-            f"bit-transfer: compiled CPU kernels unavailable ({why}); GroupNorm uses MindSpore's built-in op, "
-            "about 2x slower training on CPU. Install g++ or set BIT_TRANSFER_CPU_KERNELS=0 to silence this.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        why = str(error) if error else "no C++ compiler (g++) found"
+        notice(f"compiled CPU kernels unavailable ({why}); GroupNorm uses MindSpore's built-in op, about 2x "
+               f"slower training on CPU; {fallback_fix(error, 'BIT_TRANSFER_CPU_KERNELS=0')}")
     return lib
 
 
