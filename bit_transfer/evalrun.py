@@ -51,6 +51,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
         result = evaluate_split(step, dataset.eval, plan.crop, micro, num_classes, recipe.data.workers)
         fields = {"checkpoint": str(path), "step": meta.get("step"), "recipe": recipe.name, "crop": plan.crop,
                   "device": device}
+        again = out.replaced_note()  # a rerun into its own directory replaces its results, and says so
         final = out.write_final(result, list(dataset.class_names), fields, report_dir="")
     except BaseException:
         if out.created:  # nothing was evaluated: leave no empty directory behind
@@ -58,7 +59,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
         raise
     print(f"{path}: top-1 {100 * result.top1:.2f}% top-5 {100 * result.top5:.2f}% loss {result.loss:.4f} "
           f"on {result.count} images")
-    print(f"wrote metrics.json, per_class.json and confusion.json to {out.path}")
+    print(f"wrote metrics.json, per_class.json and confusion.json to {out.path}{again}")
     return final
 
 

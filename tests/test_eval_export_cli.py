@@ -119,7 +119,9 @@ def test_exported_files_are_0644_and_a_rerun_updates_its_own_export(hf_run, tmp_
         said = ok(run_cli("export", hf_run, "--format", fmt, "--out", out))
         assert said.strip() == f"exported {fmt}: {out if fmt == 'hf' else out / 'model.mindir'}"
         first = snapshot(out)
-        ok(run_cli("export", hf_run, "--format", fmt, "--out", out))  # its own directory: updated, not refused
+        again = ok(run_cli("export", hf_run, "--format", fmt, "--out", out))  # its own directory: updated, and said
+        assert again.strip() == f"exported {fmt}: {out if fmt == 'hf' else out / 'model.mindir'} (replaced the " \
+                                f"earlier {fmt} export in {out})"
         assert sorted(p.name for p in out.iterdir()) == sorted([*files, ".bit-transfer-run"])  # no temporaries
         for name in files:
             assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, (fmt, name)
@@ -147,7 +149,9 @@ def test_eval_writes_its_own_directory_and_keeps_what_fit_wrote(fitted):
     assert metrics["checkpoint"] == str(fitted / "checkpoints" / "step-000002.ckpt")
     assert set(json.loads((out / "per_class.json").read_text())) == {"horizontal", "vertical", "checker", "flat"}
     assert json.loads((out / "confusion.json").read_text())["class_names"][0] == "horizontal"
-    ok(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted))  # again: its own directory, updated
+    again = ok(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted))  # its own directory: updated, said
+    assert f"wrote metrics.json, per_class.json and confusion.json to {out} (replaced the earlier ones there)" in again
+    assert "replaced" not in said
 
 
 def test_eval_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(fitted, tmp_path):

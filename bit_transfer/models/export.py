@@ -151,6 +151,19 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
         return export_mindir(model, out, image_size, names)
 
 
+MAIN_FILE = {"hf": "model.safetensors", "mindir": "model.mindir", "onnx": "model.onnx"}
+
+
+def earlier_export(out_dir, fmt: str) -> Path | None:
+    """The file an earlier export of `fmt` left in its own --out directory, which this export replaces
+    (said in its output line, as eval and predict say it of their reports); None for a new place."""
+    from bit_transfer.rundir import marker_kind
+
+    out = Path(out_dir).expanduser()
+    path = out / MAIN_FILE.get(fmt, "")
+    return path if fmt in MAIN_FILE and path.is_file() and marker_kind(out) == "export" else None
+
+
 def _fetched(source):
     """hf:org/name, a URL or an official name, fetched here so that a failure names the MODEL argument
     as the thing to change (not a recipe's model.weights); anything else as it is."""

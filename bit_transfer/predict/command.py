@@ -181,7 +181,8 @@ def _summary(job: _Job, args, out, result, done: int, skipped: int, seconds: flo
                   "skipped_unreadable": skipped}
         if model.checkpoint is not None:
             fields["checkpoint"] = str(model.checkpoint)
+        again = job.report.replaced_note()  # a rerun into its own report directory replaces it, and says so
         job.report.write_final(result, job.class_names, fields, report_dir="")
         print(f"top-1 {100 * result.top1:.2f}% top-5 {100 * result.top5:.2f}% loss {result.loss:.4f} on "
               f"{result.count} images labelled by {job.labelled_by}")
-        print(f"wrote metrics.json, per_class.json and confusion.json to {job.report.path}")
+        print(f"wrote metrics.json, per_class.json and confusion.json to {job.report.path}{again}")

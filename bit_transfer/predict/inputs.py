@@ -58,8 +58,11 @@ def collect_inputs(items: list[str], stdin=None, say=None) -> Inputs:
                 found.paths.append(p)
 
     def skip(path: str, kind: str) -> None:
-        found.skipped.append(path)
-        say(f"skipped {path}: {kind}, not an image file")
+        key = os.path.realpath(path)
+        if key not in seen:  # named once, however many inputs lead to it
+            seen.add(key)
+            found.skipped.append(path)
+            say(f"skipped {path}: {kind}, not an image file")
 
     def listed(folder: Path) -> list[str]:
         skipped: list[tuple[str, str]] = []
