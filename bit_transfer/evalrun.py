@@ -19,7 +19,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
     Writes metrics.json, per_class.json and confusion.json (+ .png) to the output directory (module
     docstring) and returns the metrics.
     """
-    from bit_transfer import checkpoint, compile_cache, data, models
+    from bit_transfer import checkpoint, compile_cache, data, memory, models
     from bit_transfer.evaluate import evaluate_split
     from bit_transfer.models.inference import fold
     from bit_transfer.rundir import RunDir
@@ -44,6 +44,8 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
         info = planning.task_info(recipe)
         plan = planning.make_plan(recipe, info)
         micro = recipe.train.eval_batch_size or int(meta.get("micro_batch") or 32)
+        memory.check_batch(model.depths, model.width, plan.crop, micro,  # EvalStep pads every batch to micro
+                           batch_fix="--set train.eval_batch_size={n}", size_fix="rule.crop")
         net = fold(model)  # weight standardisation computed once: plain convolutions
         del model  # the folded copy is all evaluation needs
         step = EvalStep(net, micro, jit=recipe.train.jit,

@@ -3,6 +3,7 @@ stderr and exit code 2, no traceback, and nothing the user (or `fit`) wrote chan
 
 import json
 import pickle
+import re
 import shutil
 import stat
 
@@ -171,6 +172,21 @@ def test_eval_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(fitted,
     line = one_line_error(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted / "recipe.yaml"), "eval")
     assert "recipe.yaml is a YAML file, not a checkpoint; eval --checkpoint takes a run directory" in line
     assert snapshot(tmp_path) == before and snapshot(fitted) == run_before
+
+
+def test_eval_refuses_a_batch_that_cannot_fit_in_memory(fitted):
+    """Estimated from the model and the crop before any image is decoded: one line, nothing written."""
+    from bit_transfer import memory
+
+    before = snapshot(fitted)
+    out = run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--set", "rule.precrop=16384",
+                  "--set", "rule.crop=16384", "--set", "train.eval_batch_size=64")
+    line = one_line_error(out, "eval")
+    need = memory.batch_bytes([1, 1, 1, 1], 0.125, 16384, 64) / memory.GB
+    assert f"error: a batch of 64 images at 16384x16384 px needs about {need:.1f} GB of memory but " in line, line
+    assert re.search(r" GB is available; (use --set train.eval_batch_size=\d+ \(about [\d.]+ GB\) or a smaller rule.crop"
+                     r"|even one image needs [\d.]+ GB: use a smaller rule.crop \(at most \d+ fits\))$", line), line
+    assert snapshot(fitted) == before
 
 
 def test_eval_into_a_read_only_place_is_one_line(fitted, tmp_path):

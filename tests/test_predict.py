@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -325,6 +326,34 @@ def test_a_repeated_predict_says_it_replaced_its_own_report(world, tmp_path):
     again = ok(predict(world / "run", "data/val", "--quiet", "--report", report, cwd=world))
     assert f"wrote metrics.json, per_class.json and confusion.json to {report} (replaced the earlier ones there)" in again
     assert snapshot(report).keys() == before.keys()
+
+
+def test_a_size_that_cannot_fit_in_memory_is_one_line_before_any_decoding(world, tmp_path):
+    """--image-size 4000 on 4 images took 6.5 GB: the batch's memory is estimated first."""
+    from bit_transfer import memory
+
+    line = one_line_error(predict(world / "run", "data/val/cat/000.png", "--image-size", 100_000, cwd=world), "predict")
+    need = memory.batch_bytes([1, 1, 1, 1], 0.5, 100_000, 1) / memory.GB
+    assert re.fullmatch(rf"bit-transfer predict: error: a batch of 1 image at 100000x100000 px needs about {need:.1f} GB "
+                        r"of memory but [\d.]+ GB is available; even one image needs [\d.]+ GB: use a smaller "
+                        r"--image-size \(at most \d+ fits\)", line), line
+    assert not (world / "run" / "evals" / "step-000003-predict-cat").exists()
+
+
+def test_the_memory_check_proposes_the_batch_that_fits():
+    from bit_transfer import memory
+    from bit_transfer.errors import UsageError
+
+    per_image = memory.batch_bytes([3, 4, 6, 3], 1, 4000, 1)  # R50x1 at 4000 px: 360 B/px
+    assert per_image == 360 * 4000 * 4000
+    memory.check_batch([3, 4, 6, 3], 1, 4000, 4, batch_fix="--batch-size {n}", size_fix="--image-size",
+                       available=4 * per_image)  # fits exactly: no error
+    with pytest.raises(UsageError) as e:
+        memory.check_batch([3, 4, 6, 3], 1, 4000, 4, batch_fix="--batch-size {n}", size_fix="--image-size",
+                           available=int(2.5 * per_image))
+    assert str(e.value) == ("a batch of 4 images at 4000x4000 px needs about 21.5 GB of memory but 13.4 GB is "
+                            "available; use --batch-size 2 (about 10.7 GB) or a smaller --image-size")
+    assert memory.available_bytes() > 0
 
 
 # ---------------------------------------------------------------- model kinds

@@ -59,6 +59,7 @@ def _prepare(args) -> _Job:
     model = load_model(args.model, image_size=args.image_size, batch_size=args.batch_size, device=args.device)
     inputs = label_folders(inputs, model.class_names)
     split = files_split(inputs.paths, inputs.folders[0][0] if len(inputs.folders) == 1 else "inputs")
+    _check_memory(model, len(split))
     job = _Job(model, split, inputs.labels, inputs.labelled_by, model.names, workers=args.workers, notes=inputs.notes)
     if job.labels is not None:
         job.report = _claim_report(args.report, model, inputs.name, "runs")
@@ -86,10 +87,20 @@ def _prepare_recipe(args) -> _Job:
     check_class_names(Path(model.source), model.class_names, list(dataset.class_names))
     ev = dataset.eval
     split = Split(ev.store, ev.rows, np.arange(len(ev)), ev.name, skip_corrupt=True)
+    _check_memory(model, len(split))
     job = _Job(model, split, ev.labels, f"{r.name}'s eval split", list(dataset.class_names),
                workers=args.workers or r.data.workers)
     job.report = _claim_report(args.report, model, r.name, r.log.dir)
     return job
+
+
+def _check_memory(model: LoadedModel, images: int) -> None:
+    """A batch that cannot fit in memory at this size is refused in one line, before any image is decoded."""
+    from bit_transfer import memory
+
+    if model.arch is not None:
+        batch = max(1, min(model.batch_size, images))  # what `stream` runs
+        memory.check_batch(*model.arch, model.image_size, batch, batch_fix="--batch-size {n}", size_fix="--image-size")
 
 
 def _claim_report(report_dir, model: LoadedModel, name: str, parent: str):

@@ -36,6 +36,7 @@ class LoadedModel:
     forward: Callable[[np.ndarray, int], np.ndarray]  # (images, batch size) -> logits
     run: Path | None = None  # the run a checkpoint belongs to
     checkpoint: Path | None = None
+    arch: tuple[list[int], float] | None = None  # (depths, width), for the memory a batch needs
 
     @property
     def names(self) -> list[str]:
@@ -117,7 +118,7 @@ def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fall
     size, size_from = _image_size(image_size, lambda: _recorded_size(kind, path, run, meta), fallback_size)
     batch = batch_size or int(meta.get("micro_batch") or DEFAULT_BATCH)
     return LoadedModel(str(path), kind, model.num_classes, names, size, size_from, batch,
-                       _mindspore_forward(model), run=run, checkpoint=ckpt)
+                       _mindspore_forward(model), run=run, checkpoint=ckpt, arch=(list(model.depths), model.width))
 
 
 def _mindspore_forward(model) -> Callable[[np.ndarray, int], np.ndarray]:
@@ -225,7 +226,7 @@ def _onnx_model(path: Path, image_size, batch_size, device, fallback_size) -> Lo
         return np.concatenate(parts).astype(np.float32)
 
     return LoadedModel(str(path), "onnx", info["num_classes"], info["class_names"], size, size_from,
-                       batch_size or DEFAULT_BATCH, forward)
+                       batch_size or DEFAULT_BATCH, forward, arch=info["arch"])
 
 
 def onnx_info(session, path: Path) -> dict:
@@ -253,7 +254,18 @@ def onnx_info(session, path: Path) -> dict:
         (recorded, "the ONNX model's metadata") if recorded else (None, ""))
     names = [str(n) for n in names] if isinstance(names, list) and len(names) == classes else None
     return {"class_names": names, "num_classes": int(classes), "image_size": size, "size_from": where,
-            "static_size": static, "batch": shape[0] if isinstance(shape[0], int) else None}
+            "static_size": static, "batch": shape[0] if isinstance(shape[0], int) else None,
+            "arch": _meta_arch(meta)}
+
+
+def _meta_arch(meta: dict) -> tuple[list[int], float] | None:
+    """(depths, width) from the 'model' metadata export writes, else None (no memory estimate)."""
+    try:
+        model = json.loads(meta.get("model") or "null")
+        depths, width = [int(d) for d in model["depths"]], float(model["width"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return (depths, width) if len(depths) == 4 and width > 0 else None
 
 
 def _meta_json(meta: dict, path: Path, key: str):
