@@ -619,7 +619,8 @@ def _gn_name(relu: bool, nhwc: bool) -> str:
 
 @functools.cache
 def _library() -> Path | None:
-    """The built kernel library, or None where MindSpore's ops must be used (one line on stderr when it cannot be built)."""
+    """The built kernel library, or None where MindSpore's ops must be used (one line on stderr when it
+    cannot be built)."""
     if os.environ.get("BIT_TRANSFER_CPU_KERNELS", "1") == "0":
         return None
     from bit_transfer import runtime

@@ -191,6 +191,7 @@ def key(default, conv: Converter, doc: str):
 AUTO = Str(["auto"])
 STEPS = Int(1, MAX_STEPS, "more steps than any run can mean")
 PIXELS = Int(1, MAX_RESOLUTION, "more pixels than any BiT resolution can mean")
+BATCH = Int(1, MAX_BATCH, "a larger batch than any run can mean")
 DEVICES = ["auto", "CPU", "GPU", "Ascend"]
 
 
@@ -232,7 +233,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int | None = key(None, Nullable(Int(1, MAX_BATCH, "a larger batch than any run can mean")), "logical batch; null: the rule's 512")
+    batch_size: int | None = key(None, Nullable(BATCH), "logical batch; null: the rule's 512")
     batch_split: int | str = key(1, OneOf(Int(1), AUTO), "micro-batches per logical batch, or auto (largest that fits)")
     device: str = key("auto", Str(DEVICES, fold_case=True), "auto picks Ascend, then GPU, then CPU")
     precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step")

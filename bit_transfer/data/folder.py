@@ -117,8 +117,9 @@ def _split(folder: Path, index: dict | None, skip_corrupt: bool, train: Path | N
         one = len(empty) == 1
         raise DataError(
             f"training class folder{'' if one else 's'} {shown} {'holds' if one else 'hold'} no images (files "
-            f"ending in {', '.join(IMAGE_EXTENSIONS)}) but {folder} has images of {'that class' if one else 'those classes'}; "
-            f"add training images to {'it' if one else 'them'}, or remove the class from both"
+            f"ending in {', '.join(IMAGE_EXTENSIONS)}) but {folder} has images of "
+            f"{'that class' if one else 'those classes'}; add training images to {'it' if one else 'them'}, "
+            "or remove the class from both"
         )
     if unknown:
         raise DataError(
