@@ -186,10 +186,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from bit_transfer.commands.export import export_from_checkpoint
+    from bit_transfer.commands.export import earlier_export, export_from_checkpoint
 
+    earlier = earlier_export(args.out, args.format)
     out = export_from_checkpoint(args.run_or_ckpt, args.format, args.out, image_size=args.image_size)
-    print(f"exported {args.format}: {out}")
+    again = f" (replaced the earlier {args.format} export in {args.out})" if earlier else ""
+    print(f"exported {args.format}: {out}{again}")
     return 0
 
 

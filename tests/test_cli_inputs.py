@@ -71,6 +71,19 @@ def test_custom_model_names_still_plan(recipe_file):
     assert out.returncode == 0, out.stderr
 
 
+def test_a_named_bit_with_custom_depths_or_width_is_a_conflict(recipe_file):
+    """`--set model.name=BiT-M-R50x1` on a tiny recipe built the tiny model and recorded R50x1."""
+    p = recipe_file(MEASURED + "model: {name: custom, depths: [1, 1, 1, 1], width: 0.25}\n")
+    line = one_line_error(run_cli("plan", p, "--set", "model.name=BiT-M-R50x1"), "plan")
+    assert line.endswith("error: --set model.name=BiT-M-R50x1: model.name BiT-M-R50x1 is the architecture depths "
+                         "[3, 4, 6, 3], width 1, but the recipe also sets model.depths [1, 1, 1, 1] and model.width "
+                         "0.25; drop them (--set model.depths=null --set model.width=null) or use model.name: custom")
+    fixed = run_cli("plan", p, "--set", "model.name=BiT-M-R50x1", "--set", "model.depths=null", "--set", "model.width=null")
+    assert fixed.returncode == 0, fixed.stderr
+    same = recipe_file(MEASURED + "model: {name: BiT-S-R101x1, depths: [3, 4, 23, 3], width: 1}\n", "same.yaml")
+    assert run_cli("plan", same).returncode == 0  # its own architecture spelled out: no conflict
+
+
 # ---------------------------------------------------------------- argparse: one line, exit 2
 @pytest.mark.parametrize(
     "args, command, expected",
@@ -140,7 +153,24 @@ def test_hf_weights_without_network_fails_fast_in_one_line(tmp_path):
     cache = tmp_path / "bt-home" / "hf"
     assert f"cannot fetch config.json of hf:google/bit-50 (not in the cache {cache} and {hub.host()} cannot be reached, " \
            "so it ran with HF_HUB_OFFLINE=1)" in line
-    assert "put config.json and model.safetensors from https://huggingface.co/google/bit-50 into a directory" in line
+    assert line.endswith("put config.json and model.safetensors from https://huggingface.co/google/bit-50 into a "
+                         "directory and set model.weights to it")
+
+
+def test_hf_model_argument_without_network_names_model_not_a_recipe_key(tmp_path):
+    """predict and export take the model as their MODEL argument: the fix names that, not model.weights."""
+    from PIL import Image
+
+    env = no_network_env(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    cache = tmp_path / "bt-home" / "hf"
+    for command, args in (("predict", ["hf:google/bit-50", tmp_path / "x.png"]),
+                          ("export", ["hf:google/bit-50", "--format", "hf", "--out", tmp_path / "out"])):
+        line = one_line_error(run_cli(command, *args, env=env, timeout=60), command)
+        assert f"cannot fetch config.json of hf:google/bit-50 (not in the cache {cache}" in line
+        assert line.endswith("put config.json and model.safetensors from https://huggingface.co/google/bit-50 into a "
+                             "directory and pass that directory as MODEL"), line
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_layout_refuses_zero_ranks_for_other_callers():
@@ -149,3 +179,24 @@ def test_batch_layout_refuses_zero_ranks_for_other_callers():
 
     with pytest.raises(RecipeError, match="0 ranks cannot train; use --devices and --nodes of at least 1"):
         planning.batch_layout(512, 1, world=0)
+
+
+# ---------------------------------------------------------------- what a recipe path is
+def test_a_recipe_path_that_is_not_a_file_says_what_it_is(recipe_file, tmp_path):
+    """A directory, /dev/zero and a FIFO were all "not found" (and must not be read forever)."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text(MEASURED)
+    line = one_line_error(run_cli("plan", folder, timeout=60), "plan")
+    assert line.endswith(f"error: recipe {folder} is a directory; give a recipe file (e.g. {folder / 'mine.yaml'})")
+    line = one_line_error(run_cli("plan", "/dev/zero", timeout=60), "plan")
+    assert line.endswith("error: recipe /dev/zero is a character device, not a file; give a .yaml recipe file "
+                         "(e.g. recipes/cifar10.yaml)")
+    os.mkfifo(tmp_path / "pipe.yaml")
+    line = one_line_error(run_cli("plan", tmp_path / "pipe.yaml", timeout=60), "plan")
+    assert "pipe.yaml is a FIFO (named pipe), not a file" in line
+    big = recipe_file(MEASURED + "#" * (1 << 21) + "\n", "big.yaml")
+    line = one_line_error(run_cli("plan", big, timeout=60), "plan")
+    assert line.endswith(f"error: recipe {big} is larger than 1 MB, too large for a recipe; give the .yaml recipe "
+                         "file (e.g. recipes/cifar10.yaml)")
+    assert one_line_error(run_cli("plan", tmp_path / "nope.yaml"), "plan").endswith(f"recipe file not found: {tmp_path / 'nope.yaml'}")

@@ -238,7 +238,7 @@ MAX_LINES = 60
 # (shrink the number here with them; delete the entry once under MAX_LINES).
 LONG_FUNCTIONS_ALLOWED: dict[str, int] = {
     "bit_transfer/engine/step.py::TrainStep.__init__": 92,
-    "bit_transfer/hyperrule/rule.py::plan": 85,
+    "bit_transfer/hyperrule/rule.py::plan": 66,
 }
 
 

@@ -25,6 +25,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
     from bit_transfer.run import checkpoint
     from bit_transfer.system import compile_cache
     from bit_transfer.engine.metrics import evaluate_split
+    from bit_transfer.system import memory
     from bit_transfer.models.inference import fold
     from bit_transfer.run.rundir import RunDir
     from bit_transfer.engine.step import EvalStep
@@ -48,6 +49,8 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
         info = planning.task_info(recipe)
         plan = planning.make_plan(recipe, info)
         micro = recipe.train.eval_batch_size or int(meta.get("micro_batch") or 32)
+        memory.check_batch(model.depths, model.width, plan.crop, micro,  # EvalStep pads every batch to micro
+                           batch_fix="--set train.eval_batch_size={n}", size_fix="rule.crop")
         net = fold(model)  # weight standardisation computed once: plain convolutions
         del model  # the folded copy is all evaluation needs
         step = EvalStep(net, micro, jit=recipe.train.jit,
@@ -55,6 +58,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
         result = evaluate_split(step, dataset.eval, plan.crop, micro, num_classes, recipe.data.workers)
         fields = {"checkpoint": str(path), "step": meta.get("step"), "recipe": recipe.name, "crop": plan.crop,
                   "device": device}
+        again = out.replaced_note()  # a rerun into its own directory replaces its results, and says so
         final = out.write_final(result, list(dataset.class_names), fields, report_dir="")
     except BaseException:
         if out.created:  # nothing was evaluated: leave no empty directory behind
@@ -62,7 +66,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
         raise
     print(f"{path}: top-1 {100 * result.top1:.2f}% top-5 {100 * result.top5:.2f}% loss {result.loss:.4f} "
           f"on {result.count} images")
-    print(f"wrote metrics.json, per_class.json and confusion.json to {out.path}")
+    print(f"wrote metrics.json, per_class.json and confusion.json to {out.path}{again}")
     return final
 
 

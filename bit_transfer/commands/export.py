@@ -145,7 +145,7 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
         require("onnx")  # not installed: one line before any work
     out = _claim(out_dir)  # a file, someone's directory or a run: refused before the work
     with _cleanup_on_failure(out):
-        model, report = create_model_from_weights(ckpt)  # architecture, padding and head from the file
+        model, report = create_model_from_weights(_fetched(ckpt))  # architecture, padding and head from the file
         meta = report.meta
         if run is not None and not meta.get("model"):
             raise WeightsError(f"{ckpt} has no model config in its meta; export takes checkpoints written by "
@@ -165,6 +165,29 @@ def export_from_checkpoint(source, fmt: str, out_dir, image_size: int | None = N
         if fmt == "onnx":
             return export_onnx(model, out, image_size, names, card=card)
         return export_mindir(model, out, image_size, names)
+
+
+MAIN_FILE = {"hf": "model.safetensors", "mindir": "model.mindir", "onnx": "model.onnx"}
+
+
+def earlier_export(out_dir, fmt: str) -> Path | None:
+    """The file an earlier export of `fmt` left in its own --out directory, which this export replaces
+    (said in its output line, as eval and predict say it of their reports); None for a new place."""
+    from bit_transfer.run.rundir import marker_kind
+
+    out = Path(out_dir).expanduser()
+    path = out / MAIN_FILE.get(fmt, "")
+    return path if fmt in MAIN_FILE and path.is_file() and marker_kind(out) == "export" else None
+
+
+def _fetched(source):
+    """hf:org/name, a URL or an official name, fetched here so that a failure names the MODEL argument
+    as the thing to change (not a recipe's model.weights); anything else as it is."""
+    if not isinstance(source, str):
+        return source
+    from bit_transfer.models.weights.download import resolve_weights
+
+    return resolve_weights(source, "BiT-custom", given_as="MODEL")
 
 
 

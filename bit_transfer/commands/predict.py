@@ -59,6 +59,7 @@ def _prepare(args) -> _Job:
     model = load_model(args.model, image_size=args.image_size, batch_size=args.batch_size, device=args.device)
     inputs = label_folders(inputs, model.class_names)
     split = files_split(inputs.paths, inputs.folders[0][0] if len(inputs.folders) == 1 else "inputs")
+    _check_memory(model, len(split))
     job = _Job(model, split, inputs.labels, inputs.labelled_by, model.names, workers=args.workers, notes=inputs.notes)
     if job.labels is not None:
         job.report = _claim_report(args.report, model, inputs.name, "runs")
@@ -88,10 +89,20 @@ def _prepare_recipe(args) -> _Job:
     check_class_names(Path(model.source), model.class_names, list(dataset.class_names))
     ev = dataset.eval
     split = Split(ev.store, ev.rows, np.arange(len(ev)), ev.name, skip_corrupt=True)
+    _check_memory(model, len(split))
     job = _Job(model, split, ev.labels, f"{r.name}'s eval split", list(dataset.class_names),
                workers=args.workers or r.data.workers)
     job.report = _claim_report(args.report, model, r.name, r.log.dir)
     return job
+
+
+def _check_memory(model: LoadedModel, images: int) -> None:
+    """A batch that cannot fit in memory at this size is refused in one line, before any image is decoded."""
+    from bit_transfer.system import memory
+
+    if model.arch is not None:
+        batch = max(1, min(model.batch_size, images))  # what `stream` runs
+        memory.check_batch(*model.arch, model.image_size, batch, batch_fix="--batch-size {n}", size_fix="--image-size")
 
 
 def _claim_report(report_dir, model: LoadedModel, name: str, parent: str):
@@ -183,7 +194,8 @@ def _summary(job: _Job, args, out, result, done: int, skipped: int, seconds: flo
                   "skipped_unreadable": skipped}
         if model.checkpoint is not None:
             fields["checkpoint"] = str(model.checkpoint)
+        again = job.report.replaced_note()  # a rerun into its own report directory replaces it, and says so
         job.report.write_final(result, job.class_names, fields, report_dir="")
         print(f"top-1 {100 * result.top1:.2f}% top-5 {100 * result.top5:.2f}% loss {result.loss:.4f} on "
               f"{result.count} images labelled by {job.labelled_by}")
-        print(f"wrote metrics.json, per_class.json and confusion.json to {job.report.path}")
+        print(f"wrote metrics.json, per_class.json and confusion.json to {job.report.path}{again}")

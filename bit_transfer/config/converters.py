@@ -7,6 +7,12 @@ import math
 import re
 from dataclasses import field
 
+# What a recipe may ask for: beyond these no value can be meant (a typo, an extra zero), and the rule
+# (hyperrule/rule.py) checks them too.
+MAX_STEPS = 10**9
+MAX_BATCH = 2**20
+MAX_RESOLUTION = 16_384
+
 
 # ---------------------------------------------------------------- converters (value -> typed value)
 class Converter:
@@ -33,8 +39,8 @@ def _number(v):
 
 
 class Int(Converter):
-    def __init__(self, lo=None, hi=None):
-        self.lo, self.hi = lo, hi
+    def __init__(self, lo=None, hi=None, hi_why: str = ""):
+        self.lo, self.hi, self.hi_why = lo, hi, hi_why
         self.describe = "int" + _range(lo, hi)
 
     def __call__(self, v):
@@ -44,6 +50,8 @@ class Int(Converter):
                 v = int(v)
             else:
                 raise ValueError(f"expected an integer, got {v!r}")
+        if self.hi is not None and v > self.hi and self.hi_why:
+            raise ValueError(f"{v} is {self.hi_why} (at most {self.hi})")
         _check_range(v, self.lo, self.hi)
         return v
 
@@ -119,8 +127,8 @@ class OneOf(Converter):
 
 
 class IntList(Converter):
-    def __init__(self, length=None, lo=None):
-        self.length, self.item = length, Int(lo)
+    def __init__(self, length=None, lo=None, item: Converter | None = None):
+        self.length, self.item = length, item or Int(lo)
         self.describe = f"list of {length or 'N'} ints"
 
     def __call__(self, v):

@@ -17,14 +17,18 @@ from typing import Any
 
 import yaml
 
-from bit_transfer.models.archs import canonical_name
-from bit_transfer.config.converters import (Bool, Converter, Float, ImageSize, Int, IntList, Nullable, OneOf, Str,  # noqa: F401
-                                             key)
+from bit_transfer.config.converters import (MAX_BATCH, MAX_RESOLUTION, MAX_STEPS, Bool, Converter, Float,  # noqa: F401
+                                             ImageSize, Int, IntList, Nullable, OneOf, Str, key)
 from bit_transfer.errors import RecipeError, UsageError
+from bit_transfer.models.archs import MODELS, canonical_name
+from bit_transfer.system.filekinds import special_kind
 
 
 
 AUTO = Str(["auto"])
+STEPS = Int(1, MAX_STEPS, "more steps than any run can mean")
+PIXELS = Int(1, MAX_RESOLUTION, "more pixels than any BiT resolution can mean")
+BATCH = Int(1, MAX_BATCH, "a larger batch than any run can mean")
 DEVICES = ["auto", "CPU", "GPU", "Ascend"]
 
 
@@ -74,7 +78,7 @@ def frozen_part(t) -> str:
 
 @dataclass
 class TrainConfig:
-    batch_size: int | None = key(None, Nullable(Int(1)), "logical batch; null: the rule's 512")
+    batch_size: int | None = key(None, Nullable(BATCH), "logical batch; null: the rule's 512")
     batch_split: int | str = key(1, OneOf(Int(1), AUTO), "micro-batches per logical batch, or auto (largest that fits)")
     device: str = key("auto", Str(DEVICES, fold_case=True), "auto picks Ascend, then GPU, then CPU")
     precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step")
@@ -93,10 +97,10 @@ class TrainConfig:
 
 @dataclass
 class RuleConfig:
-    precrop: int | None = key(None, Nullable(Int(1)), "resize before the random crop; null: 160 or 512")
-    crop: int | None = key(None, Nullable(Int(1)), "training/eval resolution; null: 128 or 480")
-    steps: int | None = key(None, Nullable(Int(1)), "optimizer steps; null: 500, 10 000 or 20 000")
-    schedule: list[int] | None = key(None, Nullable(IntList(lo=1)), "lr boundaries (warmup end ... last = steps)")
+    precrop: int | None = key(None, Nullable(PIXELS), "resize before the random crop; null: 160 or 512")
+    crop: int | None = key(None, Nullable(PIXELS), "training/eval resolution; null: 128 or 480")
+    steps: int | None = key(None, Nullable(STEPS), "optimizer steps; null: 500, 10 000 or 20 000")
+    schedule: list[int] | None = key(None, Nullable(IntList(item=STEPS)), "lr boundaries (warmup end ... last = steps)")
     mixup_alpha: float | None = key(None, Nullable(Float(0)), "MixUp alpha; null: 0 below 20 000 images, else 0.1")
     base_lr: float | None = key(None, Nullable(Float(0, lo_open=True)), "peak learning rate; null: 0.003")
     batch_scaling: str = key("none", Str(["none", "linear"]), "linear: lr x B/512, steps x 512/B for batch B")
@@ -289,6 +293,16 @@ def _check_model(m: ModelConfig, where) -> None:
             f"{where('model.name', 'model.depths', 'model.width')}model.name custom needs both model.depths "
             "(e.g. [1, 1, 1, 1]) and model.width (e.g. 0.25)"
         )
+    if name in MODELS:  # a named BiT is its own architecture: other depths or width would build another model
+        depths, width = MODELS[name]
+        given = [f"model.{k} {v}" for k, v, own in (("depths", m.depths, depths), ("width", m.width, width))
+                 if v is not None and v != own]
+        if given:
+            raise RecipeError(
+                f"{where('model.name', 'model.depths', 'model.width')}model.name {name} is the architecture "
+                f"depths {depths}, width {width}, but the recipe also sets {' and '.join(given)}; drop them "
+                "(--set model.depths=null --set model.width=null) or use model.name: custom"
+            )
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -328,11 +342,9 @@ class StrictLoader(yaml.SafeLoader):
 def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply `--set key=value` overrides, validate."""
     p = Path(path)
-    if not p.is_file():
-        hint = "" if p.suffix else " (recipes are .yaml files, e.g. recipes/cifar10.yaml)"
-        raise RecipeError(f"recipe file not found: {p}{hint}")
+    _check_recipe_path(p)
     try:
-        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=StrictLoader)
+        raw = yaml.load(_read_text(p), Loader=StrictLoader)
     except DuplicateKeyError as e:
         raise RecipeError(f"{p}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -346,6 +358,39 @@ def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
     origins: dict[str, str] = {}
     raw = apply_sets(raw or {}, sets or [], origins)
     return from_dict(raw, path=str(p), origins=origins)
+
+
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; a larger file is not one
+
+
+def _check_recipe_path(p: Path) -> None:
+    """A missing path, a directory and a device, FIFO or socket each get their own line, before any read."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        hint = "" if p.suffix else " (recipes are .yaml files, e.g. recipes/cifar10.yaml)"
+        raise RecipeError(f"recipe file not found: {p}{hint}") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        inside = sorted(p.glob("*.yaml"))[:1]
+        example = f" (e.g. {inside[0]})" if inside else ""
+        raise RecipeError(f"recipe {p} is a directory; give a recipe file{example}")
+    if not stat.S_ISREG(mode):
+        kind = special_kind(p) or "not a regular file"
+        raise RecipeError(f"recipe {p} is {kind}, not a file; give a .yaml recipe file (e.g. recipes/cifar10.yaml)")
+
+
+def _read_text(p: Path) -> str:
+    """The recipe's text; a file over MAX_RECIPE_BYTES is refused after reading no more than that."""
+    with open(p, "rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {p} is larger than {MAX_RECIPE_BYTES >> 20} MB, too large for a recipe; "
+                          "give the .yaml recipe file (e.g. recipes/cifar10.yaml)")
+    return data.decode("utf-8")
 
 
 def apply_sets(raw: dict, sets: list[str], origins: dict | None = None) -> dict:

@@ -140,14 +140,48 @@ def check_rgb(a: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(a[..., :3]) if a.shape[-1] == 4 else a
 
 
+def error_reason(e: Exception) -> str:
+    """An error's first line without its closing period (Pillow's decompression-bomb message ends in
+    one), to be followed by '; fix' in a one-line message."""
+    text = str(e).splitlines()[0].strip() if str(e).strip() else type(e).__name__
+    return text.rstrip(".") or type(e).__name__
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode as RGB, the way torchvision's loader (`convert("RGB")`) does it."""
+    """Any PIL mode as RGB, the way torchvision's loader (`convert("RGB")`) does it, except wide gray
+    images (`wide_to_8bit`), which that conversion clips. Training, eval, predict and measurement all
+    decode through here."""
     if im.mode == "RGB":
         im.load()
         return im
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")  # what PIL asks for, instead of warning on P -> RGB
+    if im.mode.startswith(("I", "F")):
+        return Image.fromarray(wide_to_8bit(im), "L").convert("RGB")
     return im.convert("RGB")
+
+
+def wide_to_8bit(im: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float gray image as uint8, scaled, never clipped (docs/data.md).
+
+    16-bit unsigned (I;16, I;16B, ...): its type's range, 0..65535 -> 0..255 (x / 257, rounded), so
+    a 16-bit image of the same scene as an 8-bit one gives the same pixels. 32-bit integer (I) and
+    float (F) images have no range their values are meant in (counts, Hounsfield units, depths): the
+    image's own min..max is stretched to 0..255; a constant image is black, NaN and inf are its min.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") and "S" not in mode[4:]:
+        a = np.asarray(im).astype(np.uint32)
+        return ((a * 255 + 32767) // 65535).astype(np.uint8)
+    a = np.asarray(im, dtype=np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = a[finite].min(), a[finite].max()
+    a = np.where(finite, a, lo)
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 @dataclass(eq=False)
@@ -256,7 +290,7 @@ class Split:
         return self._error_at(int(self.rows[i]), e)
 
     def _error_at(self, j: int, e: Exception) -> DataError:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = error_reason(e)
         return DataError(
             f"cannot read image {self.store.where(j)} ({reason}); replace or delete it, or skip unreadable "
             "images with data.skip_corrupt: true (--set data.skip_corrupt=true)"

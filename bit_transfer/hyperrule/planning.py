@@ -89,7 +89,8 @@ class BatchLayout:
         ranks = f"{self.world} ranks x " if self.world > 1 else ""
         if self.batch_split == "auto":
             return f"{self.batch_size} = {ranks}auto (largest micro-batch that fits, chosen at start)"
-        return f"{self.batch_size} = {ranks}{self.batch_split} micro-batches x {self.micro_batch} images"
+        micro = "micro-batch" if self.batch_split == 1 else "micro-batches"
+        return f"{self.batch_size} = {ranks}{self.batch_split} {micro} x {self.micro_batch} images"
 
 
 def batch_layout(batch_size: int, batch_split: int | str, world: int = 1) -> BatchLayout:
@@ -108,16 +109,16 @@ def batch_layout(batch_size: int, batch_split: int | str, world: int = 1) -> Bat
 
 
 def lr_segments(plan: hyperrule.Plan) -> list[tuple[int, int, str]]:
-    """The schedule as (first step, last step, lr) ranges: warmup, then each constant stretch."""
+    """The schedule as (first step, last step, lr) ranges: warmup, then each constant stretch.
+
+    The lr changes only at the step after a boundary, so the ranges come from the boundaries alone:
+    O(boundaries), not O(steps) (`plan --set rule.steps=1000000000` answers at once).
+    """
     out = [(0, plan.warmup_steps - 1, f"warmup 0 -> {plan.base_lr:g}")] if plan.warmup_steps > 0 else []
-    start = plan.warmup_steps
-    while start < plan.steps:
-        lr = plan.lr(start)
-        end = start
-        while end + 1 < plan.steps and plan.lr(end + 1) == lr:
-            end += 1
-        out.append((start, end, f"{lr:g}"))
-        start = end + 1
+    starts = sorted({plan.warmup_steps, *(b + 1 for b in plan.schedule[1:])})
+    starts = [s for s in starts if plan.warmup_steps <= s < plan.steps]
+    for start, end in zip(starts, [*starts[1:], plan.steps]):  # each start passes one more boundary
+        out.append((start, end - 1, f"{plan.lr(start):g}"))
     return out
 
 
@@ -132,7 +133,8 @@ def plan_report(recipe: Recipe, info: DataInfo, plan: hyperrule.Plan, layout: Ba
     lines += ["", "BiT-HyperRule decisions (value [origin] reason):"]
     lines += ["  " + line for line in plan.explain()]
     lines += ["", "learning rate by step:"]
-    lines += [f"  {a:>6} - {b:<6} {lr}" for a, b, lr in lr_segments(plan)]
+    w = max(6, len(str(plan.steps - 1)))
+    lines += [f"  {a:>{w}} - {b:<{w}} {lr}" for a, b, lr in lr_segments(plan)]
     lines += ["", f"batch         {layout.describe()}"]
     lines += [f"trainable     {describe_trainable(trainable(recipe, info))}"]
     return "\n".join(lines)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from bit_transfer.config.converters import MAX_BATCH, MAX_RESOLUTION, MAX_STEPS  # noqa: F401 (re-exported)
+
 BASE_LR = 0.003
 BATCH_SIZE = 512
 MOMENTUM = 0.9
@@ -37,6 +39,9 @@ SCHEDULES = {
     "large": (500, 6000, 12_000, 18_000, 20_000),
 }
 MIXUP_SMALL, MIXUP_LARGE = 0.0, 0.1
+
+# Bounds on what a recipe may ask for (config/converters.py): far beyond any real run (the paper's longest
+# is 20 000 steps of batch 512 at 480 px), so a value above one is a typo, refused in one line.
 
 BATCH_SCALINGS = ("none", "linear")
 
@@ -188,12 +193,46 @@ def _schedule(n: int, steps, schedule, scale: float, batch_size: int) -> tuple[t
     return rule_sched, Decision("rule", why)
 
 
+def _bounded(sched: tuple[int, ...]) -> tuple[int, ...]:
+    if sched[-1] > MAX_STEPS:
+        raise ValueError(f"{_n(sched[-1])} steps is more than any run can mean (at most {_n(MAX_STEPS)}); "
+                         "lower rule.steps or rule.schedule")
+    return sched
+
+
 def _base_lr(base_lr, scale: float, batch_size: int) -> tuple[float, Decision]:
     if base_lr is not None:
         return base_lr, Decision("user", f"rule.base_lr (rule: {BASE_LR})")
     if scale != 1.0:
         return BASE_LR * scale, Decision("scaled", f"{BASE_LR} x {batch_size}/512 for batch_scaling=linear")
     return BASE_LR, Decision("rule", f"the paper's base lr {BASE_LR}")
+
+
+def _checked_task(dataset_size, image_size, batch_scaling: str) -> tuple[int, tuple[int, int]]:
+    if int(dataset_size) < 1:
+        raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+    h, w = (int(image_size[0]), int(image_size[1]))
+    if h < 1 or w < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if batch_scaling not in BATCH_SCALINGS:
+        raise ValueError(f"batch_scaling must be one of {BATCH_SCALINGS}, got {batch_scaling!r}")
+    return int(dataset_size), (h, w)
+
+
+def _resolution(image_size, precrop, crop, d: dict) -> tuple[int, int]:
+    """(precrop, crop): the rule's for this image size, or the recipe's; their decisions into `d`."""
+    (rule_pre, rule_crop), why = rule_resolution(image_size)
+    if precrop is None:
+        precrop, d["precrop"] = rule_pre, Decision("rule", why)
+    else:
+        d["precrop"] = Decision("user", f"rule.precrop (rule: {rule_pre})")
+    if crop is None:
+        crop, d["crop"] = rule_crop, Decision("rule", why)
+    else:
+        d["crop"] = Decision("user", f"rule.crop (rule: {rule_crop})")
+    if crop > precrop:
+        raise ValueError(f"crop {crop} is larger than precrop {precrop}; set rule.crop <= rule.precrop")
+    return precrop, crop
 
 
 def plan(
@@ -218,30 +257,10 @@ def plan(
     Goyal et al. 2017). The default, "none", keeps the paper's numbers for any batch size, as the
     official README did for its batch-128 CIFAR runs (lr given explicitly, steps unchanged).
     """
-    if int(dataset_size) < 1:
-        raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
-    h, w = (int(image_size[0]), int(image_size[1]))
-    if h < 1 or w < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    if batch_scaling not in BATCH_SCALINGS:
-        raise ValueError(f"batch_scaling must be one of {BATCH_SCALINGS}, got {batch_scaling!r}")
-    n = int(dataset_size)
-    d: dict[str, Decision] = {}
-
-    d["dataset_size"] = Decision("data", f"{_n(n)} training images")
-    d["image_size"] = Decision("data", f"{h}x{w}")
-
-    (rule_pre, rule_crop), why = rule_resolution((h, w))
-    if precrop is None:
-        precrop, d["precrop"] = rule_pre, Decision("rule", why)
-    else:
-        d["precrop"] = Decision("user", f"rule.precrop (rule: {rule_pre})")
-    if crop is None:
-        crop, d["crop"] = rule_crop, Decision("rule", why)
-    else:
-        d["crop"] = Decision("user", f"rule.crop (rule: {rule_crop})")
-    if crop > precrop:
-        raise ValueError(f"crop {crop} is larger than precrop {precrop}; set rule.crop <= rule.precrop")
+    n, (h, w) = _checked_task(dataset_size, image_size, batch_scaling)
+    d: dict[str, Decision] = {"dataset_size": Decision("data", f"{_n(n)} training images"),
+                              "image_size": Decision("data", f"{h}x{w}")}
+    precrop, crop = _resolution((h, w), precrop, crop, d)
 
     if batch_size is None:
         batch_size, d["batch_size"] = BATCH_SIZE, Decision("rule", f"the paper's batch {BATCH_SIZE}")
@@ -250,6 +269,7 @@ def plan(
     scale = batch_size / BATCH_SIZE if batch_scaling == "linear" else 1.0
 
     sched, d["schedule"] = _schedule(n, steps, schedule, scale, batch_size)
+    sched = _bounded(sched)
 
     rule_alpha, why = rule_mixup(n)
     if mixup_alpha is None:

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -108,7 +109,31 @@ def build(name: str = "cpu_kernels", source: Path | None = None, flags: list[str
         lib.parent.mkdir(parents=True, exist_ok=True)
         return _compile([cxx, *target_flags(), *flags, f"-I{Path(source).parent}"], Path(source), list(link), lib)
     except OSError as e:  # BIT_TRANSFER_HOME a file, read-only, full: the built-in ops still work
-        raise RuntimeError(f"cannot write {lib.parent} ({e.strerror or e}); check BIT_TRANSFER_HOME") from None
+        raise CacheUnwritable(f"cannot write the kernel cache {lib.parent} ({e.strerror or e})") from None
+
+
+class CacheUnwritable(RuntimeError):
+    """The kernel cache (settings.home()/kernels) cannot be written: the compiler is not the cause."""
+
+
+_said: set[str] = set()
+
+
+def notice(line: str) -> None:
+    """`line` once per process, as one plain line on stderr (not a Python warning: no file:line, no
+    source line): what is slower and why, from a build that fell back to MindSpore's ops."""
+    if line not in _said:
+        _said.add(line)
+        print(f"bit-transfer: {line}", file=sys.stderr, flush=True)
+
+
+def fallback_fix(e: Exception | None, silence: str) -> str:
+    """The fix for a kernel build that failed with `e` (None: no compiler), naming its real cause."""
+    if isinstance(e, CacheUnwritable):
+        return f"set BIT_TRANSFER_HOME to a writable directory, or {silence} to silence this"
+    if e is None:
+        return f"install g++, or set {silence} to silence this"
+    return f"set {silence} to silence this"
 
 
 def _compile(command: list[str], source: Path, link: list[str], lib: Path) -> Path:
@@ -138,7 +163,7 @@ _background: dict[str, threading.Thread] = {}
 def build_in_background(name: str, build_fn) -> None:
     """Start compiling a kernel library in a thread (g++ runs outside the GIL) so the compile overlaps
     the rest of start-up (imports, data checks); `wait_for_build(name)` joins it before the library is
-    needed. Errors are left to the foreground build, which raises them again with its warning."""
+    needed. Errors are left to the foreground build, which meets them again and says why."""
     def quietly():
         try:
             build_fn()

@@ -43,7 +43,7 @@ tests/kernels/test_onednn.py checks both versions answer in one process and neit
 
 Used only where the compiled CPU kernels are (CPU the only device, BIT_TRANSFER_CPU_KERNELS not 0),
 for float32, when oneDNN 3 is installed and the library builds; BIT_TRANSFER_ONEDNN=0 turns these
-off alone. Otherwise models use NCHW and `ops.conv2d` (one warning says why).
+off alone. Otherwise models use NCHW and `ops.conv2d` (one line on stderr says why).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ import ctypes
 import functools
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from bit_transfer import settings
@@ -96,7 +95,7 @@ def _build() -> Path | None:
 
 @functools.cache
 def library() -> Path | None:
-    """The built kernel library, or None where MindSpore's convolutions must be used (one warning
+    """The built kernel library, or None where MindSpore's convolutions must be used (one line on stderr
     when oneDNN or the compiler is missing or the build fails)."""
     if not settings.onednn() or not kernel_ops.available():
         return None
@@ -104,9 +103,8 @@ def library() -> Path | None:
     try:
         return _build()
     except RuntimeError as e:
-        warnings.warn(f"bit-transfer: oneDNN convolutions unavailable ({e}); convolutions use MindSpore's "
-                      "built-in op, about 1.3x slower training on CPU. Set BIT_TRANSFER_ONEDNN=0 to silence this.",
-                      RuntimeWarning, stacklevel=2)
+        cpu_kernels.notice(f"oneDNN convolutions unavailable ({e}); convolutions use MindSpore's built-in op, "
+                           f"about 1.3x slower training on CPU; {cpu_kernels.fallback_fix(e, 'BIT_TRANSFER_ONEDNN=0')}")
         return None
 
 

@@ -5,13 +5,12 @@ activations, each with its backward, and the all-finite gradient check (csrc/cpu
 Same maths as MindSpore's ops, faster on CPU and keeping the fused op's memory: the backward passes
 read only the per-row mean and 1/std (docs/performance.md has the measurements). Float32 only. Each
 `*_primitive()` returns None where MindSpore's ops must be used: another device, no compiler, a failed
-build (one line says why), or BIT_TRANSFER_CPU_KERNELS=0.
+build (one plain line on stderr says why, once), or BIT_TRANSFER_CPU_KERNELS=0.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from pathlib import Path
 
 from bit_transfer import settings
@@ -25,7 +24,8 @@ def _gn_name(relu: bool, nhwc: bool) -> str:
 
 @functools.cache
 def _library() -> Path | None:
-    """The built kernel library, or None where MindSpore's ops must be used (one warning when it cannot be built)."""
+    """The built kernel library, or None where MindSpore's ops must be used (one line on stderr when it
+    cannot be built)."""
     if not settings.cpu_kernels():
         return None
     from bit_transfer.system import device as runtime
@@ -33,19 +33,15 @@ def _library() -> Path | None:
     if runtime.available_devices() != ("CPU",):
         return None
     kernel_build.wait_for_build("cpu_kernels")
+    error = None
     try:
         lib = kernel_build.build()
     except RuntimeError as e:
-        lib, why = None, str(e)
-    else:
-        why = "no C++ compiler (g++) found"
+        lib, error = None, e
     if lib is None:
-        warnings.warn(
-            f"bit-transfer: compiled CPU kernels unavailable ({why}); GroupNorm uses MindSpore's built-in op, "
-            "about 2x slower training on CPU. Install g++ or set BIT_TRANSFER_CPU_KERNELS=0 to silence this.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        why = str(error) if error else "no C++ compiler (g++) found"
+        kernel_build.notice(f"compiled CPU kernels unavailable ({why}); GroupNorm uses MindSpore's built-in op, "
+                            f"about 2x slower training on CPU; {kernel_build.fallback_fix(error, 'BIT_TRANSFER_CPU_KERNELS=0')}")
     return lib
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from bit_transfer.data.split import Split, check_rgb
 from bit_transfer.errors import DataError, UsageError
+from bit_transfer.system.filekinds import special_kind
 from bit_transfer.predict.model import load_model
 from bit_transfer.predict.running import Unreadable, best_k, stream
 
@@ -39,6 +40,14 @@ class Prediction:
         return f"Prediction({self.source}: {best})"
 
 
+def _regular(path):
+    """`path`, unless it is a FIFO, device or socket: Pillow would wait on a FIFO forever."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise ValueError(f"{kind}, not an image file")
+    return path
+
+
 class _ItemStore:
     """Paths, PIL images and uint8 arrays (already PIL images here), one per row: a FileStore's duck type."""
 
@@ -51,13 +60,13 @@ class _ItemStore:
 
     def open(self, j: int) -> Image.Image:
         item = self.items[j]
-        return item.copy() if isinstance(item, Image.Image) else Image.open(item)  # never the caller's object
+        return item.copy() if isinstance(item, Image.Image) else Image.open(_regular(item))  # never the caller's object
 
     def header_size(self, j: int) -> tuple[int, int]:
         item = self.items[j]
         if isinstance(item, Image.Image):
             return item.size[::-1]
-        with Image.open(item) as im:
+        with Image.open(_regular(item)) as im:
             return im.size[::-1]
 
     def unreadable(self, rows) -> list[tuple[int, Exception]]:

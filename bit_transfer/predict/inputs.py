@@ -16,6 +16,7 @@ import numpy as np
 from bit_transfer.data.folder import IMAGE_EXTENSIONS, list_images
 from bit_transfer.data.split import FileStore, Split
 from bit_transfer.errors import DataError, UsageError
+from bit_transfer.system.filekinds import special_kind
 
 GLOB_CHARS = "*?["
 
@@ -29,6 +30,7 @@ class Inputs:
     labels: np.ndarray | None = None  # model class index per path
     labelled_by: str = ""
     notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # FIFOs, devices, sockets: named, never opened
 
     @property
     def name(self) -> str:
@@ -38,46 +40,85 @@ class Inputs:
         return "images"
 
 
-def collect_inputs(items: list[str], stdin=None) -> Inputs:
-    """Files, directories (recursive, sorted), glob patterns and `-` (paths on stdin), in order, once each."""
-    found = Inputs([])
-    seen: set[str] = set()
+def collect_inputs(items: list[str], stdin=None, say=None) -> Inputs:
+    """Files, directories (recursive, sorted), glob patterns and `-` (paths on stdin), in order, once each.
 
-    def add(paths: list[str]) -> None:
-        for p in paths:
-            key = os.path.realpath(p)
-            if key not in seen:
-                seen.add(key)
-                found.paths.append(p)
-
-    for item in _expand_stdin(items, stdin):
-        text, from_stdin = item
-        if os.path.isdir(text):
-            folder = str(Path(text))  # the form list_images builds paths from
-            start = len(found.paths)
-            images = list_images(Path(folder))
-            if not images:
-                raise DataError(f"no images under {text} (files ending in {', '.join(IMAGE_EXTENSIONS)}); "
-                                "give image files or a folder that holds some")
-            add(images)
-            found.folders.append((folder, start, len(found.paths)))
-        elif os.path.isfile(text):
-            add([text])
-        elif not from_stdin and any(c in text for c in GLOB_CHARS):
-            matches = sorted(glob.glob(text, recursive=True))
-            if not matches:
-                raise DataError(f"no file matches {text!r}; check the pattern (quote it so the shell leaves it to "
-                                "predict, e.g. 'photos/**/*.jpg')")
-            for m in matches:
-                add(list_images(Path(m)) if os.path.isdir(m) else [m])
-        else:
-            where = " (a path read from stdin)" if from_stdin else ""
-            raise DataError(f"input {text} not found{where}; give image files, directories, glob patterns, "
-                            "or - to read paths from stdin")
+    A FIFO, device or socket among them is skipped and named through `say` (default: stderr), never
+    opened: reading a FIFO would wait forever.
+    """
+    collector = _Collector(say or (lambda line: print(line, file=sys.stderr)))
+    for text, from_stdin in _expand_stdin(items, stdin):
+        collector.item(text, from_stdin)
+    found = collector.found
+    if not found.paths and found.skipped:
+        raise DataError(f"no images to predict: {len(found.skipped)} input(s) are not image files (named above); "
+                        "give image files, directories or glob patterns")
     if not found.paths:
         raise DataError("no images to predict: stdin gave no paths; pipe one path per line, e.g. "
                         "find photos -name '*.jpg' | bit-transfer predict MODEL -")
     return found
+
+
+class _Collector:
+    """What collect_inputs has found so far, each path once (by its real path)."""
+
+    def __init__(self, say):
+        self.found, self.seen, self.say = Inputs([]), set(), say
+
+    def item(self, text: str, from_stdin: bool) -> None:
+        if os.path.isdir(text):
+            folder = str(Path(text))  # the form list_images builds paths from
+            start = len(self.found.paths)
+            images = self.listed(Path(folder))
+            if not images:
+                raise DataError(f"no images under {text} (files ending in {', '.join(IMAGE_EXTENSIONS)}); "
+                                "give image files or a folder that holds some")
+            self.add(images)
+            self.found.folders.append((folder, start, len(self.found.paths)))
+        elif (kind := special_kind(text)) is not None:
+            self.skip(text, kind)
+        elif os.path.isfile(text):
+            self.add([text])
+        elif not from_stdin and any(c in text for c in GLOB_CHARS):
+            self.pattern(text)
+        else:
+            where = " (a path read from stdin)" if from_stdin else ""
+            raise DataError(f"input {text} not found{where}; give image files, directories, glob patterns, "
+                            "or - to read paths from stdin")
+
+    def pattern(self, text: str) -> None:
+        matches = sorted(glob.glob(text, recursive=True))
+        if not matches:
+            raise DataError(f"no file matches {text!r}; check the pattern (quote it so the shell leaves it to "
+                            "predict, e.g. 'photos/**/*.jpg')")
+        for m in matches:
+            if os.path.isdir(m):
+                self.add(self.listed(Path(m)))
+            elif (kind := special_kind(m)) is not None:
+                self.skip(m, kind)
+            else:
+                self.add([m])
+
+    def add(self, paths: list[str]) -> None:
+        for p in paths:
+            key = os.path.realpath(p)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.found.paths.append(p)
+
+    def skip(self, path: str, kind: str) -> None:
+        key = os.path.realpath(path)
+        if key not in self.seen:  # named once, however many inputs lead to it
+            self.seen.add(key)
+            self.found.skipped.append(path)
+            self.say(f"skipped {path}: {kind}, not an image file")
+
+    def listed(self, folder: Path) -> list[str]:
+        skipped: list[tuple[str, str]] = []
+        images = list_images(folder, skipped)
+        for path, kind in skipped:
+            self.skip(path, kind)
+        return images
 
 
 def _expand_stdin(items: list[str], stdin) -> Iterator[tuple[str, bool]]:

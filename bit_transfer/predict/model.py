@@ -38,6 +38,7 @@ class LoadedModel:
     checkpoint: Path | None = None
     features: Callable[[np.ndarray, int], np.ndarray] | None = None  # (images, batch) -> pre-logits (N, D)
     num_features: int | None = None
+    arch: tuple[list[int], float] | None = None  # (depths, width), for the memory a batch needs
 
     @property
     def names(self) -> list[str]:
@@ -66,7 +67,7 @@ def _model_kind(spec) -> tuple[Path, str]:
     if text.startswith("hf:"):
         from bit_transfer.models.weights.download import resolve_weights
 
-        return resolve_weights(text, "BiT-custom"), "hf"
+        return resolve_weights(text, "BiT-custom", given_as="MODEL"), "hf"
     path = Path(text).expanduser()
     if not path.exists():
         raise WeightsError(f"model {path} not found; predict takes {TAKES}")
@@ -120,7 +121,8 @@ def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fall
     batch = batch_size or int(meta.get("micro_batch") or DEFAULT_BATCH)
     forward, features = _mindspore_forward(model)
     return LoadedModel(str(path), kind, model.num_classes, names, size, size_from, batch,
-                       forward, run=run, checkpoint=ckpt, features=features, num_features=model.num_features)
+                       forward, run=run, checkpoint=ckpt, features=features, num_features=model.num_features,
+                       arch=(list(model.depths), model.width))
 
 
 def _mindspore_forward(model) -> tuple[Callable, Callable]:
@@ -235,7 +237,7 @@ def _onnx_model(path: Path, image_size, batch_size, device, fallback_size) -> Lo
         return np.concatenate(parts).astype(np.float32)
 
     return LoadedModel(str(path), "onnx", info["num_classes"], info["class_names"], size, size_from,
-                       batch_size or DEFAULT_BATCH, forward)
+                       batch_size or DEFAULT_BATCH, forward, arch=info["arch"])
 
 
 def onnx_info(session, path: Path) -> dict:
@@ -263,7 +265,18 @@ def onnx_info(session, path: Path) -> dict:
         (recorded, "the ONNX model's metadata") if recorded else (None, ""))
     names = [str(n) for n in names] if isinstance(names, list) and len(names) == classes else None
     return {"class_names": names, "num_classes": int(classes), "image_size": size, "size_from": where,
-            "static_size": static, "batch": shape[0] if isinstance(shape[0], int) else None}
+            "static_size": static, "batch": shape[0] if isinstance(shape[0], int) else None,
+            "arch": _meta_arch(meta)}
+
+
+def _meta_arch(meta: dict) -> tuple[list[int], float] | None:
+    """(depths, width) from the 'model' metadata export writes, else None (no memory estimate)."""
+    try:
+        model = json.loads(meta.get("model") or "null")
+        depths, width = [int(d) for d in model["depths"]], float(model["width"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return (depths, width) if len(depths) == 4 and width > 0 else None
 
 
 def _meta_json(meta: dict, path: Path, key: str):

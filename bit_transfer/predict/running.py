@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from bit_transfer.data.split import Split, to_rgb
+from bit_transfer.data.split import Split, error_reason, to_rgb
 from bit_transfer.errors import DataError
 from bit_transfer.predict.model import LoadedModel
 
@@ -24,10 +24,10 @@ def unreadable_reason(split: Split, i: int) -> str:
     except OSError as e:
         if e.strerror:
             return e.strerror.lower()
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        text = error_reason(e)
         return f"truncated or corrupt ({text})" if "truncated" in text else text
     except Exception as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return error_reason(e)
     return "it failed to decode"
 
 

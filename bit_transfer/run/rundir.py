@@ -178,6 +178,11 @@ class RunDir:
             writer(path, obj)
         return path
 
+    def replaced_note(self) -> str:
+        """' (replaced the earlier ones there)' when this directory already holds results that the coming
+        write_final replaces (eval and predict rerun into their own directory), else ''."""
+        return " (replaced the earlier ones there)" if (self.path / "metrics.json").is_file() else ""
+
     def write_final(self, result, class_names: list[str], fields: dict, report_dir: str = "eval") -> dict:
         """metrics.json and the eval report (per-class accuracy, confusion), built in one place."""
         from bit_transfer.run.reports import save_report

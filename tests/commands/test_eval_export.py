@@ -3,6 +3,7 @@ stderr and exit code 2, no traceback, and nothing the user (or `fit`) wrote chan
 
 import json
 import pickle
+import re
 import shutil
 import stat
 
@@ -119,7 +120,9 @@ def test_exported_files_are_0644_and_a_rerun_updates_its_own_export(hf_run, tmp_
         said = ok(run_cli("export", hf_run, "--format", fmt, "--out", out))
         assert said.strip() == f"exported {fmt}: {out if fmt == 'hf' else out / 'model.mindir'}"
         first = snapshot(out)
-        ok(run_cli("export", hf_run, "--format", fmt, "--out", out))  # its own directory: updated, not refused
+        again = ok(run_cli("export", hf_run, "--format", fmt, "--out", out))  # its own directory: updated, and said
+        assert again.strip() == f"exported {fmt}: {out if fmt == 'hf' else out / 'model.mindir'} (replaced the " \
+                                f"earlier {fmt} export in {out})"
         assert sorted(p.name for p in out.iterdir()) == sorted([*files, ".bit-transfer-run"])  # no temporaries
         for name in files:
             assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, (fmt, name)
@@ -147,7 +150,9 @@ def test_eval_writes_its_own_directory_and_keeps_what_fit_wrote(fitted):
     assert metrics["checkpoint"] == str(fitted / "checkpoints" / "step-000002.ckpt")
     assert set(json.loads((out / "per_class.json").read_text())) == {"horizontal", "vertical", "checker", "flat"}
     assert json.loads((out / "confusion.json").read_text())["class_names"][0] == "horizontal"
-    ok(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted))  # again: its own directory, updated
+    again = ok(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted))  # its own directory: updated, said
+    assert f"wrote metrics.json, per_class.json and confusion.json to {out} (replaced the earlier ones there)" in again
+    assert "replaced" not in said
 
 
 def test_eval_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(fitted, tmp_path):
@@ -167,6 +172,21 @@ def test_eval_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(fitted,
     line = one_line_error(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted / "recipe.yaml"), "eval")
     assert "recipe.yaml is a YAML file, not a checkpoint; eval --checkpoint takes a run directory" in line
     assert snapshot(tmp_path) == before and snapshot(fitted) == run_before
+
+
+def test_eval_refuses_a_batch_that_cannot_fit_in_memory(fitted):
+    """Estimated from the model and the crop before any image is decoded: one line, nothing written."""
+    from bit_transfer.system import memory
+
+    before = snapshot(fitted)
+    out = run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted, "--set", "rule.precrop=16384",
+                  "--set", "rule.crop=16384", "--set", "train.eval_batch_size=64")
+    line = one_line_error(out, "eval")
+    need = memory.batch_bytes([1, 1, 1, 1], 0.125, 16384, 64) / memory.GB
+    assert f"error: a batch of 64 images at 16384x16384 px needs about {need:.1f} GB of memory but " in line, line
+    assert re.search(r" GB is available; (use --set train.eval_batch_size=\d+ \(about [\d.]+ GB\) or a smaller rule.crop"
+                     r"|even one image needs [\d.]+ GB: use a smaller rule.crop \(at most \d+ fits\))$", line), line
+    assert snapshot(fitted) == before
 
 
 def test_eval_into_a_read_only_place_is_one_line(fitted, tmp_path):

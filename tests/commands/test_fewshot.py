@@ -283,6 +283,22 @@ def test_cache_returns_features_in_split_order(backbone, arrays_dataset, tmp_pat
     assert np.array_equal(x3, x2)
 
 
+def test_the_feature_log_calls_a_holdout_eval_split_eval(backbone, arrays_dataset, tmp_path):
+    """A holdout eval split is rows of the training split (named '...:train'); the log says what it is."""
+    from bit_transfer import data
+
+    rng = np.random.default_rng(2)
+    held = data.from_arrays(rng.integers(0, 256, (10, 24, 24, 3), dtype=np.uint8), np.arange(10) % 2,
+                            holdout=0.2, name="held")
+    said = []
+    cache = features.FeatureCache(backbone, 16, root=tmp_path, batch_size=4, log=said.append)
+    cache.features(held.name, held.eval, features.split_about(held, "eval"))
+    cache.features(held.name, held.train, features.split_about(held, "train"))
+    assert said[0].startswith("features: 2 eval images (a seeded holdout of held:train) through the backbone")
+    assert said[2].startswith("features: 8 training images of held:train through the backbone")
+    assert features.split_about(arrays_dataset, "eval") == "eval images of arrays:test:eval"
+
+
 def test_cache_is_invalidated_by_new_weights_or_resolution(backbone, arrays_dataset, tmp_path):
     import mindspore as ms
 

@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -266,6 +267,93 @@ def test_unreadable_and_non_image_files_are_named_and_skipped_or_strict(world, t
     assert out.stderr.strip().splitlines() == [
         f"skipped {bad / 'fake.jpg'}: not an image (unknown format)",
         "bit-transfer predict: error: none of the 1 images could be read (each named above); nothing to predict"]
+
+
+def test_a_fifo_among_the_inputs_is_skipped_with_a_line_not_waited_on(world, tmp_path):
+    """A FIFO named x.png made predict hang forever (Pillow waits for a writer)."""
+    shutil.copytree(world / "data" / "val" / "cat", tmp_path / "pics")
+    os.mkfifo(tmp_path / "pics" / "x.png")
+    os.mkfifo(tmp_path / "y.jpg")
+    out = predict(world / "run", tmp_path / "pics", tmp_path / "y.jpg", "--out", tmp_path / "p.csv")
+    ok(out)
+    assert out.stderr.splitlines()[:2] == [f"skipped {tmp_path / 'pics' / 'x.png'}: a FIFO (named pipe), not an image file",
+                                           f"skipped {tmp_path / 'y.jpg'}: a FIFO (named pipe), not an image file"]
+    with open(tmp_path / "p.csv", newline="") as f:
+        assert [r[0] for r in csv.reader(f)][1:] == [str(tmp_path / "pics" / f"{i:03d}.png") for i in range(3)]
+    out = predict(world / "run", tmp_path / "y.jpg", str(tmp_path / "*.jpg"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"skipped {tmp_path / 'y.jpg'}: a FIFO (named pipe), not an image file",
+        "bit-transfer predict: error: no images to predict: 1 input(s) are not image files (named above); give image "
+        "files, directories or glob patterns"]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_16_bit_png_predicts_as_the_same_scene_at_8_bits(world, tmp_path):
+    """Real 16-bit PNGs (Pillow mode I;16) are scaled, not clipped: the same predictions as their 8-bit twins."""
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        gray = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+        Image.fromarray(gray).save(tmp_path / f"{i}-8.png")
+        Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / f"{i}-16.png")
+        assert Image.open(tmp_path / f"{i}-16.png").mode == "I;16"
+    ok(predict(world / "run", *sorted(tmp_path.glob("*-8.png")), "--out", tmp_path / "8.jsonl"))
+    ok(predict(world / "run", *sorted(tmp_path.glob("*-16.png")), "--out", tmp_path / "16.jsonl"))
+    eight, sixteen = jsonl(tmp_path / "8.jsonl"), jsonl(tmp_path / "16.jsonl")
+    assert [Path(r["path"]).name for r in sixteen] == [f"{i}-16.png" for i in range(3)]
+    assert [r["topk"] for r in sixteen] == [r["topk"] for r in eight]
+
+
+def test_a_decompression_bomb_is_one_line_without_a_stray_period(world, tmp_path):
+    """Pillow's message ends in "DOS attack."; the line went on "DOS attack.; replace ..."."""
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20_000, 10_000)).save(bomb)  # 2e8 pixels: over twice Pillow's limit, refused at open
+    line = one_line_error(predict(world / "run", bomb, "--strict"), "predict")
+    assert line.startswith(f"bit-transfer predict: error: {bomb}: Image size (200000000 pixels) exceeds limit of ")
+    assert line.endswith("could be decompression bomb DOS attack; replace or delete it, or drop --strict to skip "
+                         "unreadable files"), line
+
+
+def test_a_repeated_predict_says_it_replaced_its_own_report(world, tmp_path):
+    """As eval does in its own directory: the same --report again is updated, and the output line says so."""
+    report = tmp_path / "report"
+    first = ok(predict(world / "run", "data/val", "--quiet", "--report", report, cwd=world))
+    assert f"wrote metrics.json, per_class.json and confusion.json to {report}\n" in first
+    before = snapshot(report)
+    again = ok(predict(world / "run", "data/val", "--quiet", "--report", report, cwd=world))
+    assert f"wrote metrics.json, per_class.json and confusion.json to {report} (replaced the earlier ones there)" in again
+    assert snapshot(report).keys() == before.keys()
+
+
+def test_a_size_that_cannot_fit_in_memory_is_one_line_before_any_decoding(world, tmp_path):
+    """--image-size 4000 on 4 images took 6.5 GB: the batch's memory is estimated first."""
+    from bit_transfer.system import memory
+
+    line = one_line_error(predict(world / "run", "data/val/cat/000.png", "--image-size", 100_000, cwd=world), "predict")
+    need = memory.batch_bytes([1, 1, 1, 1], 0.5, 100_000, 1) / memory.GB
+    assert re.fullmatch(rf"bit-transfer predict: error: a batch of 1 image at 100000x100000 px needs about {need:.1f} GB "
+                        r"of memory but [\d.]+ GB is available; even one image needs [\d.]+ GB: use a smaller "
+                        r"--image-size \(at most \d+ fits\)", line), line
+    assert not (world / "run" / "evals" / "step-000003-predict-cat").exists()
+
+
+def test_the_memory_check_proposes_the_batch_that_fits():
+    from bit_transfer.system import memory
+    from bit_transfer.errors import UsageError
+
+    per_image = memory.batch_bytes([3, 4, 6, 3], 1, 4000, 1)  # R50x1 at 4000 px: 360 B/px
+    assert per_image == 360 * 4000 * 4000
+    memory.check_batch([3, 4, 6, 3], 1, 4000, 4, batch_fix="--batch-size {n}", size_fix="--image-size",
+                       available=4 * per_image)  # fits exactly: no error
+    with pytest.raises(UsageError) as e:
+        memory.check_batch([3, 4, 6, 3], 1, 4000, 4, batch_fix="--batch-size {n}", size_fix="--image-size",
+                           available=int(2.5 * per_image))
+    assert str(e.value) == ("a batch of 4 images at 4000x4000 px needs about 21.5 GB of memory but 13.4 GB is "
+                            "available; use --batch-size 2 (about 10.7 GB) or a smaller --image-size")
+    assert memory.available_bytes() > 0
 
 
 # ---------------------------------------------------------------- model kinds

@@ -39,7 +39,7 @@ def test_defaults_and_types(tmp_path):
 
 def test_set_overrides_are_typed_like_yaml(tmp_path):
     p = write(tmp_path, "data: {source: hf, name: cifar10}\n")
-    r = recipe.load(p, ["train.batch_split=8", "rule.mixup_alpha=0.2", "model.depths=[1,1,1,1]", "model.width=0.25", "rule.steps=null", "name=exp1"])
+    r = recipe.load(p, ["train.batch_split=8", "rule.mixup_alpha=0.2", "model.name=custom", "model.depths=[1,1,1,1]", "model.width=0.25", "rule.steps=null", "name=exp1"])
     assert r.train.batch_split == 8
     assert r.rule.mixup_alpha == 0.2
     assert r.model.depths == [1, 1, 1, 1]

@@ -89,6 +89,43 @@ def test_imagefolder_errors_are_one_line_usage_errors(tmp_path):
         data.load(datagen.data_cfg(source="imagefolder", path=str(tmp_path / "x")))
 
 
+def plan_folder(tmp_path, root):
+    """`bit-transfer plan` on an image-folder recipe (it lists and measures the folder)."""
+    from conftest import run_cli
+
+    recipe = tmp_path / "folder.yaml"
+    recipe.write_text(f"data: {{source: imagefolder, path: {root}}}\nmodel: {{name: custom, depths: [1, 1, 1, 1], "
+                      "width: 0.25, weights: none}\n")
+    return run_cli("plan", recipe, timeout=60)
+
+
+def test_an_empty_training_class_folder_is_called_empty(tmp_path):
+    """train/emu exists but holds no image: not "val has class folder(s) emu that the training folder does not"."""
+    from conftest import one_line_error
+
+    root = datagen.image_folder(tmp_path / "d")
+    for image in (root / "train" / "emu").iterdir():
+        image.unlink()
+    line = one_line_error(plan_folder(tmp_path, root), "plan")
+    assert line.endswith(f"error: training class folder {root / 'train' / 'emu'} holds no images (files ending in "
+                         f".jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, .gif, .jfif) but {root / 'val'} has "
+                         "images of that class; add training images to it, or remove the class from both"), line
+    (root / "train" / "emu").rmdir()  # no such folder at all: the other message
+    assert "has class folder(s) emu that the training folder does not" in one_line_error(plan_folder(tmp_path, root), "plan")
+
+
+def test_a_fifo_named_like_an_image_is_skipped_with_a_line_not_opened(tmp_path):
+    root = datagen.image_folder(tmp_path / "d")
+    os.mkfifo(root / "train" / "cat" / "x.png")  # opening it would wait for a writer forever
+    os.mkfifo(root / "val" / "dog" / "y.jpg")
+    out = plan_folder(tmp_path, root)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines() == [
+        f"bit-transfer: skipped {root / 'train' / 'cat' / 'x.png'}: a FIFO (named pipe), not an image file",
+        f"bit-transfer: skipped {root / 'val' / 'dog' / 'y.jpg'}: a FIFO (named pipe), not an image file"]
+    assert "measured: 12 training images" in out.stdout
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "I;16", "CMYK"])
 def test_any_image_mode_becomes_rgb(tmp_path, mode):
     root = tmp_path / "modes"
@@ -100,6 +137,38 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     img = ds.train.image(0)
     assert img.mode == "RGB" and img.size == (32, 32)
     assert ds.train.pixels(0, 20).shape == (20, 20, 3)
+
+
+def gray_ramp(h: int = 24, w: int = 40) -> np.ndarray:
+    """8-bit gray values covering 0..255 (every value a pixel), as an H×W uint8 array."""
+    return (np.arange(h * w).reshape(h, w) * 255 // (h * w - 1)).astype(np.uint8)
+
+
+def test_wide_gray_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """A real 16-bit PNG (I;16) decodes to the pixels of the same scene saved at 8 bits (convert("RGB")
+    clipped every value above 255); 32-bit integer and float TIFFs are stretched over their own range."""
+    eight = gray_ramp()
+    files = {"8bit.png": Image.fromarray(eight),
+             "16bit.png": Image.fromarray(eight.astype(np.uint16) * 257),  # 0..65535, Pillow mode I;16
+             "int32.tif": Image.fromarray(eight.astype(np.int32) * 1000 - 7000),
+             "float.tif": Image.fromarray(eight.astype(np.float32) / 255 * 3.5 + 1)}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+    split = data.Split(data.split.FileStore([str(tmp_path / n) for n in files], "x"), np.arange(4), np.zeros(4), "x")
+    assert [Image.open(tmp_path / n).mode for n in files] == ["L", "I;16", "I", "F"]  # what a user's files open as
+    want = np.repeat(eight[..., None], 3, axis=-1)
+    for i, name in enumerate(files):
+        got = np.asarray(split.image(i))
+        assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1, name
+    assert np.array_equal(split.pixels(1, 16), split.pixels(0, 16))  # resized for the pipeline: the same
+
+
+def test_a_constant_or_non_finite_float_image_is_black_not_an_error():
+    from bit_transfer.data.split import to_rgb
+
+    flat = np.asarray(to_rgb(Image.fromarray(np.full((4, 4), 7.5, np.float32))))
+    nan = np.asarray(to_rgb(Image.fromarray(np.full((4, 4), np.nan, np.float32))))
+    assert flat.max() == 0 and nan.max() == 0 and flat.shape == (4, 4, 3)
 
 
 def test_large_jpeg_reduced_decode_matches_full_decode(tmp_path):

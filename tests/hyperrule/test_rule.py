@@ -1,5 +1,6 @@
 """The BiT-HyperRule must reproduce the authors' bit_hyperrule.py exactly."""
 
+import re
 import subprocess
 import sys
 
@@ -151,3 +152,33 @@ def test_importing_the_rule_does_not_import_mindspore():
     code = "import sys, bit_transfer.hyperrule.rule, bit_transfer.config.recipe, bit_transfer.hyperrule.planning; print('mindspore' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_lr_segments_follow_the_boundaries_not_the_steps():
+    """The `plan` table from the boundaries alone, step for step what `lr(step)` gives."""
+    from bit_transfer.hyperrule.planning import lr_segments
+
+    for sched in ([3, 3, 7, 7, 9], [1, 2], [5, 6, 7, 8], [2, 9, 9]):
+        p = plan(dataset_size=1000, image_size=(32, 32), schedule=sched)
+        segments = lr_segments(p)
+        assert segments[0][0] == 0 and segments[-1][1] == p.steps - 1
+        assert all(b + 1 == a for (_, b, _), (a, _, _) in zip(segments, segments[1:]))  # no gap, no overlap
+        for a, b, lr in segments[1:]:
+            assert {f"{p.lr(s):g}" for s in range(a, b + 1)} == {lr}
+        assert len({lr for _, _, lr in segments[1:]}) == len(segments) - 1  # each range a new lr
+
+
+def test_plan_of_a_billion_steps_answers_at_once_and_more_is_one_line(tmp_path):
+    from conftest import one_line_error, run_cli
+
+    billion = run_cli("plan", "recipes/demo.yaml", "--set", "rule.steps=1000000000", timeout=60)
+    assert billion.returncode == 0, billion.stderr
+    assert re.search(r"\n +800000001 - 999999999 +0.0001\n", billion.stdout), billion.stdout
+    assert "batch         128 = 1 micro-batch x 128 images" in billion.stdout  # one, not "1 micro-batches"
+    for flag in ("rule.steps=1e10", "rule.schedule=[10,20000000000]"):
+        line = one_line_error(run_cli("plan", "recipes/demo.yaml", "--set", flag, timeout=60), "plan")
+        assert "more steps than any run can mean (at most 1000000000)" in line
+    line = one_line_error(run_cli("plan", "recipes/demo.yaml", "--set", "rule.crop=100000", timeout=60), "plan")
+    assert "'rule.crop': 100000 is more pixels than any BiT resolution can mean" in line
+    with pytest.raises(ValueError, match="at most 1 000 000 000"):
+        plan(dataset_size=10, image_size=(32, 32), schedule=[10, 2 * 10**9])

@@ -104,13 +104,14 @@ class FeatureCache:
         self.seconds = 0.0  # spent computing features
 
     # ------------------------------------------------------------------ public
-    def features(self, dataset_name: str, split) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 (n, F), int64 (n,)) in split order; unreadable images (skip_corrupt) left out."""
+    def features(self, dataset_name: str, split, about: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """(float32 (n, F), int64 (n,)) in split order; unreadable images (skip_corrupt) left out.
+        `about` names the images in the log (`split_about`), else the split's name does."""
         entry = self.entry_dir(dataset_name, split)
         checks = row_checks(split)
         missing = np.flatnonzero(~self._cached(entry, split, checks))
         if len(missing):
-            self._compute(entry, split, missing, checks)
+            self._compute(entry, split, missing, checks, about or f"{split.name} images")
             assert self._cached(entry, split, checks).all()
         rows, _, readable, feats = self._load(entry)
         at = np.searchsorted(rows, split.rows)
@@ -183,11 +184,11 @@ class FeatureCache:
         self._entries.pop(entry, None)
 
     # ------------------------------------------------------------------ computing
-    def _compute(self, entry: Path, split, positions: np.ndarray, checks: np.ndarray) -> None:
+    def _compute(self, entry: Path, split, positions: np.ndarray, checks: np.ndarray, about: str) -> None:
         from bit_transfer.data import pipeline
 
         t0 = time.perf_counter()
-        self.log(f"features: {len(positions)} {split.name} images through the backbone at {self.crop} px "
+        self.log(f"features: {len(positions)} {about} through the backbone at {self.crop} px "
                  f"(cache {entry})")
         chunk = max(self.batch_size, CHUNK_IMAGES // self.batch_size * self.batch_size)
         for start in range(0, len(positions), chunk):
@@ -221,3 +222,10 @@ class FeatureCache:
         return self._forward(x)
 
 
+def split_about(dataset, which: str) -> str:
+    """How the log names a dataset's train or eval images: a holdout eval split is rows of the training
+    split (its name ends in ':train'), so it is called what it is."""
+    split = getattr(dataset, which)
+    if which == "eval" and split.store is dataset.train.store:
+        return f"eval images (a seeded holdout of {split.name})"
+    return f"{'training' if which == 'train' else 'eval'} images of {split.name}"

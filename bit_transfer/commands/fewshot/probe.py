@@ -26,6 +26,7 @@ def fit_linear(recipe, run_dir: Path, model, dataset, info, plan, cache, *, labe
     train.seed (seeded epochs; a subset no larger than the batch is the whole batch every step).
     An unfinished probe restarts from scratch: it takes seconds.
     """
+    from bit_transfer.commands.fewshot.features import split_about
     from bit_transfer.engine.metrics import evaluate
     from bit_transfer.engine.step import EvalStep, TrainStep
 
@@ -33,8 +34,8 @@ def fit_linear(recipe, run_dir: Path, model, dataset, info, plan, cache, *, labe
     tcfg = recipe.train
     run = RunDir.claim(run_dir, kind="fit", name=recipe.name)
     run.restart()
-    x, y = cache.features(dataset.name, dataset.train)
-    ex, ey = cache.features(dataset.name, dataset.eval)
+    x, y = cache.features(dataset.name, dataset.train, split_about(dataset, "train"))
+    ex, ey = cache.features(dataset.name, dataset.eval, split_about(dataset, "eval"))
     batch = min(plan.batch_size, len(x))
     if plan.mixup_alpha > 0:
         log(f"note: MixUp (alpha {plan.mixup_alpha:g}) is not applied to cached features; use --mode finetune for it")

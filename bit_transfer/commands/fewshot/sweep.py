@@ -274,8 +274,9 @@ def _feature_pass(base, todo, pools, subsets, planned, feature_root, log, stop: 
         mine = [r for r in todo if pools.key(r.seed) == key]
         pool = pools.get(mine[0].seed)
         rows = np.unique(np.concatenate([subsets[r].train.rows for r in mine]))
-        cache.features(pool.name, pool.train.subset(linear_probe.positions(pool.train, rows)))
+        cache.features(pool.name, pool.train.subset(linear_probe.positions(pool.train, rows)),
+                       features.split_about(pool, "train"))
         stop.check("computing features", hint)
-        cache.features(pool.name, pool.eval)
+        cache.features(pool.name, pool.eval, features.split_about(pool, "eval"))
         stop.check("computing features", hint)
     return model, cache

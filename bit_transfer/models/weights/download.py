@@ -47,43 +47,54 @@ def official_name(model_name: str) -> str:
     return f"BiT-{kind.upper()}-R{arch.lower()}{'-ILSVRC2012' if tail else ''}"
 
 
-def resolve_weights(spec, model_name: str, cache_dir=None) -> Path:
+RECIPE_KEY = "model.weights"  # where a recipe names its weights; commands that take a MODEL say "MODEL"
+
+
+def use_instead(what: str, given_as: str = RECIPE_KEY) -> str:
+    """The fix naming where the user gives weights: 'set model.weights to X' in a recipe, 'pass X as MODEL'
+    for predict and export."""
+    return f"set {given_as} to {what}" if given_as == RECIPE_KEY else f"pass {what} as {given_as}"
+
+
+def resolve_weights(spec, model_name: str, cache_dir=None, given_as: str = RECIPE_KEY) -> Path:
     """spec: 'auto' (official .npz for model_name), an official file name like
-    'BiT-M-R50x1-ILSVRC2012', 'hf:org/name[@revision]', an http(s) URL, or a local path."""
+    'BiT-M-R50x1-ILSVRC2012', 'hf:org/name[@revision]', an http(s) URL, or a local path.
+    `given_as` is where the user wrote it (model.weights, or MODEL), for the fixes errors name."""
     spec = str(spec).strip()
     home = cache_home(cache_dir)
     if spec.lower() == "auto" or OFFICIAL_NAME.fullmatch(spec):
         name = official_name(model_name if spec.lower() == "auto" else spec)
-        return download(OFFICIAL_URL.format(name), home / "weights" / f"{name}.npz")
+        return download(OFFICIAL_URL.format(name), home / "weights" / f"{name}.npz", given_as=given_as)
     if spec.startswith("hf:"):
-        return _hf_snapshot(spec[3:], home / "hf")
+        return _hf_snapshot(spec[3:], home / "hf", given_as)
     if spec.startswith(("http://", "https://")):
         filename = Path(urllib.parse.unquote(urllib.parse.urlparse(spec).path)).name or "weights"
-        return download(spec, home / "weights" / filename)
+        return download(spec, home / "weights" / filename, given_as=given_as)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise WeightsError(f"weights {path} not found; set model.weights to an existing file, 'auto', 'hf:org/name' or 'none'")
+        fix = use_instead("an existing file, 'auto', 'hf:org/name' or 'none'", given_as)
+        raise WeightsError(f"weights {path} not found; {fix}")
     return path
 
 
-def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
+def download(url: str, dest: Path, timeout: float = 30.0, given_as: str = RECIPE_KEY) -> Path:
     """Fetch url to dest (kept as a cache: an existing dest is returned as is)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.with_name(dest.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not dest.is_file():
-            _fetch(url, dest, timeout)
+            _fetch(url, dest, timeout, given_as)
     return dest
 
 
-def _offline(url: str, dest: Path, why: str) -> WeightsError:
+def _offline(url: str, dest: Path, why: str, given_as: str = RECIPE_KEY) -> WeightsError:
     return WeightsError(
         f"cannot download {url} ({why}); download it on a machine with internet access and put it at {dest}, "
-        "or set model.weights to a local file"
+        f"or {use_instead('a local file', given_as)}"
     )
 
 
-def _fetch(url: str, dest: Path, timeout: float) -> None:
+def _fetch(url: str, dest: Path, timeout: float, given_as: str = RECIPE_KEY) -> None:
     from tqdm import tqdm
 
     part = dest.with_name(dest.name + ".part")
@@ -96,12 +107,12 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # our .part is not a prefix of this file: start over
             part.unlink()
-            return _fetch(url, dest, timeout)
+            return _fetch(url, dest, timeout, given_as)
         if e.code == 404:
             raise WeightsError(f"{url} does not exist (HTTP 404); check the model name or URL") from None
-        raise _offline(url, dest, f"HTTP {e.code}") from None
+        raise _offline(url, dest, f"HTTP {e.code}", given_as) from None
     except (urllib.error.URLError, OSError) as e:
-        raise _offline(url, dest, str(getattr(e, "reason", e))) from None
+        raise _offline(url, dest, str(getattr(e, "reason", e)), given_as) from None
     with resp:
         if offset and resp.status != 206:  # server ignored the Range: restart
             offset = 0
@@ -137,13 +148,13 @@ _HF_REASONS = {
 }
 
 
-def _hf_snapshot(repo: str, cache: Path) -> Path:
+def _hf_snapshot(repo: str, cache: Path, given_as: str = RECIPE_KEY) -> Path:
     """config.json + model.safetensors (+ preprocessor_config.json when there is one) of a Hugging Face
     repo, via huggingface_hub's cache."""
     repo, _, revision = repo.partition("@")
     hint = (
         f"put config.json and model.safetensors from https://huggingface.co/{repo} into a directory "
-        "and set model.weights to it"
+        f"and {use_instead('that directory' if given_as != RECIPE_KEY else 'it', given_as)}"
     )
     try:
         from huggingface_hub import hf_hub_download
