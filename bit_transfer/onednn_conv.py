@@ -36,10 +36,13 @@ step 7-13 % faster on AVX2, 3-5 % on AVX-512). BIT_TRANSFER_WINOGRAD=0 turns it 
 
 oneDNN comes from the package registry (`onednn-cpu-gomp` and `onednn-devel-cpu-gomp`: the
 library built with GNU OpenMP, the runtime MindSpore already loads, and its headers), installed into
-the environment's prefix. Two oneDNNs live in one process: MindSpore's libdnnl.so.2 and our
-libdnnl.so.3 differ in soname, ours is a dependency of our kernel library alone (which MindSpore
-loads with RTLD_LOCAL), and that library exports only its kernel entry points (-fvisibility=hidden);
-tests/test_onednn_conv.py checks both versions answer in one process and neither is global.
+the environment's prefix. Two oneDNNs live in one process: MindSpore's own (2.8: libdnnl.so.2,
+oneDNN 2.2; 2.10: libdnnl.so.3, oneDNN 3.10) and ours. Ours is a private copy of the wheel's
+library under another soname (`private_library`: the loader reuses a loaded soname, so linking the
+wheel's libdnnl.so.3 ran our kernels on MindSpore 2.10's oneDNN), a dependency of our kernel library
+alone (which MindSpore loads with RTLD_LOCAL), and that library exports only its kernel entry points
+(-fvisibility=hidden); tests/test_onednn_conv.py checks which oneDNN our kernels call, that both
+answer in one process and that neither is global.
 
 Used only where the compiled CPU kernels are (CPU the only device, BIT_TRANSFER_CPU_KERNELS not 0),
 for float32, when oneDNN 3 is installed and the library builds; BIT_TRANSFER_ONEDNN=0 turns these
@@ -50,8 +53,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -65,9 +70,11 @@ SOURCE = r"""
 // weights stay (O, I, kh, kw) and reach oneDNN's blocked layouts standardised by the conv_ws_*
 // kernels, reordered per call (conv_fwd, conv_bwd_*) or packed once (conv_fwd, cfg[3]). MindSpore 2.8
 // (its own oneDNN 2.2, plain NCHW) runs every convolution as im2col + GEMM.
-// Built with -fvisibility=hidden: only the kernel entry points are exported, and libdnnl.so.3 is a
-// dependency of this library alone (MindSpore's libdnnl.so.2 has another soname).
+// Built with -fvisibility=hidden: only the kernel entry points are exported, and oneDNN (a private
+// copy under its own soname, onednn_conv.private_library) is a dependency of this library alone.
 #include <oneapi/dnnl/dnnl.hpp>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1244,10 +1251,17 @@ EXPORT int conv_ws_winograd_tile(const int64_t *x, int ndim, const int64_t *w, c
 }
 
 // The oneDNN this library runs on, as major * 10000 + minor * 100 + patch (the separation test
-// checks it is 3.x while MindSpore's own libdnnl.so.2 stays 2.x in the same process).
+// checks it is the one compiled against while MindSpore's own answers with its version in the same process).
 EXPORT int onednn_version() {
   const dnnl_version_t *v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
+}
+
+// The file of the oneDNN this library's calls go to (its dnnl_version, as the loader bound it); ""
+// if the loader cannot say.
+EXPORT const char *onednn_library() {
+  Dl_info info;
+  return dladdr(reinterpret_cast<void *>(&dnnl_version), &info) && info.dli_fname ? info.dli_fname : "";
 }
 """
 # For this CPU (cpu_kernels.target_flags: -march=native, AVX-512 off where oneDNN is capped below it)
@@ -1257,6 +1271,7 @@ EXPORT int onednn_version() {
 # took 2.1 s to build against 1.1 s (every first run waits for it).
 FLAGS = ["-O1", "-fopenmp", "-std=c++17", "-fvisibility=hidden", "-shared", "-fPIC"]
 INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
+PRIVATE_SONAME = "libbtdn.so.3"  # as long as libdnnl.so.3 (soname.renamed), and no oneDNN's
 
 
 def prefix() -> Path | None:
@@ -1268,16 +1283,43 @@ def prefix() -> Path | None:
     return None
 
 
+def private_library(root: Path, version: str) -> Path:
+    """A copy of this prefix's libdnnl.so.3 renamed libbtdn.so.3 (its soname too), in a folder of
+    paths.home()/kernels keyed by the oneDNN version header and the file's size and time: the loader
+    reuses a loaded soname, and MindSpore 2.10 loads its own libdnnl.so.3 (oneDNN 3.10) first."""
+    from bit_transfer import paths, soname
+
+    wheel = (root / "lib/libdnnl.so.3").resolve()
+    stat = wheel.stat()
+    key = hashlib.sha256(f"{version}\n{wheel}\n{stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    copy = paths.home() / "kernels" / f"onednn-{key}" / PRIVATE_SONAME
+    if copy.exists():
+        return copy
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=copy.parent, delete=False) as tmp:
+            tmp.write(soname.renamed(wheel.read_bytes(), PRIVATE_SONAME))
+        os.chmod(tmp.name, 0o755)
+        os.replace(tmp.name, copy)  # atomic: concurrent processes write the same bytes
+    except soname.NotALibrary as e:
+        raise RuntimeError(f"{wheel}: {e}") from None
+    except OSError as e:
+        raise RuntimeError(f"cannot write {copy.parent} ({e.strerror or e}); check BIT_TRANSFER_HOME") from None
+    return copy
+
+
 def _build() -> Path | None:
-    """The kernel library linked against this prefix's libdnnl.so.3 (rpath: no LD_LIBRARY_PATH), keyed
-    by the oneDNN version header too, so a new oneDNN rebuilds it. Raises RuntimeError saying why not."""
+    """The kernel library linked against a private copy of this prefix's oneDNN (`private_library`; rpath:
+    no LD_LIBRARY_PATH), keyed by the oneDNN version header and the copy's folder too, so a new oneDNN
+    rebuilds it. Raises RuntimeError saying why not."""
     root = prefix()
     if root is None:
         raise RuntimeError(f"oneDNN 3 not installed ({INSTALL})")
     version = (root / "include/oneapi/dnnl/dnnl_version.h").read_text(errors="replace")
+    dnnl = private_library(root, version)
     flags = [*FLAGS, f"-I{root / 'include'}"]
     lib = cpu_kernels.build("onednn_conv", SOURCE + "\n// " + " ".join(version.split()), flags,
-                            [str(root / "lib/libdnnl.so.3"), f"-Wl,-rpath,{root / 'lib'}"])
+                            [str(dnnl), f"-Wl,-rpath,{dnnl.parent}", "-ldl"])
     if lib is None:
         raise RuntimeError("no C++ compiler (g++) found")
     return lib
@@ -1380,6 +1422,15 @@ def _loaded() -> ctypes.CDLL | None:
     """The kernel library MindSpore runs (dlopen of one path gives one copy), for its plain C entries."""
     lib = library()
     return None if lib is None else ctypes.CDLL(str(lib))
+
+
+def onednn_path() -> Path | None:
+    """The oneDNN file our kernels call into (as the loader bound them), None without the library."""
+    lib = _loaded()
+    if lib is None:
+        return None
+    lib.onednn_library.restype = ctypes.c_char_p
+    return Path(lib.onednn_library().decode())
 
 
 def forget_packed() -> None:
