@@ -215,9 +215,11 @@ class FeatureCache:
         import mindspore as ms
 
         if self._forward is None:
+            from bit_transfer import runtime
             from bit_transfer.models.inference import fold
 
             model = fold(self.model)  # the backbone is frozen: folded once
+            runtime.warn_slow_convolutions(model)
 
             def forward(images):
                 return model.forward_features(images).astype(ms.float32)

@@ -195,6 +195,7 @@ class TrainStep:
 
         Returns the mean micro-batch loss and whether the update was applied (finite gradients).
         """
+        runtime.warn_slow_convolutions(self.model)
         if not self._cache_pending:
             return self._step(micro_batches, lr, lam)
         self._cache_pending = False
@@ -225,6 +226,7 @@ class TrainStep:
         """
         if self.batch_split == 1:
             raise ValueError("gradients_only needs a TrainStep with batch_split > 1")
+        runtime.warn_slow_convolutions(self.model)
         one = Tensor(1.0, ms.float32)
         loss = self._micro(Tensor(x), Tensor(y), Tensor(y), one, one, Tensor(True))
         return float(loss.asnumpy())  # waits for the step: an allocation failure surfaces here
@@ -272,6 +274,7 @@ class EvalStep:
             pad = np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)
             x = np.concatenate([x, pad])
         self.model.set_train(False)
+        runtime.warn_slow_convolutions(self.model)
         if not self._cache_pending:
             return self._forward(Tensor(x)).asnumpy()[:n]
         self._cache_pending = False
