@@ -55,6 +55,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -1297,10 +1298,11 @@ def private_library(root: Path, version: str) -> Path:
         return copy
     try:
         copy.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=copy.parent, delete=False) as tmp:
-            tmp.write(soname.renamed(wheel.read_bytes(), PRIVATE_SONAME))
-        os.chmod(tmp.name, 0o755)
-        os.replace(tmp.name, copy)  # atomic: concurrent processes write the same bytes
+        with tempfile.TemporaryDirectory(dir=copy.parent) as tmp:
+            shutil.copyfile(wheel, Path(tmp) / PRIVATE_SONAME)
+            soname.rename(Path(tmp) / PRIVATE_SONAME, PRIVATE_SONAME)
+            os.chmod(Path(tmp) / PRIVATE_SONAME, 0o755)
+            os.replace(Path(tmp) / PRIVATE_SONAME, copy)  # atomic: concurrent processes write the same bytes
     except soname.NotALibrary as e:
         raise RuntimeError(f"{wheel}: {e}") from None
     except OSError as e:

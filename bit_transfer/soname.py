@@ -10,6 +10,7 @@ the string table is rewritten in place and nothing else in the file moves.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
 
@@ -21,10 +22,10 @@ class NotALibrary(ValueError):
     """Not an ELF64 little-endian shared library with a soname."""
 
 
-def _soname_offset(data: bytes) -> int:
+def _soname_offset(data) -> int:
     """File offset of the soname string: DT_SONAME (an offset into DT_STRTAB, an address mapped by a
     PT_LOAD segment) from the PT_DYNAMIC segment."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise NotALibrary("not a 64-bit little-endian ELF file")
     phoff, = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
@@ -52,15 +53,17 @@ def _soname_offset(data: bytes) -> int:
 
 
 def soname(path: Path) -> str:
-    data = Path(path).read_bytes()
-    at = _soname_offset(data)
-    return data[at:data.index(b"\0", at)].decode()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        at = _soname_offset(data)
+        return data[at:data.find(b"\0", at)].decode()
 
 
-def renamed(data: bytes, new: str) -> bytes:
-    """The library `data` with soname `new` (the same length as its soname)."""
-    at = _soname_offset(data)
-    old = data[at:data.index(b"\0", at)]
-    if len(new.encode()) != len(old):
-        raise NotALibrary(f"soname {new!r} is not as long as {old.decode()!r}")
-    return data[:at] + new.encode() + data[at + len(old):]
+def rename(path: Path, new: str) -> None:
+    """Give the library at `path` the soname `new` (as long as its soname), in place: a page or two
+    of the file are read and one string written (the library is ~50 MB)."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as data:
+        at = _soname_offset(data)
+        old = data[at:data.find(b"\0", at)]
+        if len(new.encode()) != len(old):
+            raise NotALibrary(f"soname {new!r} is not as long as {old.decode()!r}")
+        data[at:at + len(old)] = new.encode()

@@ -469,8 +469,12 @@ def test_soname_reads_and_renames_only_a_shared_library(tmp_path):
     if not lib:
         pytest.skip("oneDNN 3 not installed here")
     assert soname.soname(lib) == "libdnnl.so.3"
+    copy = tmp_path / "copy.so"
+    copy.write_bytes(lib.read_bytes())
+    soname.rename(copy, "libxxxx.so.3")
+    assert soname.soname(copy) == "libxxxx.so.3" and copy.stat().st_size == lib.stat().st_size
     with pytest.raises(soname.NotALibrary, match="not as long"):
-        soname.renamed(lib.read_bytes(), "libbtdn.so.33")
+        soname.rename(copy, "libbtdn.so.33")
     (tmp_path / "text.so").write_text("not a library")
     with pytest.raises(soname.NotALibrary, match="not a 64-bit"):
         soname.soname(tmp_path / "text.so")
