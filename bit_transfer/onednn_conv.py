@@ -1272,7 +1272,7 @@ EXPORT const char *onednn_library() {
 # took 2.1 s to build against 1.1 s (every first run waits for it).
 FLAGS = ["-O1", "-fopenmp", "-std=c++17", "-fvisibility=hidden", "-shared", "-fPIC"]
 INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
-PRIVATE_SONAME = "libbtdn.so.3"  # as long as libdnnl.so.3 (soname.renamed), and no oneDNN's
+PRIVATE_SONAME = "libbtdn.so.3"  # as long as libdnnl.so.3 (soname.rename), and no oneDNN's
 
 
 def prefix() -> Path | None:

@@ -22,9 +22,23 @@ class NotALibrary(ValueError):
     """Not an ELF64 little-endian shared library with a soname."""
 
 
+def _mapped(f, access) -> mmap.mmap:
+    try:
+        return mmap.mmap(f.fileno(), 0, access=access)
+    except ValueError:  # an empty file
+        raise NotALibrary("not a 64-bit little-endian ELF file") from None
+
+
 def _soname_offset(data) -> int:
     """File offset of the soname string: DT_SONAME (an offset into DT_STRTAB, an address mapped by a
     PT_LOAD segment) from the PT_DYNAMIC segment."""
+    try:
+        return _find_soname(data)
+    except (struct.error, IndexError):  # offsets past the end: a truncated file
+        raise NotALibrary("truncated ELF file") from None
+
+
+def _find_soname(data) -> int:
     if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise NotALibrary("not a 64-bit little-endian ELF file")
     phoff, = struct.unpack_from("<Q", data, 0x20)
@@ -53,7 +67,7 @@ def _soname_offset(data) -> int:
 
 
 def soname(path: Path) -> str:
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    with open(path, "rb") as f, _mapped(f, mmap.ACCESS_READ) as data:
         at = _soname_offset(data)
         return data[at:data.find(b"\0", at)].decode()
 
@@ -61,7 +75,7 @@ def soname(path: Path) -> str:
 def rename(path: Path, new: str) -> None:
     """Give the library at `path` the soname `new` (as long as its soname), in place: a page or two
     of the file are read and one string written (the library is ~50 MB)."""
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as data:
+    with open(path, "r+b") as f, _mapped(f, mmap.ACCESS_WRITE) as data:
         at = _soname_offset(data)
         old = data[at:data.find(b"\0", at)]
         if len(new.encode()) != len(old):

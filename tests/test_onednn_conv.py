@@ -476,8 +476,11 @@ def test_soname_reads_and_renames_only_a_shared_library(tmp_path):
     with pytest.raises(soname.NotALibrary, match="not as long"):
         soname.rename(copy, "libbtdn.so.33")
     (tmp_path / "text.so").write_text("not a library")
-    with pytest.raises(soname.NotALibrary, match="not a 64-bit"):
-        soname.soname(tmp_path / "text.so")
+    (tmp_path / "empty.so").write_bytes(b"")
+    (tmp_path / "cut.so").write_bytes(lib.read_bytes()[:200])
+    for name, why in (("text.so", "not a 64-bit"), ("empty.so", "not a 64-bit"), ("cut.so", "truncated")):
+        with pytest.raises(soname.NotALibrary, match=why):
+            soname.soname(tmp_path / name)
 
 
 @needs_onednn
