@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-newest newest-venv test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10
 
+# The second CI leg: the newest MindSpore the registry serves, installed as a user would (its own venv,
+# no constraints.txt: pyproject.toml's pins alone), printed, then the whole suite on it. Should that
+# MindSpore fall outside pyproject.toml's range, the newest inside it is tested, and the log says so.
+# NEWEST_TESTS narrows it for a local look (e.g. NEWEST_TESTS=tests/test_train.py).
+NEWEST := .venv-newest
+NEWEST_TESTS ?=
+test-newest: newest-venv
+	$(NEWEST)/bin/python -m pytest -q --durations=10 $(NEWEST_TESTS)
+
+newest-venv:
+	test -x $(NEWEST)/bin/python || $(PY) -m venv $(NEWEST)
+	@newest=$$($(NEWEST)/bin/pip index versions mindspore 2>/dev/null | sed -n 's/^mindspore (\(.*\))$$/\1/p'); \
+	test -n "$$newest" || { echo "make test-newest: the registry did not list MindSpore's versions" >&2; exit 1; }; \
+	echo "newest MindSpore on the registry: $$newest"; \
+	$(NEWEST)/bin/pip install -q -U -e '.[test]' "mindspore==$$newest" || { \
+	  echo "make test-newest: mindspore==$$newest does not install with bit-transfer (outside pyproject.toml's range?); the newest it accepts is tested instead" >&2; \
+	  $(NEWEST)/bin/pip install -q -U -e '.[test]' mindspore; }
+	@$(NEWEST)/bin/python -c 'import importlib.metadata as m; print("newest leg:", ", ".join(f"{p} {m.version(p)}" for p in ("mindspore", "numpy", "pyarrow")))'
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -28,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(NEWEST) build *.egg-info .pytest_cache

@@ -13,6 +13,7 @@ import re
 import sys
 
 from bit_transfer.settings import VERSION as __version__
+from bit_transfer.system import versions
 from bit_transfer.errors import UsageError
 
 
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        versions.check_numpy()  # before any command imports MindSpore, which would crash on it
         code = args.func(args)
     except UsageError as e:
         print(f"bit-transfer {args.command}: {getattr(e, 'label', 'error')}: {e}", file=sys.stderr)

@@ -197,6 +197,7 @@ class TrainStep:
 
         Returns the mean micro-batch loss and whether the update was applied (finite gradients).
         """
+        device.warn_slow_convolutions(self.model)
         if not self._cache_pending:
             return self._step(micro_batches, lr, lam)
         self._cache_pending = False
@@ -227,6 +228,7 @@ class TrainStep:
         """
         if self.batch_split == 1:
             raise ValueError("gradients_only needs a TrainStep with batch_split > 1")
+        device.warn_slow_convolutions(self.model)
         one = Tensor(1.0, ms.float32)
         loss = self._micro(Tensor(x), Tensor(y), Tensor(y), one, one, Tensor(True))
         return float(loss.asnumpy())  # waits for the step: an allocation failure surfaces here
@@ -277,6 +279,7 @@ class EvalStep:
             pad = np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)
             x = np.concatenate([x, pad])
         self.model.set_train(False)
+        device.warn_slow_convolutions(self.model)
         if not self._cache_pending:
             return self._forward(Tensor(x)).asnumpy()[:n]
         self._cache_pending = False

@@ -36,10 +36,13 @@ step 7-13 % faster on AVX2, 3-5 % on AVX-512). BIT_TRANSFER_WINOGRAD=0 turns it 
 
 oneDNN comes from the package registry (`onednn-cpu-gomp` and `onednn-devel-cpu-gomp`: the
 library built with GNU OpenMP, the runtime MindSpore already loads, and its headers), installed into
-the environment's prefix. Two oneDNNs live in one process: MindSpore's libdnnl.so.2 and our
-libdnnl.so.3 differ in soname, ours is a dependency of our kernel library alone (which MindSpore
-loads with RTLD_LOCAL), and that library exports only its kernel entry points (-fvisibility=hidden);
-tests/kernels/test_onednn.py checks both versions answer in one process and neither is global.
+the environment's prefix. Two oneDNNs live in one process: MindSpore's own (2.8: libdnnl.so.2,
+oneDNN 2.2; 2.10: libdnnl.so.3, oneDNN 3.10) and ours. Ours is a private copy of the wheel's
+library under another soname (`private_library`: the loader reuses a loaded soname, so linking the
+wheel's libdnnl.so.3 ran our kernels on MindSpore 2.10's oneDNN), a dependency of our kernel library
+alone (which MindSpore loads with RTLD_LOCAL), and that library exports only its kernel entry points
+(-fvisibility=hidden); tests/kernels/test_onednn.py checks which oneDNN our kernels call, that both
+answer in one process and that neither is global.
 
 Used only where the compiled CPU kernels are (CPU the only device, BIT_TRANSFER_CPU_KERNELS not 0),
 for float32, when oneDNN 3 is installed and the library builds; BIT_TRANSFER_ONEDNN=0 turns these
@@ -50,12 +53,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from bit_transfer import settings
 from bit_transfer.kernels import build as cpu_kernels
+from bit_transfer.system import files
 
 from bit_transfer.kernels import ops as kernel_ops
 
@@ -67,6 +74,7 @@ SOURCE = cpu_kernels.CSRC / "onednn_conv.cc"
 # took 2.1 s to build against 1.1 s (every first run waits for it).
 FLAGS = ["-O1", "-fopenmp", "-std=c++17", "-fvisibility=hidden", "-shared", "-fPIC"]
 INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
+PRIVATE_SONAME = "libbtdn.so.3"  # as long as libdnnl.so.3 (soname.rename), and no oneDNN's
 
 
 def prefix() -> Path | None:
@@ -78,15 +86,42 @@ def prefix() -> Path | None:
     return None
 
 
+def private_library(root: Path, version: str) -> Path:
+    """A copy of this prefix's libdnnl.so.3 renamed libbtdn.so.3 (its soname too), in a folder of
+    settings.home()/kernels keyed by the oneDNN version header and the file's size and time: the loader
+    reuses a loaded soname, and MindSpore 2.10 loads its own libdnnl.so.3 (oneDNN 3.10) first."""
+    from bit_transfer.kernels import soname
+
+    wheel = (root / "lib/libdnnl.so.3").resolve()
+    stat = wheel.stat()
+    key = hashlib.sha256(f"{version}\n{wheel}\n{stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    copy = settings.home() / "kernels" / f"onednn-{key}" / PRIVATE_SONAME
+    if copy.exists():
+        return copy
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=copy.parent) as tmp:
+            shutil.copyfile(wheel, Path(tmp) / PRIVATE_SONAME)
+            soname.rename(Path(tmp) / PRIVATE_SONAME, PRIVATE_SONAME)
+            files.publish(Path(tmp) / PRIVATE_SONAME, copy, mode=0o755)  # concurrent processes write the same bytes
+    except soname.NotALibrary as e:
+        raise RuntimeError(f"{wheel}: {e}") from None
+    except OSError as e:
+        raise cpu_kernels.CacheUnwritable(f"cannot write the kernel cache {copy.parent} ({e.strerror or e})") from None
+    return copy
+
+
 def _build() -> Path | None:
-    """The kernel library linked against this prefix's libdnnl.so.3 (rpath: no LD_LIBRARY_PATH), keyed
-    by the oneDNN version header too, so a new oneDNN rebuilds it. Raises RuntimeError saying why not."""
+    """The kernel library linked against a private copy of this prefix's oneDNN (`private_library`; rpath:
+    no LD_LIBRARY_PATH), keyed by the oneDNN version header and the copy's folder too, so a new oneDNN
+    rebuilds it. Raises RuntimeError saying why not."""
     root = prefix()
     if root is None:
         raise RuntimeError(f"oneDNN 3 not installed ({INSTALL})")
     version = (root / "include/oneapi/dnnl/dnnl_version.h").read_text(errors="replace")
+    dnnl = private_library(root, version)
     flags = [*FLAGS, f"-I{root / 'include'}"]
-    lib = cpu_kernels.build("onednn_conv", SOURCE, flags, [str(root / "lib/libdnnl.so.3"), f"-Wl,-rpath,{root / 'lib'}"],
+    lib = cpu_kernels.build("onednn_conv", SOURCE, flags, [str(dnnl), f"-Wl,-rpath,{dnnl.parent}", "-ldl"],
                             extra=" ".join(version.split()))
     if lib is None:
         raise RuntimeError("no C++ compiler (g++) found")
@@ -198,6 +233,15 @@ def _loaded() -> ctypes.CDLL | None:
     """The kernel library MindSpore runs (dlopen of one path gives one copy), for its plain C entries."""
     lib = library()
     return None if lib is None else ctypes.CDLL(str(lib))
+
+
+def onednn_path() -> Path | None:
+    """The oneDNN file our kernels call into (as the loader bound them), None without the library."""
+    lib = _loaded()
+    if lib is None:
+        return None
+    lib.onednn_library.restype = ctypes.c_char_p
+    return Path(lib.onednn_library().decode())
 
 
 def forget_packed() -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import os
 import random
-import warnings
+import sys
+import weakref
 
 import numpy as np
 
@@ -39,15 +40,41 @@ def select_device(requested: str = "auto") -> str:
 
 
 def slow_cpu_warning(version: str, device: str) -> str | None:
-    """MindSpore 2.9/2.10 CPU convolutions are ~100x slower than 2.7/2.8 (measured on our CI machine)."""
+    """MindSpore 2.9/2.10's own CPU convolutions are ~100x slower than 2.7/2.8 (measured on our CI
+    machine); ours (bit_transfer/onednn_conv.py) do not depend on the version."""
     major, minor = (int(x) for x in version.split(".")[:2])
     if device == "CPU" and (major, minor) >= (2, 9):
         return (
-            f"MindSpore {version} runs CPU convolutions ~100x slower than 2.7/2.8 "
-            "(8x128x32x32 3x3 conv: 2.3 s vs 15-22 ms, measured); "
-            "for CPU training install mindspore==2.8.0 (see constraints.txt)"
+            f"MindSpore {version} runs its own CPU convolutions ~100x slower than 2.7/2.8 "
+            "(8x128x32x32 3x3 conv: 2.3 s vs 15-22 ms, measured) and this model uses them "
+            "(bit-transfer's oneDNN kernels off, unavailable or not float32); for CPU training "
+            "leave BIT_TRANSFER_CPU_KERNELS unset with g++ installed, or install mindspore==2.8.0"
         )
     return None
+
+
+_warned_slow = False
+_checked = weakref.WeakSet()  # models looked at (the look walks every cell)
+
+
+def warn_slow_convolutions(model) -> None:
+    """Before a compiled step runs `model`: one plain line on stderr, once per process, if the model
+    runs MindSpore's own convolutions (a ResNetV2 in NCHW, also inside a mixed-precision wrapper)
+    and this MindSpore makes them slow on this device. Not a Python warning (its file:line and source
+    line made three lines of it), and not before a step runs, so a command that fails earlier keeps
+    its one-line error."""
+    global _warned_slow
+    if _warned_slow or model in _checked:
+        return
+    _checked.add(model)
+    if not any(getattr(cell, "layout", None) == "nchw" for _, cell in model.cells_and_names()):
+        return
+    import mindspore as ms
+
+    _warned_slow = True
+    msg = slow_cpu_warning(ms.__version__, ms.get_context("device_target"))
+    if msg:
+        print(f"bit-transfer: warning: {msg}", file=sys.stderr, flush=True)
 
 
 @functools.cache
@@ -72,9 +99,6 @@ def setup(device: str = "auto", *, jit: bool = True) -> str:
                 f"set train.device: {current} or start a new process"
             ) from None
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    msg = slow_cpu_warning(ms.__version__, dev)
-    if msg:
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return dev
 
 

@@ -14,6 +14,7 @@ import pytest
 from mindspore import Tensor, ops
 
 from bit_transfer.kernels import build as cpu_kernels
+from bit_transfer.kernels import soname
 
 from bit_transfer.kernels import ops as kernel_ops
 from bit_transfer.kernels import onednn as onednn_conv
@@ -404,12 +405,7 @@ def test_a_channels_last_model_equals_its_nchw_form(layout):
             assert err <= (1e-4 if p.name != "root.conv.weight" else 2e-2), f"{p.name}: {err:.2e}"
 
 
-@needs_onednn
-def test_two_onednns_in_one_process_stay_apart():
-    """MindSpore's own libdnnl.so.2 and our libdnnl.so.3 each answer with their own version in one
-    process after both ran convolutions (ours first, then MindSpore's backward), and neither is in the
-    global scope."""
-    code = r"""
+TWO_ONEDNNS = r"""
 import ctypes, sys
 import numpy as np, mindspore as ms
 from mindspore import ops
@@ -417,28 +413,80 @@ from bit_transfer.system import device
 from bit_transfer.kernels import onednn as onednn_conv
 device.setup("CPU")
 x = ms.Tensor(np.ones((1, 4, 8, 8), np.float32)); w = ms.Tensor(np.ones((4, 4, 3, 3), np.float32))
-ref = ops.conv2d(x, w, None, 1, "pad", 1).asnumpy()                              # MindSpore's oneDNN
+ref = ops.conv2d(x, w, None, 1, "pad", 1).asnumpy()                              # MindSpore's oneDNN first
 ours = onednn_conv.conv_primitive(1, 1, False)(x.transpose(0, 2, 3, 1), w, onednn_conv.config(1, 1, False))
 assert np.array_equal(ours.transpose(0, 3, 1, 2).asnumpy(), ref)
 grad = ms.grad(lambda x: ops.conv2d(x, w, None, 1, "pad", 1).sum())(x)            # and again after ours
 lib = ctypes.CDLL(str(onednn_conv.library()))
-maps = [l.split()[-1] for l in open("/proc/self/maps") if "libdnnl.so" in l]
-v2 = [p for p in maps if p.endswith("libdnnl.so.2")][0]
-ms_dnnl = ctypes.CDLL(v2, mode=ctypes.RTLD_LOCAL | 4)  # RTLD_NOLOAD: the copy MindSpore loaded
+maps = {l.split()[-1] for l in open("/proc/self/maps") if "/mindspore/lib/libdnnl.so" in l}
+theirs = ctypes.CDLL(maps.pop(), mode=ctypes.RTLD_LOCAL | 4)  # RTLD_NOLOAD: the copy MindSpore loaded
 class V(ctypes.Structure):
     _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int)]
-ms_dnnl.dnnl_version.restype = lib.dnnl_version.restype = ctypes.POINTER(V)
-print(lib.onednn_version(), ms_dnnl.dnnl_version().contents.major, lib.dnnl_version().contents.major,
-      hasattr(ctypes.CDLL(None), "dnnl_version"), float(grad.sum()))
+theirs.dnnl_version.restype = ctypes.POINTER(V)
+v = theirs.dnnl_version().contents
+print(lib.onednn_version(), v.major * 10000 + v.minor * 100 + v.patch, theirs._name, onednn_conv.onednn_path(),
+      hasattr(ctypes.CDLL(None), "dnnl_version"), float(grad.sum()), len(maps))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def built_version() -> int:
+    """The oneDNN version of the headers our kernels compile against, as onednn_version() encodes it."""
+    header = (onednn_conv.prefix() / "include/oneapi/dnnl/dnnl_version.h").read_text()
+    part = {ln.split()[1]: int(ln.split()[2]) for ln in header.splitlines() if ln.startswith("#define DNNL_VERSION_")
+            and ln.split()[2].isdigit()}
+    return part["DNNL_VERSION_MAJOR"] * 10000 + part["DNNL_VERSION_MINOR"] * 100 + part["DNNL_VERSION_PATCH"]
+
+
+@pytest.fixture(scope="module")
+def two_onednns():
+    """TWO_ONEDNNS' report from a real process: (ours, MindSpore's version, MindSpore's file, the file
+    our kernels call, oneDNN global?, the gradient's sum, other MindSpore oneDNN files mapped)."""
+    out = subprocess.run([sys.executable, "-c", TWO_ONEDNNS], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    ours, theirs, through_ours, global_, grad = out.stdout.split()[-5:]
-    assert 30000 <= int(ours) < 40000 and theirs == "2"  # 3.x here, 2.x in MindSpore, same process
-    assert through_ours == "3"  # our library's dependency tree resolves oneDNN to 3.x, not MindSpore's
+    return out.stdout.split()[-7:]
+
+
+@needs_onednn
+def test_our_kernels_call_the_onednn_they_were_compiled_against(two_onednns):
+    """Whatever oneDNN MindSpore bundles (2.8: libdnnl.so.2, oneDNN 2.2; 2.10: libdnnl.so.3, oneDNN
+    3.10, the soname of ours) and loads first, our kernels call our private copy of the wheel's."""
+    ours, _, theirs_file, called, *_ = two_onednns
+    called = Path(called)
+    assert called.name == onednn_conv.PRIVATE_SONAME and called.parent.name.startswith("onednn-")
+    assert called.parent.parent == Path(os.environ["BIT_TRANSFER_HOME"]) / "kernels"
+    assert soname.soname(called) == onednn_conv.PRIVATE_SONAME != soname.soname(Path(theirs_file))
+    assert int(ours) == built_version()  # the version of the headers we compiled against
+
+
+@needs_onednn
+def test_two_onednns_in_one_process_stay_apart(two_onednns):
+    """MindSpore's own oneDNN and ours each answer with their own version in one process after both
+    ran convolutions (MindSpore's first, ours, MindSpore's backward), and neither is in the global scope."""
+    ours, theirs, theirs_file, called, global_, grad, more = two_onednns
+    assert "/mindspore/lib/" in theirs_file and Path(theirs_file) != Path(called) and more == "0"
+    assert int(theirs) > 0 and int(ours) == built_version() and ours != theirs  # two oneDNNs, one process
     assert global_ == "False"  # and neither oneDNN is in the global symbol scope
     # MindSpore's conv still right: each input pixel feeds 4 output channels at 2 (border) or 3 rows and columns
     assert float(grad) == 4 * 4 * (2 + 3 * 6 + 2) ** 2
+
+
+def test_soname_reads_and_renames_only_a_shared_library(tmp_path):
+    lib = onednn_conv.prefix() and onednn_conv.prefix() / "lib/libdnnl.so.3"
+    if not lib:
+        pytest.skip("oneDNN 3 not installed here")
+    assert soname.soname(lib) == "libdnnl.so.3"
+    copy = tmp_path / "copy.so"
+    copy.write_bytes(lib.read_bytes())
+    soname.rename(copy, "libxxxx.so.3")
+    assert soname.soname(copy) == "libxxxx.so.3" and copy.stat().st_size == lib.stat().st_size
+    with pytest.raises(soname.NotALibrary, match="not as long"):
+        soname.rename(copy, "libbtdn.so.33")
+    (tmp_path / "text.so").write_text("not a library")
+    (tmp_path / "empty.so").write_bytes(b"")
+    (tmp_path / "cut.so").write_bytes(lib.read_bytes()[:200])
+    for name, why in (("text.so", "not a 64-bit"), ("empty.so", "not a 64-bit"), ("cut.so", "truncated")):
+        with pytest.raises(soname.NotALibrary, match=why):
+            soname.soname(tmp_path / name)
 
 
 @needs_onednn
@@ -448,7 +496,7 @@ def test_the_library_exports_only_its_kernels():
     exported = {line.split()[-1] for line in names.splitlines() if " T " in line}
     assert exported == {"conv_fwd", "conv_forget", "conv_packed_bytes", "conv_bwd_data", "conv_bwd_weights", "conv_ws_fwd",
                         "conv_ws_bwd_data", "conv_ws_bwd_weights", "conv_ws_winograd_tile", "onednn_version",
-                        "onednn_activation_block"}
+                        "onednn_activation_block", "onednn_library"}
 
 
 def test_without_onednn_it_is_one_line_and_mindspores_convolutions(monkeypatch, tmp_path, capfd):

@@ -5,9 +5,11 @@
 // weights stay (O, I, kh, kw) and reach oneDNN's blocked layouts standardised by the conv_ws_*
 // kernels, reordered per call (conv_fwd, conv_bwd_*) or packed once (conv_fwd, cfg[3]). MindSpore 2.8
 // (its own oneDNN 2.2, plain NCHW) runs every convolution as im2col + GEMM.
-// Built with -fvisibility=hidden: only the kernel entry points are exported, and libdnnl.so.3 is a
-// dependency of this library alone (MindSpore's libdnnl.so.2 has another soname).
+// Built with -fvisibility=hidden: only the kernel entry points are exported, and oneDNN (a private
+// copy under its own soname, onednn_conv.private_library) is a dependency of this library alone.
 #include <oneapi/dnnl/dnnl.hpp>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1185,8 +1187,15 @@ EXPORT int conv_ws_winograd_tile(const int64_t *x, int ndim, const int64_t *w, c
 }
 
 // The oneDNN this library runs on, as major * 10000 + minor * 100 + patch (the separation test
-// checks it is 3.x while MindSpore's own libdnnl.so.2 stays 2.x in the same process).
+// checks it is the one compiled against while MindSpore's own answers with its version in the same process).
 EXPORT int onednn_version() {
   const dnnl_version_t *v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
+}
+
+// The file of the oneDNN this library's calls go to (its dnnl_version, as the loader bound it); ""
+// if the loader cannot say.
+EXPORT const char *onednn_library() {
+  Dl_info info;
+  return dladdr(reinterpret_cast<void *>(&dnnl_version), &info) && info.dli_fname ? info.dli_fname : "";
 }
