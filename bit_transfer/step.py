@@ -56,16 +56,20 @@ class SGDMomentum(nn.Cell):
             runtime.assign(v, state[v.name])
 
 
-def all_finite(grads, kernel=None):
+def all_finite(grads, kernel=None, amp: bool = False):
     """No inf/NaN in any gradient, as a scalar bool tensor.
 
     With `kernel` (cpu_kernels.all_finite_primitive(), float32 gradients on CPU): one pass over the
-    exponent bits. Otherwise one isfinite of the sum of per-tensor sums (an inf or NaN anywhere
-    makes the sum non-finite). `ms.amp.all_finite` launches IsFinite per tensor, ~1 ms each on CPU
-    (~20 % of an R50 step), and the sums still cost ~17 % there (profiled, docs/performance.md).
+    exponent bits. With `amp` (Ascend, GPU): `ms.amp.all_finite`, the documented check, which on Ascend
+    reads the float status registers that saturation mode sets instead of inf (mindspore/python/mindspore/
+    amp.py `_all_finite`: NPUGetFloatStatusV2 on 910A/910B; MindSpore 2.7-2.10). Otherwise (CPU without
+    our kernel) one isfinite of the sum of per-tensor sums: `ms.amp.all_finite` launches IsFinite per
+    tensor there, ~1 ms each (~20 % of an R50 step); the sums cost ~17 % (docs/performance.md).
     """
     if kernel is not None:  # float32 gradients only (TrainStep passes the kernel for float32 parameters)
         return kernel(*grads).reshape(())
+    if amp:
+        return ms.amp.all_finite(grads)
     return ops.isfinite(ops.addn([g.sum() for g in grads]))
 
 
@@ -124,6 +128,7 @@ class TrainStep:
         inv_split = 1.0 / batch_split
         unscale = precision == "fp16"  # the scale is 1.0 otherwise: skip a division per tensor
         finite_kernel = cpu_kernels.all_finite_primitive() if all(p.dtype == ms.float32 for p in params) else None
+        amp_check = ms.get_context("device_target") in ("Ascend", "GPU")
 
         def forward(x, ya, yb, lam, scale):
             loss = mixup_loss(model(x), ya, yb, lam)
@@ -141,7 +146,7 @@ class TrainStep:
                 grads = tuple([all_reduce(g) / ranks for g in grads])
             if unscale:
                 grads = tuple([g / scale for g in grads])
-            finite = all_finite(grads, finite_kernel)
+            finite = all_finite(grads, finite_kernel, amp_check)
             if finite:
                 self.optimizer(grads, lr)
             return finite
@@ -229,6 +234,14 @@ class TrainStep:
         loss = self._micro(Tensor(x), Tensor(y), Tensor(y), one, one, Tensor(True))
         return float(loss.asnumpy())  # waits for the step: an allocation failure surfaces here
 
+    def scale_state(self) -> dict:
+        """fp16's dynamic loss scale, for the checkpoint meta: a resume continues with it, not 2^16."""
+        return {"loss_scale": self.loss_scale, "good_steps": self._good_steps} if self.precision == "fp16" else {}
+
+    def load_scale_state(self, meta: dict) -> None:
+        if self.precision == "fp16" and "loss_scale" in meta:
+            self.loss_scale, self._good_steps = float(meta["loss_scale"]), int(meta.get("good_steps", 0))
+
     def _adjust_scale(self, finite: bool) -> None:
         """Dynamic loss scaling (fp16 only): halve on overflow, double after 1000 good steps."""
         if self.precision != "fp16":
@@ -286,9 +299,5 @@ def cast_model(model: nn.Cell, precision: str) -> nn.Cell:
         return model
     if hasattr(model, "set_layout"):  # the oneDNN layouts' CPU kernels are float32 kernels
         model.set_layout("nchw")
-    if dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
-        raise UsageError(
-            "train.precision: bf16 needs Ascend or GPU: MindSpore's CPU backend has no bf16 kernels "
-            "(Conv2D, MatMul, ReLU); use fp32 on CPU"
-        )
+    runtime.check_precision(precision, ms.get_context("device_target"))  # runtime.PRECISIONS_BY_DEVICE
     return ms.amp.auto_mixed_precision(model, amp_level="O2", dtype=dtype)
