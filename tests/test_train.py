@@ -8,6 +8,7 @@ import pytest
 
 from bit_transfer import recipe as recipes
 from bit_transfer.errors import UsageError
+from conftest import use_graph
 # The learnable task and the tiny recipe live in datagen; test_run_safety imports them from here too.
 from datagen import (EQUAL_MATHS_ATOL, PATTERN_NAMES, assert_params_close, final_params, pattern_task, read_jsonl,
                      tiny_recipe)
@@ -19,8 +20,8 @@ def task(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def learned(task, tmp_path_factory):
-    """One real run, shared by the tests that only read what it wrote."""
+def learned(task, graph, tmp_path_factory):
+    """One real run per graph (conftest.GRAPHS), shared by the tests that only read what it wrote."""
     from bit_transfer.train import fit
 
     runs = tmp_path_factory.mktemp("runs")
@@ -29,7 +30,8 @@ def learned(task, tmp_path_factory):
     # 100 steps reached 94-100 % for seeds 0-4 (width 1/8 at lr 0.05 ranged 41-97 %: last-bit
     # differences between runs decide which way such a small net goes).
     r = tiny_recipe(task, runs, rule__steps=100, rule__base_lr=0.02, model__width=0.25, train__eval_every=50, data__random_crop=False)
-    metrics = fit(r, run_dir=runs / "learned")
+    with use_graph(graph):
+        metrics = fit(r, run_dir=runs / "learned")
     return runs / "learned", metrics
 
 
@@ -84,18 +86,19 @@ def test_tensorboard_holds_the_scalars(learned):
     assert acc.Scalars("val/top1")[-1].step == 100
 
 
-def test_eval_command_reproduces_the_final_metrics(learned, tmp_path):
+def test_eval_command_reproduces_the_final_metrics(learned, graph, tmp_path):
     from bit_transfer.evalrun import eval_checkpoint
 
     run_dir, metrics = learned
     r = recipes.load(run_dir / "recipe.yaml")
-    out = eval_checkpoint(r, run_dir, out_dir=tmp_path / "ev")
+    with use_graph(graph):
+        out = eval_checkpoint(r, run_dir, out_dir=tmp_path / "ev")
     assert out["top1"] == pytest.approx(metrics["top1"])
     assert out["loss"] == pytest.approx(metrics["loss"], rel=1e-4)
     assert (tmp_path / "ev" / "metrics.json").is_file()
 
 
-def test_micro_batching_gives_the_same_update(task, tmp_path, monkeypatch):
+def test_micro_batching_gives_the_same_update(task, graph, tmp_path, monkeypatch):
     """batch_split 1 vs 4, same data order (no random crop/flip, no MixUp): same weights. With the
     direct convolution kernels: training picks Winograd by a micro-batch's tile count (16 images of
     this model have enough, 4 do not), another rounding, and this tiny model (GroupNorm over 2-4
@@ -106,8 +109,9 @@ def test_micro_batching_gives_the_same_update(task, tmp_path, monkeypatch):
     monkeypatch.setenv("BIT_TRANSFER_WINOGRAD", "0")
 
     common = dict(rule__steps=3, rule__mixup_alpha=0.0, data__random_crop=False, data__random_flip=False)
-    fit(tiny_recipe(task, tmp_path, train__batch_split=1, **common), run_dir=tmp_path / "s1")
-    fit(tiny_recipe(task, tmp_path, train__batch_split=4, **common), run_dir=tmp_path / "s4")
+    with use_graph(graph):
+        fit(tiny_recipe(task, tmp_path, train__batch_split=1, **common), run_dir=tmp_path / "s1")
+        fit(tiny_recipe(task, tmp_path, train__batch_split=4, **common), run_dir=tmp_path / "s4")
     assert_params_close(final_params(tmp_path / "s1"), final_params(tmp_path / "s4"), atol=EQUAL_MATHS_ATOL)
 
 
@@ -146,14 +150,15 @@ def test_mixup_in_the_loop_changes_the_loss(task, tmp_path):
     assert abs(plain[2] - mix[2]) > 1e-4
 
 
-def test_resume_equals_an_uninterrupted_run(task, tmp_path):
+def test_resume_equals_an_uninterrupted_run(task, graph, tmp_path):
     from bit_transfer.train import fit
 
     r = tiny_recipe(task, tmp_path, rule__steps=8, rule__mixup_alpha=0.2)
-    fit(r, run_dir=tmp_path / "straight")
-    first = fit(r, run_dir=tmp_path / "resumed", stop_after=4)
-    assert not first["completed"] and first["steps"] == 4
-    second = fit(r, run_dir=tmp_path / "resumed")
+    with use_graph(graph):
+        fit(r, run_dir=tmp_path / "straight")
+        first = fit(r, run_dir=tmp_path / "resumed", stop_after=4)
+        assert not first["completed"] and first["steps"] == 4
+        second = fit(r, run_dir=tmp_path / "resumed")
     assert second["completed"] and second["steps"] == 8
     assert_params_close(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"), atol=1e-6)
     steps = [row["step"] for row in read_jsonl(tmp_path / "resumed/metrics.jsonl") if "train/loss" in row]
@@ -201,7 +206,7 @@ def test_choose_batch_split_halves_until_it_fits():
         choose_batch_split(8, broken, log=lambda *a: None)
 
 
-@pytest.mark.parametrize("impl", ["sum", "kernel"])
+@pytest.mark.parametrize("impl", ["sum", "kernel", "amp"])  # amp: ms.amp.all_finite, what Ascend and GPU use
 def test_all_finite_catches_inf_and_nan_anywhere(impl):
     import mindspore as ms
 
@@ -215,7 +220,7 @@ def test_all_finite_catches_inf_and_nan_anywhere(impl):
         if kernel is None:
             pytest.skip("compiled CPU kernels not available here")
     def eager(*grads):
-        return all_finite(grads, kernel)
+        return all_finite(grads, kernel, amp=impl == "amp")
 
     check = ms.jit(eager)  # as in the train step
     ok = [np.ones((3, 2), np.float32), np.full(1031, -2.0, np.float32), np.zeros((2, 5, 3, 3), np.float32)]
@@ -240,7 +245,7 @@ def test_all_finite_catches_inf_and_nan_anywhere(impl):
 def test_bf16_on_cpu_is_a_usage_error(task, tmp_path):
     from bit_transfer.train import fit
 
-    with pytest.raises(UsageError, match="bf16 needs Ascend or GPU"):
+    with pytest.raises(UsageError, match="bf16 cannot train on CPU: MindSpore's CPU backend has no bf16"):
         fit(tiny_recipe(task, tmp_path, train__precision="bf16"), run_dir=tmp_path / "bf16")
 
 
