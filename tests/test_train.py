@@ -19,6 +19,9 @@ def task(tmp_path_factory):
     return pattern_task(tmp_path_factory.mktemp("patterns") / "cifar-10-batches-py", n_train=40, n_test=8)
 
 
+SCHEDULE, LEARN_LR = [10, 50, 75, 90, 100], 0.01
+
+
 @pytest.fixture(scope="module")
 def learned(task, graph, tmp_path_factory):
     """One real run per graph (conftest.GRAPHS), shared by the tests that only read what it wrote."""
@@ -26,10 +29,13 @@ def learned(task, graph, tmp_path_factory):
 
     runs = tmp_path_factory.mktemp("runs")
     # Random crops off: a tiny model trained from scratch on 40 images generalises across the
-    # crop's scale change unreliably; the crop itself is tested in the data tests. Width 1/4, lr 0.02,
-    # 100 steps reached 94-100 % for seeds 0-4 (width 1/8 at lr 0.05 ranged 41-97 %: last-bit
-    # differences between runs decide which way such a small net goes).
-    r = tiny_recipe(task, runs, rule__steps=100, rule__base_lr=0.02, model__width=0.25, train__eval_every=50, data__random_crop=False)
+    # crop's scale change unreliably; the crop itself is tested in the data tests. Width 1/4. The rule's
+    # schedule at lr 0.02 (warm-up to step 20, peak to 40) learned on our kernels (94-100 % for seeds
+    # 0-4) but spiked on MindSpore's operators (loss 4.1 at step 40, top-1 87.5 %): a learnability test
+    # must not hang on one rounding path. lr 0.01, warm-up 10, peak to 50 (SCHEDULE): top-1 100 % on
+    # both graphs, kernels seeds 0-1 and msops seeds 0-2, last/first loss 0.001-0.02 (measured).
+    r = tiny_recipe(task, runs, rule__steps=100, rule__base_lr=LEARN_LR, rule__schedule=SCHEDULE, model__width=0.25,
+                    train__eval_every=50, data__random_crop=False)
     with use_graph(graph):
         metrics = fit(r, run_dir=runs / "learned")
     return runs / "learned", metrics
@@ -41,7 +47,7 @@ def test_learnable_task_reaches_high_accuracy_and_loss_falls(learned):
     assert metrics["completed"] and metrics["steps"] == 100
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
     first, last = np.mean([r["train/loss"] for r in rows[:3]]), np.mean([r["train/loss"] for r in rows[-3:]])
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.2 * first, (first, last)
 
 
 def test_run_directory_contents(learned):
@@ -56,7 +62,8 @@ def test_run_directory_contents(learned):
     assert np.array(confusion["matrix"]).sum() == 32
     # the saved recipe reloads to the same recipe
     again = recipes.load(run_dir / "recipe.yaml")
-    assert again.to_dict()["rule"] == tiny_recipe(Path("x"), Path("y"), rule__steps=100, rule__base_lr=0.02).to_dict()["rule"]
+    assert again.to_dict()["rule"] == tiny_recipe(Path("x"), Path("y"), rule__steps=100, rule__base_lr=LEARN_LR,
+                                                  rule__schedule=SCHEDULE).to_dict()["rule"]
     assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
     pytest.importorskip("matplotlib")
     assert (run_dir / "eval/confusion.png").stat().st_size > 1000
@@ -66,7 +73,7 @@ def test_lr_in_metrics_equals_the_plan_at_every_logged_step(learned):
     from bit_transfer.hyperrule import plan as make_plan
 
     run_dir, _ = learned
-    plan = make_plan(160, (32, 32), precrop=20, crop=16, steps=100, base_lr=0.02, batch_size=16)
+    plan = make_plan(160, (32, 32), precrop=20, crop=16, steps=100, schedule=SCHEDULE, base_lr=LEARN_LR, batch_size=16)
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/lr" in r]
     assert [r["step"] for r in rows] == list(range(1, 101))
     for r in rows:  # the row of step s logs the lr used for the update that made step s
