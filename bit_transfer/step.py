@@ -193,7 +193,8 @@ class TrainStep:
         self._micro = ms.jit(self._cell) if jit else micro
         self._cache_pending, self._log = compile_cache and jit, log
         self._settings = {"momentum": momentum, "weight_decay": weight_decay, "batch_split": batch_split,
-                          "precision": precision, "ranks": ranks, "finite_kernel": finite_kernel is not None}
+                          "precision": precision, "ranks": ranks, "finite_kernel": finite_kernel is not None,
+                          "finite_amp": amp_check}
 
     def __call__(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
         """One optimizer step over `batch_split` micro-batches of (x, y_a, y_b).

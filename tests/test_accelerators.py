@@ -156,3 +156,31 @@ def test_doctor_reports_the_machine_a_smoke_run_per_precision_and_the_input_pipe
 def test_doctor_with_a_bad_recipe_is_one_line(tmp_path):
     (tmp_path / "r.yaml").write_text("train: {precision: fp8}\n")
     assert "precision" in one_line_error(run_cli("doctor", tmp_path / "r.yaml"), "doctor")
+
+
+def test_the_step_with_ms_amp_all_finite_trains_and_skips_like_ours(monkeypatch):
+    """The train step as Ascend/GPU compile it (`ms.amp.all_finite` inside the jit graph, under `if finite`),
+    built here by answering GPU to the step's device question: the same losses as the CPU check, and an
+    inf in the batch skips the update."""
+    import mindspore as ms
+
+    from bit_transfer import models, runtime
+    from bit_transfer.step import TrainStep
+
+    runtime.setup("auto")
+    real = ms.get_context
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-1, 1, (4, 3, 16, 16)).astype(np.float32), np.arange(4, dtype=np.int32)
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.inf
+    runs = []
+    with use_graph("msops"):
+        for device in ("CPU", "GPU"):
+            ms.set_seed(0)
+            net = models.create_model("custom", 4, depths=[1, 1, 1, 1], width=0.125)
+            monkeypatch.setattr(ms, "get_context", lambda k: device if k == "device_target" else real(k))
+            step = TrainStep(net, momentum=0.9, weight_decay=0.0, batch_split=1)
+            monkeypatch.setattr(ms, "get_context", real)
+            assert step._settings["finite_amp"] == (device == "GPU")
+            runs.append([step([(x, y, y)], 0.05, 1.0) for _ in range(3)] + [step([(bad, y, y)], 0.05, 1.0)])
+    assert runs[0] == runs[1] and [applied for _, applied in runs[1]] == [True, True, True, False], runs
