@@ -95,9 +95,10 @@ def cpu_kernels_status() -> str:
     return f"compiled (GroupNorm, weight standardisation, max-pool, finite check) with {conv}"
 
 
-def smoke(model_name: str, device: str, precision: str, *, steps: int, size: int, batch: int) -> float:
-    """Train `steps` steps of the model (random weights, random images) in `precision`; images/s of
-    the steps after the first (which compiles)."""
+def smoke(model_name: str, precision: str, *, steps: int, size: int, batch: int, seconds: float) -> tuple[float, int]:
+    """Train `steps` steps of the model (random weights, random images) in `precision`, or fewer when
+    they take over `seconds` (fp16 on CPU runs MindSpore's slow half-precision kernels); (images/s of
+    the steps after the first, which compiles; steps run)."""
     from bit_transfer import models
     from bit_transfer.step import TrainStep, cast_model
 
@@ -110,10 +111,11 @@ def smoke(model_name: str, device: str, precision: str, *, steps: int, size: int
     y = rng.integers(0, 10, batch).astype(np.int32)
     model.set_train(True)
     step([(x, y, y)], 0.001, 1.0)  # compiles
-    t = time.perf_counter()
-    for _ in range(steps - 1):
+    t, done = time.perf_counter(), 1
+    while done < steps and (done < 3 or time.perf_counter() - t < seconds):
         step([(x, y, y)], 0.001, 1.0)
-    return (steps - 1) * batch / max(time.perf_counter() - t, 1e-9)
+        done += 1
+    return (done - 1) * batch / max(time.perf_counter() - t, 1e-9), done
 
 
 def input_pipeline(recipe, seconds: float = 5.0) -> tuple[float, int, int]:
@@ -151,17 +153,18 @@ def run(args) -> int:
     say(f"CPU kernels: {cpu_kernels_status()}")
     model = "tiny" if args.model == "tiny" else args.model
     say(f"smoke run on {device}: {model}, random weights, {args.image_size} px, micro-batch {args.batch}, "
-        f"{args.steps} steps")
+        f"{args.steps} steps or {args.seconds:g} s each")
     failed, best = False, None
     for precision in runtime.PRECISIONS_BY_DEVICE[device]:
         try:
-            ips = smoke(model, device, precision, steps=args.steps, size=args.image_size, batch=args.batch)
+            ips, done = smoke(model, precision, steps=args.steps, size=args.image_size, batch=args.batch,
+                              seconds=args.seconds)
         except Exception as e:  # a diagnosis: say what failed and go on
             failed = True
             say(f"  {precision}: FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}")
             continue
         best = best if best and best[1] >= ips else (precision, ips)
-        say(f"  {precision}: {ips:.1f} images/s (training step)")
+        say(f"  {precision}: {ips:.1f} images/s (training step; {done} steps)")
     if r is not None and best is not None:
         ips, crop, workers = input_pipeline(r)
         step_at_crop = best[1] * (args.image_size / crop) ** 2  # a step's work grows with the pixels
