@@ -323,8 +323,8 @@ def add_doctor_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_at_least(2), default=20, metavar="N", help="smoke-run steps (default 20)")
     p.add_argument("--image-size", type=int_at_least(32), default=64, metavar="PX", help="smoke-run images (default 64)")
     p.add_argument("--batch", type=int_at_least(1), default=4, metavar="N", help="smoke-run micro-batch (default 4)")
-    p.add_argument("--seconds", type=float, default=15.0, metavar="S",
-                   help="stop a precision's smoke run after this long past its first step (default 15)")
+    p.add_argument("--seconds", type=float, default=10.0, metavar="S",
+                   help="stop a precision's smoke run after this long past its first step (default 10)")
     p.add_argument("--model", default="BiT-M-R50x1", metavar="NAME",
                    help="smoke-run model: a BiT name (default BiT-M-R50x1) or tiny (a 1/8-width test model)")
     p.set_defaults(func=cmd_doctor)

@@ -143,7 +143,7 @@ def test_doctor_reports_the_machine_a_smoke_run_per_precision_and_the_input_pipe
     lines = out.stdout.splitlines()
     assert lines[0].startswith("MindSpore 2.") and "plugins shipped:" in lines[0]
     for start in ("CPU: 1 device(s)", "GPU: none (", "Ascend: none (", "device nodes: ", "CUDA: ", "CANN: ",
-                  "CPU kernels: ", "smoke run on CPU: tiny, random weights, 32 px, micro-batch 2, 3 steps or 15 s each",
+                  "CPU kernels: ", "smoke run on CPU: tiny, random weights, 32 px, micro-batch 2, 3 steps or 10 s each",
                   "  fp32: ", "  fp16: ", "input pipeline ("):
         assert any(ln.startswith(start) for ln in lines), (start, out.stdout)
     for precision in ("fp32", "fp16"):
