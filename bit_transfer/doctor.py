@@ -45,7 +45,7 @@ def devices_seen() -> list[str]:
         if n:
             lines.append(f"{device}: {n} device(s)")
         elif device != "CPU":
-            why = runtime.plugin_load_error(device) or runtime._no_plugin(device)
+            why = runtime.plugin_load_error(device) or runtime.no_plugin_reason(device)
             lines.append(f"{device}: none ({why})")
     nodes = runtime.device_nodes()
     lines.append("device nodes: " + ("; ".join(f"{d}: {', '.join(p)}" for d, p in nodes.items()) if nodes

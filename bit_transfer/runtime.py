@@ -152,12 +152,13 @@ def unused_accelerator(device: str, roots=("/dev",)) -> str | None:
     if not nodes:
         return None
     accel, paths = next(iter(nodes.items()))
-    why = plugin_load_error(accel) or _no_plugin(accel)
+    why = plugin_load_error(accel) or no_plugin_reason(accel)
     return (f"{paths[0]} exists but MindSpore trains on CPU: it could not load its {accel} plugin ({why}); "
             f"{what_to_install(accel)}")
 
 
-def _no_plugin(device: str) -> str:
+def no_plugin_reason(device: str) -> str:
+    """Why a device is missing when MindSpore recorded no load error for it."""
     if device == "GPU":
         return "no CUDA runtime that one of its GPU plugins needs was found"
     return "no Ascend plugin loaded"
@@ -169,7 +170,7 @@ def select_device(requested: str = "auto") -> str:
     if requested == "auto":
         return have[0]
     if requested not in have:
-        why = plugin_load_error(requested) or _no_plugin(requested)
+        why = plugin_load_error(requested) or no_plugin_reason(requested)
         why = f"its {requested} plugin did not load ({why})"
         raise UsageError(f"train.device is {requested} but MindSpore cannot use it: {why}; "
                          f"{what_to_install(requested)}, or set train.device: auto")
