@@ -91,6 +91,7 @@ def cmd_plan(args) -> int:
     from bit_transfer.config import recipe
 
     r = recipe.load(args.recipe, args.sets)
+    _check_device_settings(r, args.devices * args.nodes)
     info = planning.task_info(r)
     plan = planning.make_plan(r, info)
     layout = planning.batch_layout(plan.batch_size, r.train.batch_split, world=args.devices * args.nodes)
@@ -99,6 +100,16 @@ def cmd_plan(args) -> int:
     else:
         print(planning.plan_report(r, info, plan, layout))
     return 0
+
+
+def _check_device_settings(r, ranks: int) -> None:
+    """What the recipe asks of the device, refused in one line before any data is read or graph compiled."""
+    from bit_transfer.system import device as runtime
+
+    runtime.check_precision(r.train.precision, r.train.device)
+    if r.train.device_id is not None and ranks > 1:
+        raise UsageError(f"train.device_id is for one-process runs; with {ranks} ranks each uses its local rank's "
+                         "device: remove train.device_id")
 
 
 def _recipe_for_run(args):
@@ -124,6 +135,7 @@ def cmd_fit(args) -> int:
     if args.node_rank >= args.nodes:
         raise UsageError(f"--node-rank {args.node_rank} is not below --nodes {args.nodes}; number the machines 0 .. nodes-1")
     r, run_dir = _recipe_for_run(args)
+    _check_device_settings(r, args.devices * args.nodes)
     if r.train.device in ("auto", "CPU"):  # a first run compiles the CPU kernels while MindSpore imports
         from bit_transfer.kernels import onednn as onednn_conv
 
@@ -339,6 +351,35 @@ def cmd_embed(args) -> int:
     return embed_command(args)
 
 
+def add_doctor_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "doctor",
+        help="check this machine: MindSpore build, devices, CUDA/CANN, CPU kernels, a training smoke run",
+        description="Report MindSpore's version and build, the devices it sees (or why none), CUDA/CANN versions, "
+                    "our CPU kernels, then train R50x1 (random weights) for a few steps on the device in each "
+                    "precision it supports. With RECIPE: the input pipeline's images/s on its data and whether "
+                    "training it would be input-bound. Exit 1 if a smoke run failed.",
+    )
+    add_recipe_args(p, optional=True)
+    p.add_argument("--device", type=_device_name, choices=["auto", "CPU", "GPU", "Ascend"], default=None,
+                   help="device of the smoke run (default: the recipe's train.device, else auto)")
+    p.add_argument("--steps", type=int_at_least(2), default=20, metavar="N", help="smoke-run steps (default 20)")
+    p.add_argument("--image-size", type=int_at_least(32), default=64, metavar="PX", help="smoke-run images (default 64)")
+    p.add_argument("--batch", type=int_at_least(1), default=4, metavar="N", help="smoke-run micro-batch (default 4)")
+    p.add_argument("--seconds", type=float, default=10.0, metavar="S",
+                   help="stop a precision's smoke run after this long past its first step (default 10)")
+    p.add_argument("--model", default="BiT-M-R50x1", metavar="NAME",
+                   help="smoke-run model: a BiT name (default BiT-M-R50x1) or tiny (a 1/8-width test model)")
+    p.set_defaults(func=cmd_doctor)
+    return p
+
+
+def cmd_doctor(args) -> int:
+    from bit_transfer.commands import doctor
+
+    return doctor.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="bit-transfer",
@@ -388,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parser(sub)
     add_embed_parser(sub)
+    add_doctor_parser(sub)
     return parser
 
 

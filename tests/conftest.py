@@ -59,6 +59,42 @@ def offline_hub(monkeypatch, tmp_path):
     return _private_datasets_cache(monkeypatch, tmp_path / "hf-cache")
 
 
+# The two graphs a model trains on: "kernels", our compiled CPU kernels and oneDNN's channels-last
+# convolutions (CPU's default), and "msops", MindSpore's own operators in NCHW (BIT_TRANSFER_CPU_KERNELS=0),
+# the graph Ascend and GPU compile. Tests of training, evaluation, prediction, resume, micro-batching,
+# fp16 and 2 ranks run on both (the `graph` fixture); `make test` so exercises the accelerators' graph.
+GRAPHS = ("kernels", "msops")
+
+
+def _forget_kernels() -> None:
+    from bit_transfer.kernels import onednn as onednn_conv, ops as kernel_ops
+
+    kernel_ops.clear_caches()
+    onednn_conv.library.cache_clear()
+
+
+@contextlib.contextmanager
+def use_graph(graph: str):
+    """Models built and CLI processes started inside run on `graph` (GRAPHS)."""
+    mp = pytest.MonkeyPatch()
+    if graph == "msops":
+        mp.setenv("BIT_TRANSFER_CPU_KERNELS", "0")
+    _forget_kernels()
+    try:
+        yield graph
+    finally:
+        mp.undo()
+        _forget_kernels()
+
+
+@pytest.fixture(scope="module", params=GRAPHS)
+def graph(request):
+    """Each graph in turn (module-scoped: a module's shared runs are made once per graph); a test
+    activates it with `use_graph(graph)`. Pin a test to one with
+    `@pytest.mark.parametrize("graph", ["kernels"], indirect=True)`."""
+    return request.param
+
+
 def run_cli(*args, cwd=ROOT, env=None, timeout=300) -> subprocess.CompletedProcess:
     """`bit-transfer ARGS` as a user runs it: a new process, its exit code, stdout and stderr."""
     return subprocess.run([sys.executable, "-m", "bit_transfer", *map(str, args)], capture_output=True, text=True,

@@ -237,7 +237,6 @@ MAX_LINES = 60
 # Functions longer than MAX_LINES today, at their current length: they may only shrink
 # (shrink the number here with them; delete the entry once under MAX_LINES).
 LONG_FUNCTIONS_ALLOWED: dict[str, int] = {
-    "bit_transfer/engine/step.py::TrainStep.__init__": 92,
     "bit_transfer/hyperrule/rule.py::plan": 66,
 }
 

@@ -34,7 +34,7 @@ def eval_checkpoint(recipe: recipes.Recipe, checkpoint_path: str | Path, *, out_
     # a file, someone's directory, a run or a read-only place: refused before the work
     out = RunDir.claim(output_dir(recipe, path, run, out_dir), kind="eval", flag="--out")
     try:
-        device = runtime.setup(recipe.train.device, jit=recipe.train.jit)
+        device = runtime.setup(recipe.train.device, jit=recipe.train.jit, device_id=recipe.train.device_id)
         # architecture, padding, head and the checkpoint's meta, from one read of the file
         model, report = models.create_model_from_weights(path)
         meta = report.meta

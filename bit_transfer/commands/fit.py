@@ -81,7 +81,8 @@ def fit(recipe: recipes.Recipe, *, run_dir=None, quiet: bool | None = None, stop
     """
     t_start = time.time()
     with StopFlag() as stop:  # from the first moment: data loading and compiling are covered too
-        device = runtime.setup(recipe.train.device, jit=recipe.train.jit)
+        device = runtime.setup(recipe.train.device, jit=recipe.train.jit, device_id=recipe.train.device_id)
+        runtime.check_precision(recipe.train.precision, device)  # before anything compiles
         world = distributed.world()
         stop.rearm()  # MindSpore's context start installed its own SIGINT handler
         _check_ranks(recipe, run_dir, world)
@@ -163,6 +164,7 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
     s = Session(recipe, run, world, device, dataset, info, plan, layout, net, model, step_fn, eval_step, None, say)
     if latest:
         _restore(model, step_fn, latest[1], latest[0])
+        step_fn.load_scale_state(meta)
         s.step = s.saved_at = int(meta["step"])
         say(f"resumed from {latest[0].name} at step {s.step}", flush=True)
     else:
@@ -408,7 +410,7 @@ def save(s: Session, stop: StopFlag) -> Path:
     meta = checkpoint.training_meta(
         step=s.step, batch_split=s.layout.batch_split, micro_batch=s.layout.micro_batch, world=s.world.size,
         seed=s.recipe.train.seed, model=s.net, class_names=s.dataset.class_names, recipe=s.recipe.name,
-        plan_steps=s.plan.steps,
+        plan_steps=s.plan.steps, **s.step_fn.scale_state(),
     )
     with stop.critical():
         path = s.run.save_checkpoint(s.step, params, meta, keep=s.recipe.train.keep_checkpoints)

@@ -81,7 +81,8 @@ class TrainConfig:
     batch_size: int | None = key(None, Nullable(BATCH), "logical batch; null: the rule's 512")
     batch_split: int | str = key(1, OneOf(Int(1), AUTO), "micro-batches per logical batch, or auto (largest that fits)")
     device: str = key("auto", Str(DEVICES, fold_case=True), "auto picks Ascend, then GPU, then CPU")
-    precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step")
+    device_id: int | None = key(None, Nullable(Int(0)), "which card a one-process run uses; null: MindSpore's default")
+    precision: str = key("fp32", Str(["fp32", "fp16", "bf16"]), "compute precision of the train step (docs/accelerators.md: which device runs which)")
     mode: str = key("finetune", Str(["finetune", "linear"]), "finetune: all weights; linear: frozen backbone")
     freeze: str = key("none", Str(list(FREEZE)), "not trained: the stem up to and including this part; "
                       "backbone: all but the head (= mode linear)")

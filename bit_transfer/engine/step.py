@@ -16,7 +16,6 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from bit_transfer.system import compile_cache
 from bit_transfer.kernels import ops as kernel_ops
 from bit_transfer.system import device
-from bit_transfer.errors import UsageError
 
 PRECISIONS = {"fp32": None, "fp16": ms.float16, "bf16": ms.bfloat16}
 
@@ -58,16 +57,20 @@ class SGDMomentum(nn.Cell):
             device.assign(v, state[v.name])
 
 
-def all_finite(grads, kernel=None):
+def all_finite(grads, kernel=None, amp: bool = False):
     """No inf/NaN in any gradient, as a scalar bool tensor.
 
     With `kernel` (kernel_ops.all_finite_primitive(), float32 gradients on CPU): one pass over the
-    exponent bits. Otherwise one isfinite of the sum of per-tensor sums (an inf or NaN anywhere
-    makes the sum non-finite). `ms.amp.all_finite` launches IsFinite per tensor, ~1 ms each on CPU
-    (~20 % of an R50 step), and the sums still cost ~17 % there (profiled, docs/performance.md).
+    exponent bits. With `amp` (Ascend, GPU): `ms.amp.all_finite`, the documented check, which on Ascend
+    reads the float status registers that saturation mode sets instead of inf (mindspore/python/mindspore/
+    amp.py `_all_finite`: NPUGetFloatStatusV2 on 910A/910B; MindSpore 2.7-2.10). Otherwise (CPU without
+    our kernel) one isfinite of the sum of per-tensor sums: `ms.amp.all_finite` launches IsFinite per
+    tensor there, ~1 ms each (~20 % of an R50 step); the sums cost ~17 % (docs/performance.md).
     """
     if kernel is not None:  # float32 gradients only (TrainStep passes the kernel for float32 parameters)
         return kernel(*grads).reshape(())
+    if amp:
+        return ms.amp.all_finite(grads)
     return ops.isfinite(ops.addn([g.sum() for g in grads]))
 
 
@@ -123,74 +126,87 @@ class TrainStep:
         # scale, like the lr and lam, is an input of the compiled graphs, never captured state.
         self.loss_scale = 2.0**16 if precision == "fp16" else 1.0
         self._good_steps = 0
-        inv_split = 1.0 / batch_split
-        unscale = precision == "fp16"  # the scale is 1.0 otherwise: skip a division per tensor
         finite_kernel = kernel_ops.all_finite_primitive() if all(p.dtype == ms.float32 for p in params) else None
+        amp_check = ms.get_context("device_target") in ("Ascend", "GPU")
+        grad_fn = self._grad_fn(model, batch_split)
+        update = self._update_fn(ranks, precision == "fp16", finite_kernel, amp_check)
+        if batch_split == 1:
+            micro = self._single(grad_fn, update)
+        else:
+            micro = self._accumulating(grad_fn, update, params)
+        self._micro = ms.jit(self._cell) if jit else micro
+        self._cache_pending, self._log = compile_cache and jit, log
+        self._settings = {"momentum": momentum, "weight_decay": weight_decay, "batch_split": batch_split,
+                          "precision": precision, "ranks": ranks, "finite_kernel": finite_kernel is not None,
+                          "finite_amp": amp_check}
+
+    def _grad_fn(self, model, batch_split: int):
+        """Loss and gradients of one micro-batch; each loss scaled by 1/batch_split (and the fp16 scale)."""
+        inv_split = 1.0 / batch_split
 
         def forward(x, ya, yb, lam, scale):
             loss = mixup_loss(model(x), ya, yb, lam)
             return loss * (inv_split * scale), loss
 
-        grad_fn = ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
+        return ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
 
+    def _update_fn(self, ranks: int, unscale: bool, finite_kernel, amp_check: bool):
+        """The end of every optimizer step: all-reduce, unscale (fp16), check, apply."""
         # Data parallel: the mean over ranks of each rank's (accumulated) gradient, once per
         # optimizer step, inside the compiled graph; every rank then applies the same update.
         all_reduce = ops.AllReduce() if ranks > 1 else None
+        optimizer = self.optimizer
 
         def update(grads, scale, lr):
-            """The end of every optimizer step: all-reduce, unscale (fp16), check, apply."""
             if all_reduce is not None:
                 grads = tuple([all_reduce(g) / ranks for g in grads])
-            if unscale:
+            if unscale:  # the scale is 1.0 otherwise: skip a division per tensor
                 grads = tuple([g / scale for g in grads])
-            finite = all_finite(grads, finite_kernel)
+            finite = all_finite(grads, finite_kernel, amp_check)
             if finite:
-                self.optimizer(grads, lr)
+                optimizer(grads, lr)
             return finite
 
-        if batch_split == 1:
+        return update
 
-            def micro(x, ya, yb, lam, scale, lr):
-                (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
-                return loss, update(grads, scale, lr)
+    def _single(self, grad_fn, update):
+        """batch_split 1: forward, backward and update in one compiled graph."""
+        def micro(x, ya, yb, lam, scale, lr):
+            (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
+            return loss, update(grads, scale, lr)
 
-            self._cell = _StepCell(micro, model, self.optimizer)
-        else:
-            # Each micro-batch adds its gradients into Parameter buffers inside its own compiled
-            # graph; `apply` reads them. The step's first micro-batch overwrites the buffers, so no
-            # zeroing pass (zeroing and reading them in one graph ran mis-ordered under jit in
-            # MindSpore 2.8). The branch on `first` also keeps the graph fast: MindSpore 2.8 runs
-            # graphs without control flow through its CPU "graph pipeline", which made R50x1's
-            # forward+backward 2x slower on 2 cores (0.60 vs 0.30 s per micro-batch of 8). Returning
-            # the gradients as values and summing them in another graph (the previous design):
-            # 19.4 img/s, 2.31 GB peak at R50x1 8 x 4; this: 26.1 img/s, 2.12 GB (docs/performance.md).
-            sums = ParameterTuple(
-                Parameter(ops.zeros(p.shape, p.dtype), name=f"grad_sum.{p.name}", requires_grad=False) for p in params
-            )
+        self._cell = _StepCell(micro, self.model, self.optimizer)
+        return micro
 
-            def micro(x, ya, yb, lam, scale, first):
-                (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
-                if first:
-                    for acc, g in zip(sums, grads):
-                        ops.assign(acc, g)
-                else:
-                    for acc, g in zip(sums, grads):
-                        ops.assign_add(acc, g)
-                return loss
+    def _accumulating(self, grad_fn, update, params):
+        """batch_split > 1: each micro-batch adds its gradients into Parameter buffers inside its own
+        compiled graph; `apply` reads them. The step's first micro-batch overwrites the buffers, so no
+        zeroing pass (zeroing and reading them in one graph ran mis-ordered under jit in MindSpore 2.8);
+        the branch on `first` also keeps MindSpore 2.8 off its slow CPU "graph pipeline"
+        (docs/performance.md, micro-batching)."""
+        sums = ParameterTuple(
+            Parameter(ops.zeros(p.shape, p.dtype), name=f"grad_sum.{p.name}", requires_grad=False) for p in params
+        )
 
-            def apply(scale, lr):
-                return update(tuple(sums), scale, lr)
+        def micro(x, ya, yb, lam, scale, first):
+            (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
+            if first:
+                for acc, g in zip(sums, grads):
+                    ops.assign(acc, g)
+            else:
+                for acc, g in zip(sums, grads):
+                    ops.assign_add(acc, g)
+            return loss
 
-            self._cell = _StepCell(micro, model, self.optimizer, sums)
-            # The update runs op by op (PyNative), not compiled: a compiled apply graph read the sums
-            # as copies (with the Parameters themselves as ApplyMomentum's gradient inside its
-            # `if finite` branch, MindSpore 2.8 silently applied no update) and kept its own memory
-            # pool: +0.55 GB peak at R50x1 8 x 4. Eager, it is ~2 launches per parameter, once per step.
-            self._apply = apply
-        self._micro = ms.jit(self._cell) if jit else micro
-        self._cache_pending, self._log = compile_cache and jit, log
-        self._settings = {"momentum": momentum, "weight_decay": weight_decay, "batch_split": batch_split,
-                          "precision": precision, "ranks": ranks, "finite_kernel": finite_kernel is not None}
+        def apply(scale, lr):
+            return update(tuple(sums), scale, lr)
+
+        self._cell = _StepCell(micro, self.model, self.optimizer, sums)
+        # The update runs op by op (PyNative), not compiled: a compiled apply graph read the sums as
+        # copies (MindSpore 2.8 then silently applied no update inside `if finite`) and kept its own
+        # memory pool (+0.55 GB peak at R50x1 8 x 4). Eager, it is ~2 launches per parameter per step.
+        self._apply = apply
+        return micro
 
     def __call__(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
         """One optimizer step over `batch_split` micro-batches of (x, y_a, y_b).
@@ -232,6 +248,14 @@ class TrainStep:
         one = Tensor(1.0, ms.float32)
         loss = self._micro(Tensor(x), Tensor(y), Tensor(y), one, one, Tensor(True))
         return float(loss.asnumpy())  # waits for the step: an allocation failure surfaces here
+
+    def scale_state(self) -> dict:
+        """fp16's dynamic loss scale, for the checkpoint meta: a resume continues with it, not 2^16."""
+        return {"loss_scale": self.loss_scale, "good_steps": self._good_steps} if self.precision == "fp16" else {}
+
+    def load_scale_state(self, meta: dict) -> None:
+        if self.precision == "fp16" and "loss_scale" in meta:
+            self.loss_scale, self._good_steps = float(meta["loss_scale"]), int(meta.get("good_steps", 0))
 
     def _adjust_scale(self, finite: bool) -> None:
         """Dynamic loss scaling (fp16 only): halve on overflow, double after 1000 good steps."""
@@ -295,11 +319,7 @@ def cast_model(model: nn.Cell, precision: str) -> nn.Cell:
         return model
     if hasattr(model, "set_layout"):  # the oneDNN layouts' CPU kernels are float32 kernels
         model.set_layout("nchw")
-    if dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
-        raise UsageError(
-            "train.precision: bf16 needs Ascend or GPU: MindSpore's CPU backend has no bf16 kernels "
-            "(Conv2D, MatMul, ReLU); use fp32 on CPU"
-        )
+    device.check_precision(precision, ms.get_context("device_target"))  # device.PRECISIONS_BY_DEVICE
     return ms.amp.auto_mixed_precision(model, amp_level="O2", dtype=dtype)
 
 

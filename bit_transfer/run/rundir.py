@@ -22,7 +22,7 @@ MARKER = ".bit-transfer-run"
 CKPT_DIR = "checkpoints"
 CKPT_NAME = re.compile(r"step-(\d+)\.ckpt$")
 # Keys a resumed run may change: they alter what is logged, kept or how fast, never the weights.
-RESUMABLE = ("train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size",
+RESUMABLE = ("train.device_id", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size",
              "data.skip_corrupt", "data.workers", "data.cache_dir", "log.")
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from bit_transfer.config import recipe as recipes
 from bit_transfer.errors import UsageError
+from conftest import use_graph
 # The learnable task and the tiny recipe live in datagen; test_run_safety imports them from here too.
 from datagen import (EQUAL_MATHS_ATOL, PATTERN_NAMES, assert_params_close, final_params, pattern_task, read_jsonl,
                      tiny_recipe)
@@ -18,18 +19,25 @@ def task(tmp_path_factory):
     return pattern_task(tmp_path_factory.mktemp("patterns") / "cifar-10-batches-py", n_train=40, n_test=8)
 
 
+SCHEDULE, LEARN_LR = [10, 50, 75, 90, 100], 0.01
+
+
 @pytest.fixture(scope="module")
-def learned(task, tmp_path_factory):
-    """One real run, shared by the tests that only read what it wrote."""
+def learned(task, graph, tmp_path_factory):
+    """One real run per graph (conftest.GRAPHS), shared by the tests that only read what it wrote."""
     from bit_transfer.commands.fit import fit
 
     runs = tmp_path_factory.mktemp("runs")
     # Random crops off: a tiny model trained from scratch on 40 images generalises across the
-    # crop's scale change unreliably; the crop itself is tested in the data tests. Width 1/4, lr 0.02,
-    # 100 steps reached 94-100 % for seeds 0-4 (width 1/8 at lr 0.05 ranged 41-97 %: last-bit
-    # differences between runs decide which way such a small net goes).
-    r = tiny_recipe(task, runs, rule__steps=100, rule__base_lr=0.02, model__width=0.25, train__eval_every=50, data__random_crop=False)
-    metrics = fit(r, run_dir=runs / "learned")
+    # crop's scale change unreliably; the crop itself is tested in the data tests. Width 1/4. The rule's
+    # schedule at lr 0.02 (warm-up to step 20, peak to 40) learned on our kernels (94-100 % for seeds
+    # 0-4) but spiked on MindSpore's operators (loss 4.1 at step 40, top-1 87.5 %): a learnability test
+    # must not hang on one rounding path. lr 0.01, warm-up 10, peak to 50 (SCHEDULE): top-1 100 % on
+    # both graphs, kernels seeds 0-1 and msops seeds 0-2, last/first loss 0.001-0.02 (measured).
+    r = tiny_recipe(task, runs, rule__steps=100, rule__base_lr=LEARN_LR, rule__schedule=SCHEDULE, model__width=0.25,
+                    train__eval_every=50, data__random_crop=False)
+    with use_graph(graph):
+        metrics = fit(r, run_dir=runs / "learned")
     return runs / "learned", metrics
 
 
@@ -39,7 +47,7 @@ def test_learnable_task_reaches_high_accuracy_and_loss_falls(learned):
     assert metrics["completed"] and metrics["steps"] == 100
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
     first, last = np.mean([r["train/loss"] for r in rows[:3]]), np.mean([r["train/loss"] for r in rows[-3:]])
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.2 * first, (first, last)
 
 
 def test_run_directory_contents(learned):
@@ -54,7 +62,8 @@ def test_run_directory_contents(learned):
     assert np.array(confusion["matrix"]).sum() == 32
     # the saved recipe reloads to the same recipe
     again = recipes.load(run_dir / "recipe.yaml")
-    assert again.to_dict()["rule"] == tiny_recipe(Path("x"), Path("y"), rule__steps=100, rule__base_lr=0.02).to_dict()["rule"]
+    assert again.to_dict()["rule"] == tiny_recipe(Path("x"), Path("y"), rule__steps=100, rule__base_lr=LEARN_LR,
+                                                  rule__schedule=SCHEDULE).to_dict()["rule"]
     assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
     pytest.importorskip("matplotlib")
     assert (run_dir / "eval/confusion.png").stat().st_size > 1000
@@ -64,7 +73,7 @@ def test_lr_in_metrics_equals_the_plan_at_every_logged_step(learned):
     from bit_transfer.hyperrule.rule import plan as make_plan
 
     run_dir, _ = learned
-    plan = make_plan(160, (32, 32), precrop=20, crop=16, steps=100, base_lr=0.02, batch_size=16)
+    plan = make_plan(160, (32, 32), precrop=20, crop=16, steps=100, schedule=SCHEDULE, base_lr=LEARN_LR, batch_size=16)
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/lr" in r]
     assert [r["step"] for r in rows] == list(range(1, 101))
     for r in rows:  # the row of step s logs the lr used for the update that made step s
@@ -84,18 +93,19 @@ def test_tensorboard_holds_the_scalars(learned):
     assert acc.Scalars("val/top1")[-1].step == 100
 
 
-def test_eval_command_reproduces_the_final_metrics(learned, tmp_path):
+def test_eval_command_reproduces_the_final_metrics(learned, graph, tmp_path):
     from bit_transfer.commands.eval import eval_checkpoint
 
     run_dir, metrics = learned
     r = recipes.load(run_dir / "recipe.yaml")
-    out = eval_checkpoint(r, run_dir, out_dir=tmp_path / "ev")
+    with use_graph(graph):
+        out = eval_checkpoint(r, run_dir, out_dir=tmp_path / "ev")
     assert out["top1"] == pytest.approx(metrics["top1"])
     assert out["loss"] == pytest.approx(metrics["loss"], rel=1e-4)
     assert (tmp_path / "ev" / "metrics.json").is_file()
 
 
-def test_micro_batching_gives_the_same_update(task, tmp_path, monkeypatch):
+def test_micro_batching_gives_the_same_update(task, graph, tmp_path, monkeypatch):
     """batch_split 1 vs 4, same data order (no random crop/flip, no MixUp): same weights. With the
     direct convolution kernels: training picks Winograd by a micro-batch's tile count (16 images of
     this model have enough, 4 do not), another rounding, and this tiny model (GroupNorm over 2-4
@@ -106,8 +116,9 @@ def test_micro_batching_gives_the_same_update(task, tmp_path, monkeypatch):
     monkeypatch.setenv("BIT_TRANSFER_WINOGRAD", "0")
 
     common = dict(rule__steps=3, rule__mixup_alpha=0.0, data__random_crop=False, data__random_flip=False)
-    fit(tiny_recipe(task, tmp_path, train__batch_split=1, **common), run_dir=tmp_path / "s1")
-    fit(tiny_recipe(task, tmp_path, train__batch_split=4, **common), run_dir=tmp_path / "s4")
+    with use_graph(graph):
+        fit(tiny_recipe(task, tmp_path, train__batch_split=1, **common), run_dir=tmp_path / "s1")
+        fit(tiny_recipe(task, tmp_path, train__batch_split=4, **common), run_dir=tmp_path / "s4")
     assert_params_close(final_params(tmp_path / "s1"), final_params(tmp_path / "s4"), atol=EQUAL_MATHS_ATOL)
 
 
@@ -146,14 +157,16 @@ def test_mixup_in_the_loop_changes_the_loss(task, tmp_path):
     assert abs(plain[2] - mix[2]) > 1e-4
 
 
-def test_resume_equals_an_uninterrupted_run(task, tmp_path):
+@pytest.mark.parametrize("graph", ["kernels"], indirect=True)  # on MindSpore's operators: the kill -9 resume test
+def test_resume_equals_an_uninterrupted_run(task, graph, tmp_path):
     from bit_transfer.commands.fit import fit
 
     r = tiny_recipe(task, tmp_path, rule__steps=8, rule__mixup_alpha=0.2)
-    fit(r, run_dir=tmp_path / "straight")
-    first = fit(r, run_dir=tmp_path / "resumed", stop_after=4)
-    assert not first["completed"] and first["steps"] == 4
-    second = fit(r, run_dir=tmp_path / "resumed")
+    with use_graph(graph):
+        fit(r, run_dir=tmp_path / "straight")
+        first = fit(r, run_dir=tmp_path / "resumed", stop_after=4)
+        assert not first["completed"] and first["steps"] == 4
+        second = fit(r, run_dir=tmp_path / "resumed")
     assert second["completed"] and second["steps"] == 8
     assert_params_close(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"), atol=1e-6)
     steps = [row["step"] for row in read_jsonl(tmp_path / "resumed/metrics.jsonl") if "train/loss" in row]
@@ -201,7 +214,7 @@ def test_choose_batch_split_halves_until_it_fits():
         choose_batch_split(8, broken, log=lambda *a: None)
 
 
-@pytest.mark.parametrize("impl", ["sum", "kernel"])
+@pytest.mark.parametrize("impl", ["sum", "kernel", "amp"])  # amp: ms.amp.all_finite, what Ascend and GPU use
 def test_all_finite_catches_inf_and_nan_anywhere(impl):
     import mindspore as ms
 
@@ -216,7 +229,7 @@ def test_all_finite_catches_inf_and_nan_anywhere(impl):
         if kernel is None:
             pytest.skip("compiled CPU kernels not available here")
     def eager(*grads):
-        return all_finite(grads, kernel)
+        return all_finite(grads, kernel, amp=impl == "amp")
 
     check = ms.jit(eager)  # as in the train step
     ok = [np.ones((3, 2), np.float32), np.full(1031, -2.0, np.float32), np.zeros((2, 5, 3, 3), np.float32)]
@@ -241,7 +254,7 @@ def test_all_finite_catches_inf_and_nan_anywhere(impl):
 def test_bf16_on_cpu_is_a_usage_error(task, tmp_path):
     from bit_transfer.commands.fit import fit
 
-    with pytest.raises(UsageError, match="bf16 needs Ascend or GPU"):
+    with pytest.raises(UsageError, match="bf16 cannot train on CPU: MindSpore's CPU backend has no bf16"):
         fit(tiny_recipe(task, tmp_path, train__precision="bf16"), run_dir=tmp_path / "bf16")
 
 

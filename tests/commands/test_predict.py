@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, one_line_error, run_cli, scratch_fs, snapshot
+from conftest import GRAPHS, ROOT, one_line_error, run_cli, scratch_fs, snapshot, use_graph
 from datagen import image_folder
 
 CLASSES = ["cat", "dog", "emu"]
@@ -102,8 +102,16 @@ def hf_export(world):
 
 
 # ---------------------------------------------------------------- labels from folders: eval's numbers
-def test_labelled_folder_gives_evals_numbers_and_report(world):
+@pytest.mark.parametrize("graph", GRAPHS)  # predict = eval on our CPU kernels and on MindSpore's operators
+def test_labelled_folder_gives_evals_numbers_and_report(world, graph, tmp_path):
     run = world / "run"
+    if graph != "kernels":  # a run of its own (without the other graph's evals): eval and predict write into it
+        run = Path(shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("evals")))
+    with use_graph(graph):
+        _labelled_folder_gives_evals_numbers_and_report(world, run)
+
+
+def _labelled_folder_gives_evals_numbers_and_report(world, run):
     ok(run_cli("eval", world / "r.yaml", "--checkpoint", run))
     (ev,) = (run / "evals").glob("step-*-tiny")
     before = snapshot(run)

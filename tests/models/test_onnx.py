@@ -20,7 +20,7 @@ from bit_transfer.commands.export import export_hf, export_onnx
 from bit_transfer.models.export.onnx import IR_VERSION, OPSET, build_onnx, load_onnx
 from bit_transfer.run.rundir import MARKER
 
-from conftest import ROOT, one_line_error, run_cli
+from conftest import GRAPHS, ROOT, one_line_error, run_cli, use_graph
 from test_export import make_run, trained
 from test_models import images, randomise
 
@@ -125,13 +125,15 @@ def check_export(out, model, size, names):
         assert relative(onnx_model(x.asnumpy()), model(x).asnumpy()) <= 1e-4
 
 
-def test_export_a_run_to_onnx(tmp_path):
-    model = trained("same")
-    run = make_run(tmp_path, model)
-    out = run_cli("export", run, "--format", "onnx", "--out", tmp_path / "onnx")
-    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
-    assert out.stdout.strip() == f"exported onnx: {tmp_path / 'onnx' / 'model.onnx'}"
-    check_export(tmp_path / "onnx", model, 48, ["x", "y", "z"])  # plan.json's crop, the checkpoint's class names
+@pytest.mark.parametrize("graph", GRAPHS)  # ONNX = the model on our CPU kernels and on MindSpore's operators
+def test_export_a_run_to_onnx(tmp_path, graph):
+    with use_graph(graph):
+        model = trained("same")
+        run = make_run(tmp_path, model)
+        out = run_cli("export", run, "--format", "onnx", "--out", tmp_path / "onnx")
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert out.stdout.strip() == f"exported onnx: {tmp_path / 'onnx' / 'model.onnx'}"
+        check_export(tmp_path / "onnx", model, 48, ["x", "y", "z"])  # plan.json's crop, the checkpoint's class names
 
 
 def test_export_pretrained_weights_to_onnx(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, one_line_error, run_cli, scratch_fs, snapshot, write_recipe
+from conftest import GRAPHS, ROOT, one_line_error, run_cli, scratch_fs, snapshot, use_graph, write_recipe
 from datagen import final_params, pattern_task, read_jsonl, tiny_recipe
 
 STEPS = 20
@@ -157,16 +157,18 @@ def test_a_signal_while_loading_is_one_line_and_leaves_no_run(task, tmp_path):
         assert line.startswith("bit-transfer fit: interrupted: SIGINT while") and "rerun the same command" in line
 
 
-def test_kill_9_during_a_checkpoint_write_resumes_to_the_same_weights(task, tmp_path):
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_kill_9_during_a_checkpoint_write_resumes_to_the_same_weights(task, tmp_path, graph):
     recipe = recipe_path(task, tmp_path, train__checkpoint_every=5, rule__mixup_alpha=0.2)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli("fit", recipe, "--run-dir", straight, "--quiet").returncode == 0
-    proc = start_fit(recipe, killed)
-    wait_for(lambda: (killed / "checkpoints" / "step-000015.ckpt.tmp").exists(), proc)
-    proc.kill()
-    proc.wait()
-    assert not (killed / "checkpoints" / "step-000015.ckpt").exists()
-    rerun_finishes(recipe, killed)
+    with use_graph(graph):
+        assert run_cli("fit", recipe, "--run-dir", straight, "--quiet").returncode == 0
+        proc = start_fit(recipe, killed)
+        wait_for(lambda: (killed / "checkpoints" / "step-000015.ckpt.tmp").exists(), proc)
+        proc.kill()
+        proc.wait()
+        assert not (killed / "checkpoints" / "step-000015.ckpt").exists()
+        rerun_finishes(recipe, killed)
     assert not list((killed / "checkpoints").glob("*.tmp"))
     a, b = final_params(straight), final_params(killed)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), "resume is not bit-identical"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, run_cli, use_graph, write_recipe
 from datagen import EQUAL_MATHS_ATOL, assert_params_close, final_params, pattern_task, read_jsonl, tiny_recipe
 
 
@@ -34,22 +34,25 @@ def recipe_file(task, tmp_path, **sets) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(task, tmp_path_factory):
+def two_ranks(task, graph, tmp_path_factory):
+    """A 2-rank fit on each graph (conftest.GRAPHS)."""
     tmp = tmp_path_factory.mktemp("two")
     rec = recipe_file(task, tmp)
-    out = run_cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp / "two"), "--quiet")
+    with use_graph(graph):
+        out = run_cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp / "two"), "--quiet")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return rec, tmp / "two", out.stdout
 
 
 @pytest.fixture(scope="module")
-def one_rank(two_ranks, tmp_path_factory):
-    """The same recipe on one rank, in this process: (metrics, run directory)."""
+def one_rank(two_ranks, graph, tmp_path_factory):
+    """The same recipe on one rank, in this process, on the same graph: (metrics, run directory)."""
     from bit_transfer.config import recipe as recipes
     from bit_transfer.commands.fit import fit
 
     run = tmp_path_factory.mktemp("one") / "one"
-    return fit(recipes.load(two_ranks[0]), run_dir=run), run
+    with use_graph(graph):
+        return fit(recipes.load(two_ranks[0]), run_dir=run), run
 
 
 def test_two_ranks_end_with_the_parameters_of_one_rank(two_ranks, one_rank):
@@ -83,6 +86,7 @@ def test_only_rank_0_wrote_the_run_directory(two_ranks):
     assert "run directory" not in log1 and "bit-transfer rank 1 of 2" in log1
 
 
+@pytest.mark.parametrize("graph", ["kernels"], indirect=True)  # the 2 = 1 rank tests above run on both graphs
 def test_resume_a_two_rank_checkpoint_on_one_rank(task, one_rank, tmp_path):
     from bit_transfer.config import recipe as recipes
     from bit_transfer.commands.fit import fit

@@ -260,7 +260,7 @@ def _feature_pass(base, todo, pools, subsets, planned, feature_root, log, stop: 
     from bit_transfer.system import device as runtime
     from bit_transfer.commands import fit as train
 
-    device = runtime.setup(base.train.device, jit=base.train.jit)
+    device = runtime.setup(base.train.device, jit=base.train.jit, device_id=base.train.device_id)
     stop.rearm()  # MindSpore's context start installed its own SIGINT handler
     runtime.seed_everything(base.train.seed)  # the init `fit` would give a `weights: none` backbone
     model = train.build_model(base.model, pools.get(todo[0].seed).num_classes, log=log)

@@ -7,7 +7,7 @@ optimiser state under `optimizer.<...>`, and meta such as
 
 from __future__ import annotations
 
-import contextlib
+
 import json
 import re
 import shutil
@@ -16,28 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from bit_transfer.errors import WeightsError
+from bit_transfer.system.device import quiet_mindspore
 from bit_transfer.system import files
 
 
 META_KEY = "bit_transfer_meta"
 
-
-@contextlib.contextmanager
-def quiet_mindspore():
-    """Silence MindSpore's own ERROR log lines while we turn its failure into one WeightsError."""
-    try:
-        from mindspore import log
-
-        logger = log._get_logger()  # private, but the only handle on MindSpore's logger
-    except Exception:  # pragma: no cover - a MindSpore without it just stays noisy
-        yield
-        return
-    level = logger.level
-    logger.setLevel(100)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def save_checkpoint(path, params: dict, meta: dict) -> Path:
