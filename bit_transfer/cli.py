@@ -12,8 +12,8 @@ import json
 import re
 import sys
 
-from bit_transfer import __version__
-from bit_transfer.errors import UsageError
+from bit_transfer import __version__, signals
+from bit_transfer.errors import PLACE_OPTION, Interrupted, UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -106,6 +106,9 @@ def _recipe_for_run(args):
     from bit_transfer import recipe
 
     if args.resume:
+        if args.run_dir and Path(args.run_dir).expanduser().resolve() != Path(args.resume).expanduser().resolve():
+            raise UsageError(f"--resume {args.resume} and --run-dir {args.run_dir} name two directories; a resumed run "
+                             "continues in its own: drop --run-dir (or start a new run with --run-dir alone)")
         saved = Path(args.resume) / "recipe.yaml"
         if args.recipe and Path(args.recipe).resolve() != saved.resolve():
             return recipe.load(args.recipe, args.sets), args.resume
@@ -143,19 +146,19 @@ def cmd_fit(args) -> int:
 def _launch_ranks(args, r, run_dir) -> int:
     """`fit --devices N`: check the data here (a bad image is one line, not N stack traces), claim the
     run directory, then start msrun with N workers running this same fit, and wait."""
-    import signal
+    import functools
     from pathlib import Path
 
-    from bit_transfer import data, distributed
+    from bit_transfer import data, distributed, planning
     from bit_transfer.rundir import RunDir
 
-    def interrupted(signum, _frame):  # before any rank starts there is nothing to stop but this check
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
+    signals.stop_at_once()  # before any rank starts there is nothing to stop but this check
     data.load(r.data).check_readable(r.data.workers)
-    run = RunDir.claim(run_dir, kind="fit", parent=r.log.dir, name=r.name, must_exist=bool(args.resume))
-    run.check_recipe(r.to_dict())
+    # the launcher holds the run for its ranks (rank 0 takes it over if the launcher dies); only the first
+    # machine's: the others' ranks do not write
+    run = RunDir.claim(run_dir, kind="fit", parent=r.log.dir, name=r.name, must_exist=bool(args.resume),
+                       lock=args.node_rank == 0)
+    run.check_recipe(r.to_dict(), same_plan=functools.partial(planning.same_plan, now=r))
     fit_args = [str(Path(args.recipe or run.path / "recipe.yaml").resolve())]
     fit_args += [f"--set={s}" for s in args.sets]
     if args.quiet:
@@ -347,20 +350,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The option each command's output place is chosen with, for the fix a storage error names.
+PLACE_OPTIONS = {"fit": "--run-dir", "fewshot": "--run-dir", "eval": "--out", "export": "--out", "predict": "--out"}
+# Commands that stop on a signal at their own checks (a StopFlag), leaving a resumable run.
+GRACEFUL = ("fit", "fewshot")
+
+
 def main(argv: list[str] | None = None) -> None:
+    signals.listen_early()  # first: a signal at any moment is one line and exit 130, never a traceback
     parser = build_parser()
     args = parser.parse_args(argv)
+    PLACE_OPTION.set(PLACE_OPTIONS.get(args.command))
     try:
+        if args.command not in GRACEFUL:
+            signals.stop_at_once()
         code = args.func(args)
+        if signals.PENDING and code == 0:  # after the command's own stop had finished listening
+            raise Interrupted(f"{signals.pending_name()} as {args.command} was ending; its work is complete")
     except UsageError as e:
         print(f"bit-transfer {args.command}: {getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
         code = e.exit_code
-    except KeyboardInterrupt:
-        print(f"bit-transfer {args.command}: interrupted", file=sys.stderr)
-        code = 130
     except BrokenPipeError:  # `bit-transfer plan ... | head`: the reader left; not an error
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except KeyboardInterrupt:
+        code = _interrupted(args.command)
+    except Exception:
+        if not signals.PENDING:
+            raise  # a bug: its traceback
+        code = _interrupted(args.command)  # what the signal became where it landed (an import cut short)
+    _exit(code)
+
+
+def _interrupted(command: str) -> int:
+    name = signals.pending_name() or "a signal"
+    print(f"bit-transfer {command}: interrupted: {name}; stopped before the end; rerun the same command",
+          file=sys.stderr)
+    return 130
+
+
+def _exit(code: int) -> None:
+    """Exit; after a signal, without the interpreter's shutdown, which MindSpore's threads, started or
+    cut short by the signal, can abort (exit 134): every file was closed and flushed before here."""
+    if code == 130 and "mindspore" in sys.modules:
+        import os
+
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     sys.exit(code)
