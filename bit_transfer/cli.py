@@ -357,7 +357,20 @@ GRACEFUL = ("fit", "fewshot")
 
 
 def main(argv: list[str] | None = None) -> None:
-    signals.listen_early()  # first: a signal at any moment is one line and exit 130, never a traceback
+    """The command line (`argv` None) or, from another program, the command `argv`; exits either way."""
+    handlers = signals.listen_early()  # first: a signal at any moment is one line and exit 130, no traceback
+    try:
+        code = _main(argv)
+    finally:
+        if argv is not None:  # called inside another program (tests): its handlers and its place option back
+            signals.restore(handlers)
+            PLACE_OPTION.set(None)
+    if argv is None:
+        _exit(code)
+    sys.exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     PLACE_OPTION.set(PLACE_OPTIONS.get(args.command))
@@ -381,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         if not signals.PENDING:
             raise  # a bug: its traceback
         code = _interrupted(args.command)  # what the signal became where it landed (an import cut short)
-    _exit(code)
+    return code
 
 
 def _interrupted(command: str) -> int:
@@ -392,8 +405,8 @@ def _interrupted(command: str) -> int:
 
 
 def _exit(code: int) -> None:
-    """Exit; after a signal, without the interpreter's shutdown, which MindSpore's threads, started or
-    cut short by the signal, can abort (exit 134): every file was closed and flushed before here."""
+    """Exit the command line; after a signal, without the interpreter's shutdown, which MindSpore's
+    threads, started or cut short by the signal, can abort (exit 134): every file was closed before here."""
     if code == 130 and "mindspore" in sys.modules:
         import os
 

@@ -54,7 +54,7 @@ def storage_error(e: OSError, path, needed: int | None = None, flag: str | None 
     else the command's PLACE_OPTION: the option that chooses another place)."""
     path = Path(path)
     flag = flag or PLACE_OPTION.get()
-    with_flag = f" (e.g. {flag})" if flag else ""
+    with_flag = f" with {flag}" if flag else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(path)
         need = f"about {_mb(needed)} needed, " if needed else ""

@@ -33,12 +33,23 @@ PENDING: list[int] = []
 _RAISE = [False]  # whether a signal also stops the command where it is (KeyboardInterrupt)
 
 
-def listen_early() -> None:
+def listen_early() -> dict:
     """The CLI's first instruction: from now on a SIGINT or SIGTERM is noted, never a traceback from
     wherever it lands (an `import mindspore` cut in half). `fit` and `fewshot` stop at their first
-    check, their StopFlag taking the signal over; other commands call `stop_at_once` once parsed."""
-    for s in SIGNALS:
-        signal.signal(s, _note)
+    check, their StopFlag taking the signal over; other commands call `stop_at_once` once parsed.
+    Returns the handlers it replaced (for `restore`)."""
+    if signal.getsignal(signal.SIGINT) is not _note:  # not already listening (bit_transfer/__main__.py)
+        PENDING.clear()
+        _RAISE[0] = False
+    return {s: signal.signal(s, _note) for s in SIGNALS}
+
+
+def restore(handlers: dict) -> None:
+    """Put back what `listen_early` replaced (the CLI called inside another program: its tests)."""
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    PENDING.clear()
+    _RAISE[0] = False
 
 
 def _note(signum, frame):
