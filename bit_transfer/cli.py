@@ -136,7 +136,7 @@ def cmd_fit(args) -> int:
     # --quiet is how this process prints, not part of the recipe (a resume must match the recipe)
     m = train.fit(r, run_dir=run_dir, quiet=True if args.quiet else None, stop_after=args.stop_after,
                   resume=bool(args.resume))
-    if m.get("stopped_by_signal"):
+    if m.get("stopped_by_signal") and not m.get("reported"):  # (not a finished run's record, reported)
         # a rank's nonzero exit makes msrun kill the others, maybe while rank 0 still writes the
         # checkpoint; the launcher (`--devices`) returns the 130
         return 0 if distributed.launched_by_msrun() else 130

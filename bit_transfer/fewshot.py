@@ -227,7 +227,7 @@ def _sweep_finetune(runs: list[Run], sweep_dir: Path, quiet: bool, log, stop: St
             m = train.fit(run.recipe, run_dir=run.run_dir, quiet=quiet)
             if not m.get("completed"):
                 return SweepResult(sweep_dir, rows, complete=False, stopped_by_signal=m.get("stopped_by_signal"))
-            if m.get("signal"):  # it came during the run's final evaluation: the sweep stops at the next run
+            if m.get("signal") and not m.get("reported"):  # during its final evaluation: stop at the next run
                 stop.request(signal.Signals[m["signal"]])
         else:
             log(f"[{i}/{len(runs)}] {run.label}: finished earlier, top-1 {100 * m['top1']:.2f}%")

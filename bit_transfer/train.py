@@ -89,7 +89,7 @@ def fit(recipe: recipes.Recipe, *, run_dir=None, quiet: bool | None = None, stop
             final = _fit_run(recipe, run, world, device, stop, stop_after, quiet, t_start)
         finally:
             run.release()
-        if stop and not final.get("stopped_by_signal"):
+        if stop and (final.get("reported") or not final.get("stopped_by_signal")):
             stop.pass_on()  # it came after metrics.json was written: the CLI still says so
         return final
 
@@ -126,7 +126,7 @@ def _finished_or_changed(run: RunDir, recipe, say) -> dict | None:
     if done:
         say(f"{run} is finished: top-1 {_pct(done.get('top1'))} after {done.get('steps')} steps; nothing to do "
             "(start a new run with another --run-dir)", flush=True)
-        return done
+        return {**done, "reported": True}  # what an earlier process recorded, not this one's stop
     if changed:
         say(f"resuming with changed settings: {', '.join(changed)}", flush=True)
         run.write_yaml("recipe.yaml", recipe.to_dict())
