@@ -130,8 +130,9 @@ class StopFlag:
             self.count, self.signal = 1, signum
 
     def pass_on(self) -> None:
-        """Hand a signal the command did not act on to the CLI, which says so and exits 130."""
-        if self.signal:
+        """Hand a signal the command did not act on to the CLI, which says so and exits 130 (when the CLI
+        listened before this flag: not inside another program calling `fit`)."""
+        if self.signal and _note in self._old.values():
             PENDING.append(self.signal)
 
     def rearm(self) -> None:
