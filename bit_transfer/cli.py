@@ -13,8 +13,9 @@ import re
 import sys
 
 from bit_transfer.settings import VERSION as __version__
+from bit_transfer.run import signals
 from bit_transfer.system import versions
-from bit_transfer.errors import UsageError
+from bit_transfer.errors import PLACE_OPTION, Interrupted, UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -87,11 +88,12 @@ def _add_device_args(p: argparse.ArgumentParser, launch: bool = False) -> None:
 
 
 def cmd_plan(args) -> int:
-    from bit_transfer.hyperrule import planning
+    from bit_transfer.commands.fit_command import check_device_settings
     from bit_transfer.config import recipe
+    from bit_transfer.hyperrule import planning
 
     r = recipe.load(args.recipe, args.sets)
-    _check_device_settings(r, args.devices * args.nodes)
+    check_device_settings(r, args.devices * args.nodes)
     info = planning.task_info(r)
     plan = planning.make_plan(r, info)
     layout = planning.batch_layout(plan.batch_size, r.train.batch_split, world=args.devices * args.nodes)
@@ -102,91 +104,11 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _check_device_settings(r, ranks: int) -> None:
-    """What the recipe asks of the device, refused in one line before any data is read or graph compiled."""
-    from bit_transfer.system import device as runtime
-
-    runtime.check_precision(r.train.precision, r.train.device)
-    if r.train.device_id is not None and ranks > 1:
-        raise UsageError(f"train.device_id is for one-process runs; with {ranks} ranks each uses its local rank's "
-                         "device: remove train.device_id")
-
-
-def _recipe_for_run(args):
-    """The recipe of `fit`: the file given, or the one saved in the run directory to resume."""
-    from pathlib import Path
-
-    from bit_transfer.config import recipe
-
-    if args.resume:
-        saved = Path(args.resume) / "recipe.yaml"
-        if args.recipe and Path(args.recipe).resolve() != saved.resolve():
-            return recipe.load(args.recipe, args.sets), args.resume
-        if not saved.is_file():
-            what = "does not exist" if not Path(args.resume).exists() else "has no recipe.yaml"
-            raise UsageError(f"--resume {args.resume}: the directory {what}; pass the run directory that fit printed")
-        return recipe.load(saved, args.sets), args.resume
-    if not args.recipe:
-        raise UsageError("fit needs a recipe (e.g. recipes/cifar10.yaml) or --resume RUN_DIR")
-    return recipe.load(args.recipe, args.sets), args.run_dir
-
 
 def cmd_fit(args) -> int:
-    if args.node_rank >= args.nodes:
-        raise UsageError(f"--node-rank {args.node_rank} is not below --nodes {args.nodes}; number the machines 0 .. nodes-1")
-    r, run_dir = _recipe_for_run(args)
-    _check_device_settings(r, args.devices * args.nodes)
-    if r.train.device in ("auto", "CPU"):  # a first run compiles the CPU kernels while MindSpore imports
-        from bit_transfer.kernels import onednn as onednn_conv
+    from bit_transfer.commands.fit_command import fit_command
 
-        onednn_conv.prebuild()
-    from bit_transfer.system import distributed
-    from bit_transfer.commands import fit as train
-    if (args.devices > 1 or args.nodes > 1) and not distributed.launched_by_msrun():
-        return _launch_ranks(args, r, run_dir)
-    distributed.watch_launcher()
-    # --quiet is how this process prints, not part of the recipe (a resume must match the recipe)
-    m = train.fit(r, run_dir=run_dir, quiet=True if args.quiet else None, stop_after=args.stop_after,
-                  resume=bool(args.resume))
-    if m.get("stopped_by_signal"):
-        # a rank's nonzero exit makes msrun kill the others, maybe while rank 0 still writes the
-        # checkpoint; the launcher (`--devices`) returns the 130
-        return 0 if distributed.launched_by_msrun() else 130
-    return 0
-
-
-def _launch_ranks(args, r, run_dir) -> int:
-    """`fit --devices N`: check the data here (a bad image is one line, not N stack traces), claim the
-    run directory, then start msrun with N workers running this same fit, and wait."""
-    import signal
-    from pathlib import Path
-
-    from bit_transfer import data
-    from bit_transfer.system import distributed
-    from bit_transfer.run.rundir import RunDir
-
-    def interrupted(signum, _frame):  # before any rank starts there is nothing to stop but this check
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
-    data.load(r.data).check_readable(r.data.workers)
-    run = RunDir.claim(run_dir, kind="fit", parent=r.log.dir, name=r.name, must_exist=bool(args.resume))
-    run.check_recipe(r.to_dict())
-    fit_args = [str(Path(args.recipe or run.path / "recipe.yaml").resolve())]
-    fit_args += [f"--set={s}" for s in args.sets]
-    if args.quiet:
-        fit_args.append("--quiet")
-    if args.stop_after is not None:
-        fit_args.append(f"--stop-after={args.stop_after}")
-    return distributed.launch(
-        fit_args,
-        run.path.resolve(),
-        devices=args.devices,
-        nodes=args.nodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-    )
+    return fit_command(args)
 
 
 def cmd_eval(args) -> int:
@@ -433,21 +355,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The option each command's output place is chosen with, for the fix a storage error names.
+PLACE_OPTIONS = {"fit": "--run-dir", "fewshot": "--run-dir", "eval": "--out", "export": "--out", "predict": "--out"}
+# Commands that stop on a signal at their own checks (a StopFlag), leaving a resumable run.
+GRACEFUL = ("fit", "fewshot")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command line (`argv` None) or, from another program, the command `argv`; exits either way."""
+    handlers = signals.listen_early()  # first: a signal at any moment is one line and exit 130, no traceback
+    try:
+        code = _main(argv)
+    finally:
+        if argv is not None:  # called inside another program (tests): its handlers and its place option back
+            signals.restore(handlers)
+            PLACE_OPTION.set(None)
+    if argv is None:
+        _exit(code)
+    sys.exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    PLACE_OPTION.set(PLACE_OPTIONS.get(args.command))
     try:
         versions.check_numpy()  # before any command imports MindSpore, which would crash on it
+        if args.command not in GRACEFUL:
+            signals.stop_at_once()
         code = args.func(args)
+        if signals.PENDING and code == 0:  # after the command's own stop had finished listening
+            raise Interrupted(f"{signals.pending_name()} as {args.command} was ending; its work is complete")
     except UsageError as e:
         print(f"bit-transfer {args.command}: {getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
         code = e.exit_code
-    except KeyboardInterrupt:
-        print(f"bit-transfer {args.command}: interrupted", file=sys.stderr)
-        code = 130
     except BrokenPipeError:  # `bit-transfer plan ... | head`: the reader left; not an error
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except KeyboardInterrupt:
+        code = _interrupted(args.command)
+    except Exception:
+        if not signals.PENDING:
+            raise  # a bug: its traceback
+        code = _interrupted(args.command)  # what the signal became where it landed (an import cut short)
+    return code
+
+
+def _interrupted(command: str) -> int:
+    name = signals.pending_name() or "a signal"
+    print(f"bit-transfer {command}: interrupted: {name}; stopped before the end; rerun the same command",
+          file=sys.stderr)
+    return 130
+
+
+def _exit(code: int) -> None:
+    """Exit the command line; after a signal, without the interpreter's shutdown, which MindSpore's
+    threads, started or cut short by the signal, can abort (exit 134): every file was closed before here."""
+    if code == 130 and "mindspore" in sys.modules:
+        import os
+
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     sys.exit(code)

@@ -81,27 +81,44 @@ def fit(recipe: recipes.Recipe, *, run_dir=None, quiet: bool | None = None, stop
     """
     t_start = time.time()
     with StopFlag() as stop:  # from the first moment: data loading and compiling are covered too
+        untouched = f"nothing was written; {RESUME_HINT}"
+        stop.check("starting", untouched)  # a signal that came before (the CLI notes them from its start)
         device = runtime.setup(recipe.train.device, jit=recipe.train.jit, device_id=recipe.train.device_id)
         runtime.check_precision(recipe.train.precision, device)  # before anything compiles
         world = distributed.world()
         stop.rearm()  # MindSpore's context start installed its own SIGINT handler
+        stop.check("starting MindSpore", untouched)
         _check_ranks(recipe, run_dir, world)
+        launched = distributed.under_launcher()  # `fit --devices`: the launcher holds the run's lock
         run = RunDir.claim(run_dir, kind="fit", parent=recipe.log.dir, name=recipe.name, writer=world.is_main,
-                           must_exist=resume)
-        say = print if world.is_main else _silent
-        done = _finished_or_changed(run, recipe, say)
-        if done:
-            return done
+                           must_exist=resume, lock=not launched)
+        if launched:
+            run.wait_for_lock()  # rank 0 takes the run over if the launcher dies
         try:
-            s = prepare(recipe, run, world, device, stop, say)
-            try:
-                train_loop(s, stop, stop_after, quiet)
-                return finish(s, stop, t_start)
-            finally:
-                s.metrics.close()
-        except BaseException:
-            run.discard_if_unused()  # a run that failed before its first checkpoint leaves nothing
-            raise
+            final = _fit_run(recipe, run, world, device, stop, stop_after, quiet, t_start)
+        finally:
+            run.release()
+        if stop and (final.get("reported") or not final.get("stopped_by_signal")):
+            stop.pass_on()  # it came after metrics.json was written: the CLI still says so
+        return final
+
+
+def _fit_run(recipe, run: RunDir, world, device: str, stop: StopFlag, stop_after, quiet, t_start: float) -> dict:
+    """The claimed run: reported if finished, else prepared, trained and finished."""
+    say = print if world.is_main else _silent
+    done = _finished_or_changed(run, recipe, say)
+    if done:
+        return done
+    try:
+        s = prepare(recipe, run, world, device, stop, say)
+        try:
+            train_loop(s, stop, stop_after, quiet)
+            return finish(s, stop, t_start)
+        finally:
+            s.metrics.close()
+    except BaseException:
+        run.discard_if_unused()  # a run that failed before its first checkpoint leaves nothing
+        raise
 
 
 def _check_ranks(recipe, run_dir, world) -> None:
@@ -113,12 +130,12 @@ def _check_ranks(recipe, run_dir, world) -> None:
 
 def _finished_or_changed(run: RunDir, recipe, say) -> dict | None:
     """A finished run's metrics (nothing is rewritten); else check and record what a resume changes."""
-    changed = run.check_recipe(recipe.to_dict())
+    changed = run.check_recipe(recipe.to_dict(), same_plan=lambda saved: planning.same_plan(saved, recipe))
     done = run.finished()
     if done:
         say(f"{run} is finished: top-1 {_pct(done.get('top1'))} after {done.get('steps')} steps; nothing to do "
             "(start a new run with another --run-dir)", flush=True)
-        return done
+        return {**done, "reported": True}  # what an earlier process recorded, not this one's stop
     if changed:
         say(f"resuming with changed settings: {', '.join(changed)}", flush=True)
         run.write_yaml("recipe.yaml", recipe.to_dict())
@@ -367,12 +384,17 @@ def _due(every: int | None, step: int, total: int) -> bool:
 # ----------------------------------------------------------------------------- evaluation, checkpoints
 def run_eval(s: Session, stop: StopFlag):
     """Evaluate the eval split, log it; a second signal abandons it (the checkpoint is already whole)."""
+    said = bool(stop)  # a stop already said (by `_should_stop`, or just below)
     if stop and not stop.hard and not s.stopped:
         s.progress.write(f"{stop.name}: finishing the evaluation at step {s.step}; signal again to skip it")
 
     def predict(x):
+        nonlocal said
         if stop.hard:
             raise Interrupted(f"{stop.name} during the evaluation at step {s.step}; {_resume_line(s)}")
+        if stop and not said:  # a signal during the evaluation: acknowledged at the next batch
+            said = True
+            s.progress.write(f"{stop.name}: finishing the evaluation at step {s.step}; signal again to skip it")
         out = s.eval_step(x)
         stop.rearm()
         return out
@@ -428,7 +450,8 @@ def finish(s: Session, stop: StopFlag, t_start: float) -> dict:
     diverged = _diverged(s.losses)
     fields = {
         "steps": s.step, "planned_steps": s.plan.steps, "completed": s.step >= s.plan.steps,
-        "stopped_by_signal": bool(stopped) and stopped.startswith("SIG"), "stopped_early": bool(stopped),
+        # also a signal during the final checkpoint or evaluation, after the last step: both were completed
+        "stopped_by_signal": bool(stop), "signal": stop.name if stop else None, "stopped_early": bool(stopped),
         "diverged": diverged is not None, "images_per_sec": s.timer.ips if s.timer else None,
         "seconds": time.time() - t_start,
         "device": s.device, "world": s.world.size, "checkpoint": str(s.run.checkpoint_path(s.step)),
@@ -441,6 +464,8 @@ def finish(s: Session, stop: StopFlag, t_start: float) -> dict:
         {"top1": s.last_eval.top1, "top5": s.last_eval.top5, "loss": s.last_eval.loss},
     )
     status = "stopped early; rerun the same command to resume" if stopped else "done"
+    if stop and not stopped:
+        status += f" ({stop.name} during the final checkpoint and evaluation: both were completed)"
     skipped = {k: n for k, n in fields["skipped_corrupt"].items() if n}
     if skipped:
         status += " (skipped unreadable images: " + ", ".join(f"{n} in {k}" for k, n in skipped.items()) + ")"

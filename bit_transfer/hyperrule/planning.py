@@ -71,6 +71,21 @@ def make_plan(recipe: Recipe, info: DataInfo) -> hyperrule.Plan:
         raise RecipeError(f"the rule cannot be applied: {e}") from None
 
 
+def same_plan(saved: dict, now: Recipe) -> bool:
+    """Do a run's saved recipe and this one give the same plan? `rule.steps: null` and the 500 the rule
+    gives are two spellings of one recipe, not two recipes (a resume compares what the rule resolves)."""
+    from bit_transfer.errors import UsageError
+    from bit_transfer.config.recipe import from_dict
+
+    try:
+        info = task_info(now)  # the data is the same: its keys may not change on a resume
+        before, after = make_plan(from_dict(saved), info).to_dict(), make_plan(now, info).to_dict()
+    except UsageError:  # what cannot be planned is not the same plan; fit says why later
+        return False
+    before.pop("decisions"), after.pop("decisions")  # where a value came from: the spelling
+    return before == after
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """logical batch = world (ranks) x batch_split (accumulated micro-batches) x micro_batch."""

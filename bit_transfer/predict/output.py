@@ -34,7 +34,7 @@ class OutFile:
             fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides, as for any file
             self.file = os.fdopen(fd, "w", newline="", encoding="utf-8")
         except OSError as e:
-            raise storage_error(e, self.path) from None
+            raise storage_error(e, self.path, flag="--out") from None
         if self.format == ".csv":
             import csv
 
@@ -55,7 +55,7 @@ class OutFile:
             fn(*args)
         except OSError as e:
             self.abort()
-            raise storage_error(e, self.path) from None
+            raise storage_error(e, self.path, flag="--out") from None
 
     def commit(self) -> None:
         """Flush, fsync and move into place; without `overwrite`, a file that appeared meanwhile is kept."""
@@ -73,7 +73,7 @@ class OutFile:
                              "or add --overwrite to replace it") from None
         except OSError as e:
             self.abort()
-            raise storage_error(e, self.path) from None
+            raise storage_error(e, self.path, flag="--out") from None
 
     def abort(self) -> None:
         try:

@@ -5,17 +5,21 @@ A directory is a run when bit-transfer made it or found it empty, and wrote its 
 `--run-dir .` cannot overwrite a user's own `recipe.yaml`. Files are written atomically (temporary,
 fsync, rename); checkpoints keep the previous one until the new one is whole; a corrupt latest
 checkpoint falls back to the one before it with a one-line notice. Ranks other than 0 read, never write.
+One process writes a directory at a time: a writer holds an OS lock on the marker (`runlock`) for as
+long as its `RunDir` lives, and a second writer is refused, naming the first, before it touches anything.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-from bit_transfer.run import runlog
+from bit_transfer.run import lock as runlock, runlog
 from bit_transfer.errors import StorageError, UsageError, WeightsError, storage_error
 
 MARKER = ".bit-transfer-run"
@@ -66,8 +70,10 @@ def _remove(path: Path) -> None:
 class RunDir:
     """One run's directory. `claim` makes or opens it; the writers below are the only ones used."""
 
-    def __init__(self, path: Path, *, kind: str, writer: bool = True, created: bool = False):
+    def __init__(self, path: Path, *, kind: str, writer: bool = True, created: bool = False, flag: str | None = None):
         self.path, self.kind, self.writer, self.created = Path(path), kind, writer, created
+        self.flag = flag  # the option that chooses this directory, for the fixes messages name
+        self.lock: runlock.Lock | None = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -78,11 +84,13 @@ class RunDir:
     # ------------------------------------------------------------------ claiming
     @classmethod
     def claim(cls, path, *, kind: str, parent: str = "runs", name: str = "run", writer: bool = True,
-              must_exist: bool = False, flag: str = "--run-dir") -> "RunDir":
+              must_exist: bool = False, flag: str = "--run-dir", lock: bool = True) -> "RunDir":
         """A new run (`path` None: `<parent>/<name>-<timestamp>`), or the existing run at `path`.
 
         `must_exist` (`fit --resume DIR`): a missing or foreign directory is an error, not a fresh run.
         `flag` is the option the messages name (`--out` for eval and export, whose kind they also name).
+        A writer takes the directory's lock; `lock=False` is for a writer whose launcher holds it
+        (rank 0 of `fit --devices`), which leaves the clean-up to the holder.
         """
         if path is None:
             path = new_run_path(parent, name)
@@ -102,20 +110,70 @@ class RunDir:
         if owned and found != kind:  # a fit never writes into an export, a sweep never into a fit run, ...
             raise UsageError(f"{path} is a bit-transfer {found} directory, not {KIND_LABELS.get(kind, kind)}; "
                              f"choose a new or empty directory for the {noun} ({flag})")
-        run = cls(path, kind=kind, writer=writer, created=not path.exists())
-        if writer and not owned:
+        run = cls(path, kind=kind, writer=writer, created=not path.exists(), flag=flag)
+        if writer:
             run._mark()
-        if writer:  # what a kill -9 during a checkpoint write left
-            for tmp in (path / CKPT_DIR).glob("*.ckpt.tmp"):
+        if writer and lock:
+            run._lock(noun)
+            for tmp in (path / CKPT_DIR).glob("*.ckpt.tmp"):  # what a kill -9 during a checkpoint write left
                 shutil.rmtree(tmp, ignore_errors=True)
         return run
 
     def _mark(self) -> None:
+        """Make the directory and its marker, unless there; never replace a marker (it is what the lock
+        is taken on, and another process may hold it)."""
+        marker = self.path / MARKER
+        if marker.is_file():
+            return
+        about = runlog.to_json({"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+        tmp = self.path / f"{MARKER}.{os.getpid()}.tmp"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(about)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, marker)  # whole, and only if no other process made one meanwhile
+            except FileExistsError:
+                pass
+            except OSError as e:  # a file system without hard links
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                os.replace(tmp, marker)
         except OSError as e:
-            raise storage_error(e, self.path) from None
-        runlog.write_json(self.path / MARKER, {"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            raise storage_error(e, self.path, flag=self.flag) from None
+        finally:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # no directory to hold it, or a read-only one
+                pass
+
+    def _lock(self, noun: str) -> None:
+        """Hold the directory for this process, or refuse in one line naming the process that holds it."""
+        try:
+            self.lock = runlock.hold(self.path / MARKER)
+        except runlock.Held as e:
+            raise UsageError(f"{self.path} is in use by another bit-transfer process ({e.who}) writing this {noun}; "
+                             f"wait for it to end (or stop it), or choose another directory ({self.flag})") from None
+        except OSError as e:
+            raise storage_error(e, self.path, flag=self.flag) from None
+        found = owned_kind(self.path)
+        if found != self.kind:  # another command made it between our look and the lock
+            self.release()
+            raise UsageError(f"{self.path} is a bit-transfer {found} directory, not {KIND_LABELS.get(self.kind, self.kind)}; "
+                             f"choose a new or empty directory for the {noun} ({self.flag})")
+
+    def release(self) -> None:
+        """Let another process write here (also done by the kernel when this process ends)."""
+        if self.lock:
+            self.lock.close()
+            self.lock = None
+
+    def wait_for_lock(self) -> None:
+        """Rank 0 of `fit --devices`: take the lock over the moment the launcher holding it dies."""
+        if self.writer and (self.path / MARKER).is_file():
+            runlock.hold_when_free(self.path / MARKER)
 
     def discard_if_unused(self) -> None:
         """After a failure before anything worth keeping (no checkpoint, no logged step: a diverged run's
@@ -125,9 +183,10 @@ class RunDir:
             return
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
-            return
-        for child in self.path.iterdir():  # it was empty, or a run with nothing to resume
-            _remove(child)
+        else:
+            for child in self.path.iterdir():  # it was empty, or a run with nothing to resume
+                _remove(child)
+        self.release()  # its marker is gone: a new claim makes a new one
 
     def restart(self) -> None:
         """Empty the run, marker kept: for runs that restart rather than resume (a linear probe: seconds)."""
@@ -138,8 +197,12 @@ class RunDir:
                 _remove(child)
 
     # ------------------------------------------------------------------ recipe and results
-    def check_recipe(self, recipe_dict: dict) -> list[str]:
-        """Refuse to continue a run of another recipe; returns the resumable keys that changed."""
+    def check_recipe(self, recipe_dict: dict, same_plan=None) -> list[str]:
+        """Refuse to continue a run of another recipe; returns the resumable keys that changed.
+
+        `same_plan(saved_dict)`: whether the saved recipe's rule resolves to this one's plan; rule keys
+        spelled differently for the same plan (null vs the value the rule gives) are no change.
+        """
         saved_path = self.path / "recipe.yaml"
         if not saved_path.is_file():
             return []
@@ -148,6 +211,9 @@ class RunDir:
         saved = yaml.safe_load(saved_path.read_text()) or {}
         diff = recipe_diff(saved, recipe_dict)
         fixed = [k for k in diff if not resumable(k)]
+        if fixed and same_plan and all(k.startswith("rule.") for k in fixed) and same_plan(saved):
+            diff = [k for k in diff if k not in fixed]
+            fixed = []
         if fixed:
             may = ", ".join(r + "*" if r.endswith(".") else r for r in RESUMABLE)
             raise UsageError(
@@ -193,7 +259,7 @@ class RunDir:
             try:
                 save_report(result, list(class_names), self.path / report_dir)
             except OSError as e:
-                raise storage_error(e, self.path / report_dir) from None
+                raise storage_error(e, self.path / report_dir, flag=self.flag) from None
             self.write_json("metrics.json", final)
         return runlog.finite_or_none(final)
 
@@ -226,7 +292,7 @@ class RunDir:
             shutil.rmtree(f"{path}.tmp", ignore_errors=True)
             if isinstance(e, RuntimeError):  # MindSpore's writer wraps the OSError
                 e = os_error_in(e, path)
-            raise _with_kept(storage_error(e, path, needed), self.checkpoints()) from None
+            raise _with_kept(storage_error(e, path, needed, flag=self.flag), self.checkpoints()) from None
         for old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
         return path

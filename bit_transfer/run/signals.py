@@ -28,6 +28,47 @@ from bit_transfer.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+# Signals that came while no StopFlag listened, from the CLI's first instruction on (`listen_early`).
+PENDING: list[int] = []
+_RAISE = [False]  # whether a signal also stops the command where it is (KeyboardInterrupt)
+
+
+def listen_early() -> dict:
+    """The CLI's first instruction: from now on a SIGINT or SIGTERM is noted, never a traceback from
+    wherever it lands (an `import mindspore` cut in half). `fit` and `fewshot` stop at their first
+    check, their StopFlag taking the signal over; other commands call `stop_at_once` once parsed.
+    Returns the handlers it replaced (for `restore`)."""
+    if signal.getsignal(signal.SIGINT) is not _note:  # not already listening (bit_transfer/__main__.py)
+        PENDING.clear()
+        _RAISE[0] = False
+    return {s: signal.signal(s, _note) for s in SIGNALS}
+
+
+def restore(handlers: dict) -> None:
+    """Put back what `listen_early` replaced (the CLI called inside another program: its tests)."""
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    PENDING.clear()
+    _RAISE[0] = False
+
+
+def _note(signum, frame):
+    PENDING.append(signum)
+    if _RAISE[0]:
+        raise KeyboardInterrupt
+
+
+def stop_at_once() -> None:
+    """Commands without a StopFlag (eval, predict, ...): a signal stops them where they are."""
+    _RAISE[0] = True
+    if PENDING:
+        raise KeyboardInterrupt
+
+
+def pending_name() -> str | None:
+    """The name of the first signal noted outside a StopFlag, if any."""
+    return signal.Signals(PENDING[0]).name if PENDING else None
+
 
 class StopFlag:
     """Truthy once a signal asked to stop; `.name` is the signal's name (SIGINT, SIGTERM)."""
@@ -40,6 +81,9 @@ class StopFlag:
         self._pipe = None  # (read fd, write fd, the wakeup fd it replaced)
 
     def __enter__(self):
+        if PENDING:  # signals that came before this flag listened (`listen_early`)
+            self.count, self.signal = len(PENDING), PENDING[0]
+            PENDING.clear()
         for s in SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -84,6 +128,12 @@ class StopFlag:
         """Stop as if `signum` had arrived here (another rank received it)."""
         if not self:
             self.count, self.signal = 1, signum
+
+    def pass_on(self) -> None:
+        """Hand a signal the command did not act on to the CLI, which says so and exits 130 (when the CLI
+        listened before this flag: not inside another program calling `fit`)."""
+        if self.signal and _note in self._old.values():
+            PENDING.append(self.signal)
 
     def rearm(self) -> None:
         """Take SIGINT back from MindSpore (see the module docstring); cheap enough for every step."""

@@ -45,6 +45,11 @@ def launched_by_msrun() -> bool:
     return int(os.environ.get(MSRUN_ENV, "1")) > 1
 
 
+def under_launcher() -> bool:
+    """A worker of `fit --devices`: its launcher holds the run directory's lock (not a plain msrun)."""
+    return settings.launcher_pid() > 0
+
+
 def watch_launcher(period_s: float = 1.0) -> None:
     """In a worker of `fit --devices`: if the launcher dies (`kill -9`, the OOM killer), SIGTERM this
     process, so the ranks stop together at a step with a checkpoint as for a forwarded signal,

@@ -10,10 +10,12 @@ from pathlib import Path
 from bit_transfer.errors import storage_error
 
 
-def atomic_write(path, write, *, mode: int | None = 0o644, needed: int | None = None, suffix: str = "") -> Path:
+def atomic_write(path, write, *, mode: int | None = 0o644, needed: int | None = None, suffix: str = "",
+                 flag: str | None = None) -> Path:
     """`write(tmp)` fills a per-process temporary beside `path`, which is then published over `path`.
     Any failure (Ctrl-C too) removes the temporary; an OSError is one line naming the place (`needed`:
-    the bytes it wanted, for a full disk). `suffix` ends the temporary's name (writers that insist on one)."""
+    the bytes it wanted, for a full disk; `flag`: the option that chooses another place). `suffix` ends the
+    temporary's name (writers that insist on one)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
     try:
@@ -22,7 +24,7 @@ def atomic_write(path, write, *, mode: int | None = 0o644, needed: int | None = 
     except BaseException as e:
         remove_quietly(tmp)
         if isinstance(e, OSError):
-            raise storage_error(e, path, needed) from None
+            raise storage_error(e, path, needed, flag) from None
         raise
     return path
 

@@ -447,3 +447,201 @@ def test_two_signals_during_one_long_c_call_count_twice():
         sender.join()
         time.sleep(0.01)
         assert stop.count == 2 and stop.hard and stop.name == "SIGTERM"
+
+
+# ----------------------------------------------------------------------------- one writer per directory
+def refused_by(out, holder: subprocess.Popen, command: str = "fit") -> str:
+    line = one_line_error(out, command)
+    assert f"in use by another bit-transfer process (pid {holder.pid})" in line, line
+    return line
+
+
+def training(run_dir: Path, steps: int = 2):
+    """Once `steps` train rows are logged (the run is claimed and training)."""
+    log = run_dir / "metrics.jsonl"
+    return lambda: log.is_file() and log.read_text().count("train/loss") >= steps
+
+
+@pytest.mark.slow
+def test_a_second_fit_on_a_run_is_refused_before_it_touches_anything(task, tmp_path):
+    """Was: both trained, metrics.jsonl got every row twice, and the second deleted the first's checkpoint in flight."""
+    recipe = recipe_path(task, tmp_path, rule__steps=100000, train__checkpoint_every=5, train__keep_checkpoints=10**6)
+    run_dir = tmp_path / "run"  # (every checkpoint kept: eval reads one while fit goes on)
+    first = start_fit(recipe, run_dir)
+    try:
+        wait_for(lambda: training(run_dir)() and list((run_dir / "checkpoints").glob("*.ckpt")), first)
+        in_flight = run_dir / "checkpoints" / "step-999999.ckpt.tmp"  # what a claim's clean-up would remove
+        in_flight.mkdir()
+        refused_by(run_cli("fit", recipe, "--run-dir", run_dir, "--quiet"), first)
+        assert in_flight.is_dir()
+        in_flight.rmdir()
+        # readers keep working on the run being written
+        assert run_cli("eval", recipe, "--checkpoint", run_dir).returncode == 0
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=180)
+    assert first.returncode == 130 and "Traceback" not in err, err
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["stopped_by_signal"]
+    assert_whole(run_dir, m["steps"])
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, m["steps"] + 1)), steps  # every step logged once: one writer
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_holder_leaves_no_lock_and_a_new_fit_resumes(task, tmp_path):
+    recipe, run_dir = recipe_path(task, tmp_path, train__checkpoint_every=5), tmp_path / "run"
+    proc = start_fit(recipe, run_dir)
+    wait_for(lambda: (run_dir / "checkpoints" / "step-000005.ckpt").is_file(), proc)
+    proc.kill()
+    proc.wait()
+    out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from step-0000" in out.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["completed"]
+
+
+@pytest.mark.slow
+def test_a_concurrent_fewshot_sweep_is_refused(task, tmp_path):
+    recipe, sweep = recipe_path(task, tmp_path, rule__steps=100000), tmp_path / "sweep"
+    args = ["fewshot", str(recipe), "--shots", "1", "--seeds", "0", "--run-dir", str(sweep), "--quiet"]
+    first = subprocess.Popen([sys.executable, "-m", "bit_transfer", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        wait_for(training(sweep / "shots1-seed0"), first)
+        before = (sweep / "sweep.yaml").read_bytes()
+        line = refused_by(run_cli(*args), first, "fewshot")
+        assert str(sweep) in line and "--run-dir" in line
+        assert (sweep / "sweep.yaml").read_bytes() == before and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=180)
+    assert first.returncode == 130 and "Traceback" not in err, err
+
+
+def test_a_second_writer_in_another_process_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
+    """The lock itself, across real processes: held while the holder lives, free the moment it is killed."""
+    from bit_transfer.errors import UsageError
+    from bit_transfer.run.rundir import RunDir
+
+    out = tmp_path / "export"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom bit_transfer.run.rundir import RunDir\n"
+                               f"run = RunDir.claim({str(out)!r}, kind='export', flag='--out')\n"
+                               "print('held', flush=True)\ntime.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=rf"in use by another bit-transfer process \(pid {holder.pid}\).*\(--out\)"):
+            RunDir.claim(out, kind="export", flag="--out")
+        RunDir.claim(out, kind="export", writer=False)  # a reader
+    finally:
+        holder.kill()
+        holder.wait()
+    run = RunDir.claim(out, kind="export", flag="--out")
+    again = RunDir.claim(out, kind="export", flag="--out")  # one process: the same lock, shared
+    assert run.lock is again.lock is not None
+    assert sorted(p.name for p in out.iterdir()) == [".bit-transfer-run"]  # the marker is the lock: no other file
+
+
+# ----------------------------------------------------------------------------- signals at the edges
+def catches_sigterm(pid: int) -> bool:
+    """The process has a SIGTERM handler (Python alone has none): bit-transfer's first instruction ran."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.slow
+def test_a_signal_in_the_first_seconds_of_fit_is_one_line_and_exit_130(task, tmp_path):
+    """Was: a KeyboardInterrupt traceback ending in 'ImportError: initialization failed' (exit 1), an abort
+    at shutdown (exit 134), or for SIGTERM exit 143 and no word. Delays from bit-transfer's first instruction
+    (before it, the interpreter itself is starting: no program can answer for that)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs /proc to see when the process starts listening")
+    recipe, run_dir = recipe_path(task, tmp_path, rule__steps=3), tmp_path / "run"
+    for sig, delay in [(signal.SIGINT, 0.0), (signal.SIGTERM, 0.1), (signal.SIGINT, 0.5), (signal.SIGTERM, 1.5)]:
+        proc = start_fit(recipe, run_dir)
+        wait_for(lambda: catches_sigterm(proc.pid), proc)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=180)
+        line = one_line_error(subprocess.CompletedProcess([], proc.returncode, out, err), "fit", 130, "interrupted")
+        assert line.startswith(f"bit-transfer fit: interrupted: {sig.name}") and "rerun the same command" in line, line
+        assert not list(run_dir.glob("checkpoints/*.ckpt"))
+    out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet")  # the same command, later: a run
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["completed"]
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_final_checkpoint_write_is_said_recorded_and_exits_130(task, tmp_path):
+    """Was: ignored without a word, exit 0, `stopped_by_signal: false`."""
+    recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
+    code, out, err = signal_at(start_fit(recipe, run_dir), final_tmp(run_dir), [signal.SIGTERM])
+    assert code == 130 and "Traceback" not in err, err
+    assert f"SIGTERM: finishing the evaluation at step {STEPS}; signal again to skip it" in out, out
+    assert "SIGTERM during the final checkpoint and evaluation: both were completed" in out, out
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["completed"] and m["stopped_by_signal"] and m["signal"] == "SIGTERM" and not m["stopped_early"]
+    assert_whole(run_dir)
+    again = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet")  # finished: reported, not rerun
+    assert again.returncode == 0 and "is finished" in again.stdout, again.stderr
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_final_evaluation_is_said_recorded_and_exits_130(task, tmp_path):
+    recipe, run_dir = recipe_path(task, tmp_path, train__eval_batch_size=2), tmp_path / "run"  # 32 batches
+    code, out, err = signal_at(start_fit(recipe, run_dir), final_ckpt(run_dir), [signal.SIGINT])
+    assert code == 130 and "Traceback" not in err, err
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["completed"]
+    if m["stopped_by_signal"]:  # it landed in the evaluation (nearly always: 32 batches)
+        assert m["signal"] == "SIGINT" and f"SIGINT: finishing the evaluation at step {STEPS}" in out, out
+        assert not err.strip(), err
+    else:  # after metrics.json was written: the CLI says so itself
+        line = one_line_error(subprocess.CompletedProcess([], code, out, err), "fit", 130, "interrupted")
+        assert "SIGINT as fit was ending; its work is complete" in line, line
+
+
+# ----------------------------------------------------------------------------- what a resume may be given
+def test_resume_with_another_run_dir_is_refused(task, tmp_path):
+    """Was: --run-dir silently ignored."""
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    run_dir.mkdir()
+    line = one_line_error(run_cli("fit", "--resume", run_dir, "--run-dir", other), "fit")
+    assert f"--resume {run_dir} and --run-dir {other} name two directories" in line and "drop --run-dir" in line
+    assert not other.exists() and not list(run_dir.iterdir())
+
+
+@pytest.mark.slow
+def test_a_resume_spelling_out_the_rules_own_value_is_the_same_recipe(task, tmp_path):
+    """Was: refused as 'a different recipe: rule.steps (None there, 500 now)'. The rule gives 500 steps here."""
+    recipe, run_dir = recipe_path(task, tmp_path, rule__steps=None), tmp_path / "run"
+    assert run_cli("fit", recipe, "--run-dir", run_dir, "--quiet", "--stop-after", 2).returncode == 0
+    assert json.loads((run_dir / "plan.json").read_text())["steps"] == 500
+    saved = (run_dir / "recipe.yaml").read_bytes()
+    out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet", "--stop-after", 3, "--set", "rule.steps=500")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from step-000002.ckpt at step 2" in out.stdout and "changed settings" not in out.stdout
+    assert (run_dir / "recipe.yaml").read_bytes() == saved  # the run's own spelling is kept
+    line = one_line_error(run_cli("fit", recipe, "--run-dir", run_dir, "--set", "rule.steps=400"), "fit")
+    assert "different recipe: rule.steps (None there, 400 now)" in line, line
+
+
+# ----------------------------------------------------------------------------- the fix a storage error names
+def test_a_read_only_run_or_feature_cache_names_the_option_that_moves_it(task, tmp_path):
+    """Was: 'e.g. --run-dir or --out' for both; eval has no --run-dir, and fewshot's cache is --feature-cache."""
+    recipe = recipe_path(task, tmp_path, rule__steps=2)
+    with scratch_fs(tmp_path / "ro", size="64m") as disk:
+        out = run_cli("fit", recipe, "--run-dir", disk / "run", "--quiet")
+        assert out.returncode == 0, out.stderr[-2000:]
+        (disk / "cache").mkdir()
+        r = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot remount read-only ({r.stderr.strip()[:80]})")
+        line = one_line_error(run_cli("eval", recipe, "--checkpoint", disk / "run"), "eval")
+        assert "is on a read-only file system; choose a writable place with --out" in line, line
+        line = one_line_error(run_cli("fewshot", recipe, "--shots", 1, "--seeds", 0, "--mode", "linear",
+                                      "--feature-cache", disk / "cache", "--run-dir", tmp_path / "sweep"), "fewshot")
+        assert f"{disk / 'cache'}" in line and "choose a writable place with --feature-cache" in line, line

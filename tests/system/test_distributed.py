@@ -158,6 +158,10 @@ def test_a_signal_to_the_launcher_stops_the_ranks_together_with_a_checkpoint(tas
     Ctrl-C reached msrun, which killed the ranks without a checkpoint. (SIGINT takes the same path
     here; the workers' own SIGINT handling is fit's, tested in test_run_safety.)"""
     def check(proc, run, shown, pids):
+        # the launcher holds the run for its ranks: another fit is refused, naming it
+        out = run_cli("fit", run.parent / "recipe.yaml", "--run-dir", run, "--quiet")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert f"in use by another bit-transfer process (pid {proc.pid})" in out.stderr, out.stderr
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 130, proc.stderr.read()
         assert proc.stderr.read() == ""
@@ -172,11 +176,20 @@ def test_a_signal_to_the_launcher_stops_the_ranks_together_with_a_checkpoint(tas
 def test_ranks_whose_launcher_is_killed_stop_at_a_step_with_a_checkpoint(task, tmp_path):
     """`kill -9` of `fit --devices 2` (or the OOM killer) left both ranks training unseen; they now
     watch the launcher and stop as for SIGTERM: a whole checkpoint of the stop step, resumable."""
+    from bit_transfer.run import lock as runlock
     from bit_transfer.models.weights.ckpt import read_checkpoint
 
     def check(proc, run, shown, pids):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        took_over = None  # rank 0 takes the run's lock over from its dead launcher while it stops
+        while took_over is None and not _gone(pids[0]):
+            try:
+                runlock.hold(run / ".bit-transfer-run").close()  # free for an instant: rank 0 not yet woken
+            except runlock.Held as e:
+                took_over = e.pid
+            time.sleep(0.01)
+        assert took_over == pids[0], (took_over, pids)
         deadline = time.time() + 30
         while time.time() < deadline and not all(_gone(pid) for pid in pids.values()):
             time.sleep(0.2)

@@ -9,7 +9,7 @@ images would give new features at every step and could not be cached. This is th
 linear-probe protocol, and the reason a cached linear probe does not apply MixUp.
 
 Layout: `<root>/<key>/meta.json` and append-only `part-*.npz` files (rows, checks, readable,
-features).
+features); `.lock` is held (`runlock`) by the one process computing an entry's missing features.
 The key hashes what features depend on: the backbone (its config, the bytes of every non-head
 parameter and the code that runs it, so new weights, another init seed, another padding or an
 edited model is another key), the crop, the dataset's name, the split's name and its store size. Inside an entry, images are
@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from bit_transfer import settings
-from bit_transfer.run import runlog
-from bit_transfer.errors import storage_error
+from bit_transfer.run import lock as runlock, runlog
+from bit_transfer.errors import PLACE_OPTION, UsageError, storage_error
 from bit_transfer.system import files
 
 VERSION = 1
 PART_FIELDS = ("rows", "checks", "readable", "features")
+LOCK = ".lock"  # in an entry: held by the process computing its features
 CHUNK_IMAGES = 2048  # a part is written after this many images: the unit an interruption can lose
 
 # Images run through the backbone in this process, by split name: what the cache saved is observable.
@@ -111,7 +112,15 @@ class FeatureCache:
         checks = row_checks(split)
         missing = np.flatnonzero(~self._cached(entry, split, checks))
         if len(missing):
-            self._compute(entry, split, missing, checks, about or f"{split.name} images")
+            lock = self._lock(entry)  # one process fills an entry at a time
+            try:
+                self._entries.pop(entry, None)  # what a process that held it before us added
+                missing = np.flatnonzero(~self._cached(entry, split, checks))
+                if len(missing):
+                    self._compute(entry, split, missing, checks, about or f"{split.name} images")
+            finally:
+                if lock:
+                    lock.close()
             assert self._cached(entry, split, checks).all()
         rows, _, readable, feats = self._load(entry)
         at = np.searchsorted(rows, split.rows)
@@ -135,10 +144,26 @@ class FeatureCache:
             try:
                 entry.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # --feature-cache a file, read-only, full
-                raise storage_error(e, entry) from None
+                raise storage_error(e, entry, flag="--feature-cache") from None
             about = dict(key, model={k: v for k, v in model_config(self.model).items() if k != "num_classes"})
-            runlog.write_atomic(entry / "meta.json", json.dumps(about, indent=1) + "\n")
+            token = PLACE_OPTION.set("--feature-cache")  # a failed write names the option that moves the cache
+            try:
+                runlog.write_atomic(entry / "meta.json", json.dumps(about, indent=1) + "\n")
+            finally:
+                PLACE_OPTION.reset(token)
         return entry
+
+    def _lock(self, entry: Path):
+        """The entry's lock (its `.lock` file, never replaced), or one line naming the process filling it."""
+        path = entry / LOCK
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666))
+            return runlock.hold(path)
+        except runlock.Held as e:
+            raise UsageError(f"the feature cache {entry} is being filled by another bit-transfer process ({e.who}); "
+                             "wait for it to end, or give another --feature-cache") from None
+        except OSError as e:
+            raise storage_error(e, path, flag="--feature-cache") from None
 
     # ------------------------------------------------------------------ storage
     def _cached(self, entry: Path, split, checks: np.ndarray) -> np.ndarray:
@@ -180,7 +205,7 @@ class FeatureCache:
                 np.savez(f, **dict(zip(PART_FIELDS, (rows, checks, readable, feats))))
 
         # a full disk: the parts written before are kept, this one is not
-        files.atomic_write(entry / name, write, mode=None, needed=int(feats.nbytes))
+        files.atomic_write(entry / name, write, mode=None, needed=int(feats.nbytes), flag="--feature-cache")
         self._entries.pop(entry, None)
 
     # ------------------------------------------------------------------ computing

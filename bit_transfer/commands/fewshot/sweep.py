@@ -20,6 +20,7 @@ trains only the head on them: seconds per run instead of minutes.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,16 +161,22 @@ def sweep(
     if base.data.size is not None:
         raise RecipeError("data.size is set; drop it so the rule sees each few-shot subset's size")
     with StopFlag() as stop:
+        stop.check("starting", "nothing was written; rerun the same command")  # a signal before this listened
         pools = Pools(base)  # the data is checked before anything is written
         check_shots(pools.get(seeds[0]), shots, base.data.allow_fewer)
         sweep_run, resuming = claim_sweep_dir(sweep_dir, base)
         runs = [Run(k, s, sweep_run / f"shots{k}-seed{s}", run_recipe(base, k, s)) for k in shots for s in seeds]
         info = planning.task_info(runs[0].recipe)  # image size (measured once, cached), num classes
         _announce(base, runs, pools, info, sweep_run, resuming, shots, seeds, log)
-        if base.train.mode == "linear":
-            result = _sweep_linear(base, runs, pools, info, sweep_run.path, quiet, feature_root, log, stop)
-        else:
-            result = _sweep_finetune(runs, sweep_run.path, quiet, log, stop)
+        try:
+            if base.train.mode == "linear":
+                result = _sweep_linear(base, runs, pools, info, sweep_run.path, quiet, feature_root, log, stop)
+            else:
+                result = _sweep_finetune(runs, sweep_run.path, quiet, log, stop)
+        finally:
+            sweep_run.release()
+    if stop and result.complete:
+        stop.pass_on()  # it came as the last run ended: the CLI says so once the summary is written
     if not result.complete:
         log(f"sweep stopped before its last run; resume it with --run-dir {sweep_run}")
         return result
@@ -220,6 +227,8 @@ def _sweep_finetune(runs: list[Run], sweep_dir: Path, quiet: bool, log, stop: St
             m = train.fit(run.recipe, run_dir=run.run_dir, quiet=quiet)
             if not m.get("completed"):
                 return SweepResult(sweep_dir, rows, complete=False, stopped_by_signal=m.get("stopped_by_signal"))
+            if m.get("signal") and not m.get("reported"):  # during its final evaluation: stop at the next run
+                stop.request(signal.Signals[m["signal"]])
         else:
             log(f"[{i}/{len(runs)}] {run.label}: finished earlier, top-1 {100 * m['top1']:.2f}%")
         rows.append(_row(run, m))
