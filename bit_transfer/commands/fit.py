@@ -15,6 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from bit_transfer.kernels import onednn as onednn_conv
 from bit_transfer.hyperrule import planning
 from bit_transfer.config import recipe as recipes
 from bit_transfer.run import runlog
+from bit_transfer.run.runlog import Throughput
 from bit_transfer.system import device as runtime
 from bit_transfer.data import pipeline
 from bit_transfer.errors import Interrupted, RunError, UsageError, WeightsError
@@ -35,6 +37,12 @@ from bit_transfer.run.rundir import RunDir
 from bit_transfer.run.signals import StopFlag
 from bit_transfer.engine.batch_split import choose_batch_split, probe
 from bit_transfer.engine.step import EvalStep, TrainStep, cast_model
+
+if TYPE_CHECKING:  # annotations only
+    from mindspore import nn
+
+    from bit_transfer.engine.metrics import EvalResult
+    from bit_transfer.hyperrule import rule as hyperrule
 
 RESUME_HINT = "rerun the same command to continue"
 DIVERGED_FACTOR = 10.0  # a final loss this many times the first one is flagged as divergence
@@ -51,24 +59,24 @@ class Session:
     run: RunDir
     world: distributed.World
     device: str
-    dataset: object
+    dataset: data.Dataset
     info: planning.DataInfo
-    plan: object
+    plan: hyperrule.Plan
     layout: planning.BatchLayout
-    net: object  # the model (its Parameters are what checkpoints hold)
-    model: object  # `net`, or its fp16 wrapper
-    step_fn: object
-    eval_step: object
-    metrics: object
-    say: object
+    net: models.ResNetV2  # the model (its Parameters are what checkpoints hold)
+    model: nn.Cell  # `net`, or its fp16 wrapper
+    step_fn: TrainStep
+    eval_step: EvalStep
+    metrics: runlog.MetricsLog | runlog.NullLog
+    say: Callable[..., None]
     step: int = 0
     evaluated_at: int | None = None
     saved_at: int | None = None
-    last_eval: object = None
+    last_eval: EvalResult | None = None
     losses: list = field(default_factory=list)  # (step, loss) at log points, for the divergence flag
     stopped: str | None = None  # what ended the loop early: a signal's name or --stop-after
-    progress: object = None
-    timer: object = None
+    progress: runlog.Progress | None = None
+    timer: Throughput | None = None
 
 
 # ----------------------------------------------------------------------------- fit
@@ -329,30 +337,6 @@ def _check_update(s: Session, loss: float, applied: bool, lr: float, skips: int)
         "lower rule.base_lr or check the data"
     )
 
-
-class Throughput:
-    """Images/s over the last log window, and an ETA from the steps this process ran (not the resumed ones)."""
-    def __init__(self, batch: int, step: int):
-        self.batch, self.first = batch, step
-        self.window_t, self.window_steps, self.ips = time.perf_counter(), 0, float("nan")
-        self.t1 = None  # after this process's first step, which carries the compile
-
-    def tick(self) -> None:
-        self.window_steps += 1
-        if self.t1 is None:
-            self.t1 = time.perf_counter()
-
-    def window(self) -> float:
-        now = time.perf_counter()
-        self.ips = self.window_steps * self.batch / max(now - self.window_t, 1e-9)
-        self.window_t, self.window_steps = now, 0
-        return self.ips
-
-    def eta(self, step: int, total: int) -> float | None:
-        done = step - self.first - 1  # steps timed since the first one
-        if done < 1:
-            return None
-        return (total - step) * (time.perf_counter() - self.t1) / done
 
 
 def _log_step(s: Session, loss: float, lr: float, timer: Throughput) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import math
 import sys
 import threading
@@ -200,3 +201,28 @@ class Progress:
         if self.bar:
             self.bar.close()
             self.bar = None
+
+
+class Throughput:
+    """Images/s over the last log window, and an ETA from the steps this process ran (not the resumed ones)."""
+    def __init__(self, batch: int, step: int):
+        self.batch, self.first = batch, step
+        self.window_t, self.window_steps, self.ips = time.perf_counter(), 0, float("nan")
+        self.t1 = None  # after this process's first step, which carries the compile
+
+    def tick(self) -> None:
+        self.window_steps += 1
+        if self.t1 is None:
+            self.t1 = time.perf_counter()
+
+    def window(self) -> float:
+        now = time.perf_counter()
+        self.ips = self.window_steps * self.batch / max(now - self.window_t, 1e-9)
+        self.window_t, self.window_steps = now, 0
+        return self.ips
+
+    def eta(self, step: int, total: int) -> float | None:
+        done = step - self.first - 1  # steps timed since the first one
+        if done < 1:
+            return None
+        return (total - step) * (time.perf_counter() - self.t1) / done

@@ -347,7 +347,7 @@ def test_divergence_without_nan_is_flagged():
 
 def test_eta_counts_only_the_steps_of_this_process():
     """Was: 43.9 min for a 15 s run right after a resume (the resumed steps counted as done here)."""
-    from bit_transfer.commands.fit import Throughput
+    from bit_transfer.run.runlog import Throughput
 
     t = Throughput(batch=16, step=990)  # resumed at step 990 of 1000
     t.tick()
