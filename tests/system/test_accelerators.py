@@ -85,7 +85,7 @@ def test_the_precision_table_matches_the_docs():
 
     from bit_transfer.system import device as runtime
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "accelerators.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "accelerators.md").read_text()
     for device, ok in runtime.PRECISIONS_BY_DEVICE.items():
         row = next(ln for ln in text.splitlines() if ln.startswith(f"| {device} |"))
         for precision in ("fp32", "fp16", "bf16"):

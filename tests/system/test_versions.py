@@ -8,7 +8,7 @@ import mindspore as ms
 import pytest
 
 from bit_transfer.system import device as runtime
-from bit_transfer.models.resnetv2 import channels_last_available
+from bit_transfer.kernels.layout import channels_last_available
 from conftest import one_line_error, run_cli, write_recipe
 from datagen import corrupt, pattern_task, tiny_recipe
 
