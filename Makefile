@@ -18,8 +18,12 @@ demo: $(STAMP)
 	$(BIN)/python -m bit_transfer.demo.samples runs/demo-samples --count 8
 	$(BIN)/bit-transfer predict runs/demo runs/demo-samples --top-k 3
 
+# Both cores: test files are spread over two worker processes (pytest-xdist; a file stays on one, so its
+# shared fixtures run once).
+PARALLEL := -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q $(PARALLEL) --durations=10
 
 # The second CI leg: the newest MindSpore the registry serves, installed as a user would (its own venv,
 # no constraints.txt: pyproject.toml's pins alone), printed, then the whole suite on it. Should that
@@ -28,7 +32,7 @@ test: $(STAMP)
 NEWEST := .venv-newest
 NEWEST_TESTS ?=
 test-newest: newest-venv
-	$(NEWEST)/bin/python -m pytest -q --durations=10 $(NEWEST_TESTS)
+	$(NEWEST)/bin/python -m pytest -q $(PARALLEL) --durations=10 $(NEWEST_TESTS)
 
 newest-venv:
 	test -x $(NEWEST)/bin/python || $(PY) -m venv $(NEWEST)
@@ -41,7 +45,7 @@ newest-venv:
 	@$(NEWEST)/bin/python -c 'import importlib.metadata as m; print("newest leg:", ", ".join(f"{p} {m.version(p)}" for p in ("mindspore", "numpy", "pyarrow")))'
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

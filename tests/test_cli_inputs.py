@@ -136,7 +136,7 @@ def test_hf_dataset_without_network_fails_fast_in_one_line(recipe_file, tmp_path
     out = run_cli("plan", p, env=no_network_env(tmp_path))
     took = time.time() - start
     line = one_line_error(out, "plan")
-    assert took < 5, f"{took:.1f} s"
+    assert took < 15, f"{took:.1f} s"  # a retry loop takes 30 s and more; start-up under load ~5-12 s
     assert "Hugging Face dataset 'someone/not-cached-anywhere' is not cached under" in line
     assert f"{hub.host()} cannot be reached, so it ran with HF_HUB_OFFLINE=1" in line
     assert "datasets.load_dataset('someone/not-cached-anywhere')" in line and "data.path" in line
@@ -149,7 +149,7 @@ def test_hf_weights_without_network_fails_fast_in_one_line(tmp_path):
               "--set", f"log.dir={tmp_path / 'runs'}", env=env)
     took = time.time() - start
     line = one_line_error(out, "fit")
-    assert took < 5, f"{took:.1f} s"
+    assert took < 15, f"{took:.1f} s"  # a retry loop takes 30 s and more; start-up under load ~5-12 s
     cache = tmp_path / "bt-home" / "hf"
     assert f"cannot fetch config.json of hf:google/bit-50 (not in the cache {cache} and {hub.host()} cannot be reached, " \
            "so it ran with HF_HUB_OFFLINE=1)" in line

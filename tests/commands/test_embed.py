@@ -52,6 +52,7 @@ def embedded(world):
         return out, {k: z[k] for k in z.files}
 
 
+@pytest.mark.slow
 def test_features_are_the_models_own_pre_logits(world, embedded):
     import mindspore as ms
 
@@ -157,7 +158,7 @@ def test_a_head_trained_on_embed_reproduces_fewshot_linear(world, embedded, tmp_
 
     batch = min(plan.batch_size, len(x))
     train_head(step, x, y, plan, batch, base.train.seed, Metrics(), 20, label="embed")
-    from bit_transfer.run.checkpoint import read_checkpoint
+    from bit_transfer.models.weights.ckpt import read_checkpoint
 
     params, _ = read_checkpoint(sorted((run_dir / "checkpoints").glob("*.ckpt"))[-1])
     assert np.abs(head.weight.asnumpy() - params["head.weight"]).max() <= 1e-5

@@ -66,6 +66,7 @@ def test_export_of_a_file_that_is_not_a_checkpoint_says_what_export_takes(tmp_pa
     assert snapshot(tmp_path) == before  # and no X
 
 
+@pytest.mark.slow
 def test_export_of_a_corrupt_checkpoint_names_the_earlier_one(hf_run, tmp_path):
     run_dir = shutil.copytree(hf_run, tmp_path / "run")
     latest = run_dir / "checkpoints" / "step-000002.ckpt"
@@ -79,6 +80,7 @@ def test_export_of_a_corrupt_checkpoint_names_the_earlier_one(hf_run, tmp_path):
     ok(run_cli("export", run_dir / "checkpoints" / "step-000001.ckpt", "--format", "hf", "--out", tmp_path / "hf"))
 
 
+@pytest.mark.slow
 def test_export_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(hf_run, tmp_path):
     (tmp_path / "model.txt").write_text("mine")
     (tmp_path / "mine").mkdir()
@@ -98,6 +100,7 @@ def test_export_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(hf_ru
     assert snapshot(tmp_path) == before and snapshot(hf_run) == run_before
 
 
+@pytest.mark.slow
 def test_export_into_a_read_only_place_is_one_line(hf_run, tmp_path):
     with scratch_fs(tmp_path / "ro", size="1m", read_only=True) as ro:
         for out in (ro, ro / "export"):
@@ -113,8 +116,9 @@ def test_export_without_space_is_one_line_and_leaves_nothing(hf_run, tmp_path):
         assert list(small.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_exported_files_are_0644_and_a_rerun_updates_its_own_export(hf_run, tmp_path):
-    for fmt, files in [("hf", ["config.json", "model.safetensors", "preprocessor_config.json"]),
+    for fmt, files in [("hf", ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]),
                        ("mindir", ["model.json", "model.mindir"])]:
         out = tmp_path / fmt
         said = ok(run_cli("export", hf_run, "--format", fmt, "--out", out))
@@ -132,6 +136,7 @@ def test_exported_files_are_0644_and_a_rerun_updates_its_own_export(hf_run, tmp_
 
 
 # ---------------------------------------------------------------- eval
+@pytest.mark.slow
 def test_eval_writes_its_own_directory_and_keeps_what_fit_wrote(fitted):
     before = snapshot(fitted)
     said = ok(run_cli("eval", fitted / "recipe.yaml", "--checkpoint", fitted))
@@ -155,6 +160,7 @@ def test_eval_writes_its_own_directory_and_keeps_what_fit_wrote(fitted):
     assert "replaced" not in said
 
 
+@pytest.mark.slow
 def test_eval_refuses_an_out_that_is_a_file_a_foreign_directory_or_a_run(fitted, tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "mine").mkdir()

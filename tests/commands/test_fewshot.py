@@ -113,6 +113,7 @@ def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_linear_sweep_makes_every_run_with_the_rule_on_the_subset(linear):
     base, root, result, _ = linear
     assert result.complete
@@ -178,6 +179,7 @@ def test_sweep_plot_and_tensorboard(linear):
     assert (sweep / "summary.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_features_are_computed_once_per_image(linear, task):
     from bit_transfer import data
 
@@ -362,6 +364,7 @@ def test_default_feature_cache_is_under_bit_transfer_home(home):
 
 
 # ----------------------------------------------------------------------------- fine-tuning sweeps: resume
+@pytest.mark.slow
 def test_finetune_sweep_resumes_an_interrupted_run_and_skips_finished_ones(task, tmp_path, monkeypatch):
     from bit_transfer.commands import fit as train
 

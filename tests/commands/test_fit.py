@@ -41,6 +41,7 @@ def learned(task, graph, tmp_path_factory):
     return runs / "learned", metrics
 
 
+@pytest.mark.slow
 def test_learnable_task_reaches_high_accuracy_and_loss_falls(learned):
     run_dir, metrics = learned
     assert metrics["top1"] >= 0.9, metrics
@@ -105,6 +106,7 @@ def test_eval_command_reproduces_the_final_metrics(learned, graph, tmp_path):
     assert (tmp_path / "ev" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_micro_batching_gives_the_same_update(task, graph, tmp_path, monkeypatch):
     """batch_split 1 vs 4, same data order (no random crop/flip, no MixUp): same weights. With the
     direct convolution kernels: training picks Winograd by a micro-batch's tile count (16 images of
@@ -143,6 +145,7 @@ def test_mixup_changes_the_loss_as_expected():
     assert mixed == pytest.approx(0.3 * ce(ya) + 0.7 * ce(yb), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_mixup_in_the_loop_changes_the_loss(task, tmp_path):
     from bit_transfer.commands.fit import fit
 
@@ -157,6 +160,7 @@ def test_mixup_in_the_loop_changes_the_loss(task, tmp_path):
     assert abs(plain[2] - mix[2]) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", ["kernels"], indirect=True)  # on MindSpore's operators: the kill -9 resume test
 def test_resume_equals_an_uninterrupted_run(task, graph, tmp_path):
     from bit_transfer.commands.fit import fit
@@ -173,6 +177,7 @@ def test_resume_equals_an_uninterrupted_run(task, graph, tmp_path):
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_recipe(task, tmp_path):
     from bit_transfer.commands.fit import fit
 
@@ -258,6 +263,7 @@ def test_bf16_on_cpu_is_a_usage_error(task, tmp_path):
         fit(tiny_recipe(task, tmp_path, train__precision="bf16"), run_dir=tmp_path / "bf16")
 
 
+@pytest.mark.slow
 def test_batch_split_auto_picks_the_whole_batch_when_it_fits(task, tmp_path, capsys):
     from bit_transfer.commands.fit import fit
 
@@ -267,6 +273,7 @@ def test_batch_split_auto_picks_the_whole_batch_when_it_fits(task, tmp_path, cap
     assert json.loads((tmp_path / "auto" / "plan.json").read_text())["batch_split"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_split", [1, 2])
 def test_pynative_train_step_matches_the_compiled_one(batch_split):
     """train.jit: false (PyNative, for debugging) runs the same maths as the compiled step,
@@ -297,6 +304,7 @@ def test_pynative_train_step_matches_the_compiled_one(batch_split):
         np.testing.assert_allclose(eager[name], w, rtol=1e-4, atol=EQUAL_MATHS_ATOL, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_split", [1, 2])
 def test_fp16_trains_and_saves_a_usable_checkpoint(task, tmp_path, batch_split):
     """fp16 (amp O2, dynamic loss scaling): the loss falls as in fp32, the checkpoint is complete.

@@ -102,6 +102,7 @@ def hf_export(world):
 
 
 # ---------------------------------------------------------------- labels from folders: eval's numbers
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", GRAPHS)  # predict = eval on our CPU kernels and on MindSpore's operators
 def test_labelled_folder_gives_evals_numbers_and_report(world, graph, tmp_path):
     run = world / "run"
@@ -162,6 +163,7 @@ def test_folders_not_named_like_the_classes_are_not_labels(world, tmp_path):
 
 
 # ---------------------------------------------------------------- output: table, CSV, JSONL
+@pytest.mark.slow
 def test_table_csv_and_jsonl_hold_the_same_predictions(world, run_table, tmp_path):
     paths = sorted(f"data/val/{c}/{i:03d}.png" for c in CLASSES for i in range(3))
     assert list(run_table) == paths  # directories: recursive, sorted
@@ -193,6 +195,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_out_never_replaces_a_file_without_overwrite(world, tmp_path):
     (tmp_path / "mine.csv").write_text("my own notes\n")
     (tmp_path / "dir.csv").mkdir()
@@ -212,6 +215,7 @@ def test_out_never_replaces_a_file_without_overwrite(world, tmp_path):
 
 
 # ---------------------------------------------------------------- inputs
+@pytest.mark.slow
 def test_files_globs_and_stdin_in_order_once_each(world, run_table):
     files = ["data/val/emu/002.png", "data/val/cat/000.png"]
     rows = table(ok(predict(world / "run", *files, "data/val/emu/002.png", cwd=world)))
@@ -245,6 +249,7 @@ def test_bad_inputs_are_one_line(world, tmp_path):
         assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_unreadable_and_non_image_files_are_named_and_skipped_or_strict(world, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(world / "data" / "val" / "cat", bad)
@@ -300,6 +305,7 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_16_bit_png_predicts_as_the_same_scene_at_8_bits(world, tmp_path):
     """Real 16-bit PNGs (Pillow mode I;16) are scaled, not clipped: the same predictions as their 8-bit twins."""
     rng = np.random.default_rng(5)
@@ -325,6 +331,7 @@ def test_a_decompression_bomb_is_one_line_without_a_stray_period(world, tmp_path
                          "unreadable files"), line
 
 
+@pytest.mark.slow
 def test_a_repeated_predict_says_it_replaced_its_own_report(world, tmp_path):
     """As eval does in its own directory: the same --report again is updated, and the output line says so."""
     report = tmp_path / "report"
@@ -365,6 +372,7 @@ def test_the_memory_check_proposes_the_batch_that_fits():
 
 
 # ---------------------------------------------------------------- model kinds
+@pytest.mark.slow
 def test_a_loose_checkpoint_a_hf_directory_and_hf_repo_predict_as_the_run(world, run_table, hf_export, tmp_path):
     (ckpt,) = sorted((world / "run" / "checkpoints").glob("step-*.ckpt"))[-1:]
     loose = shutil.copy(ckpt, tmp_path / "model.ckpt")
@@ -404,6 +412,7 @@ def test_an_official_npz_answers_with_class_indices(world, tmp_path):
     assert "at 128x128 px (the default" in summary(said)
 
 
+@pytest.mark.slow
 def test_a_missing_or_non_bit_model_is_one_line(world, tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(3, np.float32))
     (tmp_path / "r.yaml").write_text("name: x\n")
@@ -462,6 +471,7 @@ def test_predictor_takes_paths_pil_images_and_arrays(world, run_table):
 
 
 # ---------------------------------------------------------------- ONNX
+@pytest.mark.slow
 def test_an_exported_onnx_predicts_as_the_checkpoint(world, run_table, tmp_path):
     import bit_transfer.data.pipeline  # noqa: F401  MindSpore before onnx loads protobuf (see predict.model._onnx_model)
 
@@ -497,6 +507,7 @@ def test_an_exported_onnx_predicts_as_the_checkpoint(world, run_table, tmp_path)
                          "model); predict runs the .onnx that bit-transfer export --format onnx writes"), line
 
 
+@pytest.mark.slow
 def test_onnx_without_onnxruntime_says_what_to_install(world, tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"\x08\x08")
     code = ("import sys\nsys.modules['onnxruntime'] = None\nfrom bit_transfer import cli\n"

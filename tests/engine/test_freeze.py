@@ -63,7 +63,7 @@ def test_frozen_parameters_are_bit_identical_after_a_fit(task, start, tmp_path):
     for k in trained:
         assert not np.array_equal(after[k], initial[k]), k
     assert np.abs(after["head.weight"]).max() > 0  # the zero-initialised head learnt
-    from bit_transfer.run.checkpoint import read_checkpoint
+    from bit_transfer.models.weights.ckpt import read_checkpoint
 
     params, _ = read_checkpoint(sorted((tmp_path / "run/checkpoints").glob("*.ckpt"))[-1])
     moments = {k.removeprefix("optimizer.moments.") for k in params if k.startswith("optimizer.moments.")}

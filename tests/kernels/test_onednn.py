@@ -543,6 +543,7 @@ def test_our_kernels_use_the_instruction_sets_onednn_does():
 AVX2_TESTS = "winograd or group_norm_matches or instruction_sets or (values_and_gradients and ws and 13-11)"
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_kernels_built_for_avx2_pass_on_an_avx2_capped_run():
     """The compiled kernels must build and pass on AVX2-only machines too. An AVX-512 host stands in:
@@ -619,6 +620,7 @@ def test_blocked_geometries_without_a_kernel_run_channels_last_not_the_reference
     assert any(",reorder," in line for line in out.splitlines())  # the activations, to and from nhwc
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_outputs_of_4x4_pixels_run_the_direct_kernels_on_avx512_and_the_first_choice_elsewhere():
     """Forward and backward-data of a <= 4x4 output take "jit:avx512_core" (faster there than oneDNN's
@@ -647,6 +649,7 @@ def layouts(**env) -> list[str]:
     return run(LAYOUT, **env).split()[-3:]
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_avx2_machines_run_blocked_activations_where_the_channels_come_in_eights():
     """Where oneDNN's best instruction set is AVX2 (here: ONEDNN_MAX_CPU_ISA), models keep activations in

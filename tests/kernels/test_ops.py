@@ -195,6 +195,7 @@ print(time.process_time() - t)
 """
 
 
+@pytest.mark.slow
 def test_libgomp_threads_stop_spinning_soon_after_a_kernel_unless_the_user_set_it(home, tmp_path):
     """bit_transfer/__init__.py sets GOMP_SPINCOUNT=10000 before MindSpore loads libgomp; with
     libgomp's default (300,000 spins) the idle threads hold the cores MindSpore's threads need."""

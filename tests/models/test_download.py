@@ -162,7 +162,7 @@ def test_hf_spec_without_network_fails_fast_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     name, seconds, msg = out.stdout.strip().split(" ", 2)
-    assert name == "WeightsError" and float(seconds) < 5, out.stdout + out.stderr
+    assert name == "WeightsError" and float(seconds) < 10, out.stdout + out.stderr  # retries take 30 s+
     assert f"not in the cache {tmp_path / 'hf'} and {hub.host()} cannot be reached, so it ran with HF_HUB_OFFLINE=1" in msg
     assert "Retrying" not in out.stderr
 

@@ -136,6 +136,7 @@ def test_export_a_run_to_onnx(tmp_path, graph):
         check_export(tmp_path / "onnx", model, 48, ["x", "y", "z"])  # plan.json's crop, the checkpoint's class names
 
 
+@pytest.mark.slow
 def test_export_pretrained_weights_to_onnx(tmp_path):
     """A Hugging Face directory, hf:org/name (from the hub's cache, offline) and an official .npz."""
     from datagen import official_arrays

@@ -85,6 +85,7 @@ def rerun_finishes(recipe: Path, run_dir: Path) -> dict:
     return m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_inside_the_final_checkpoint_write_loses_nothing(task, tmp_path, sig):
     """Was: the process died inside the last save and left only step-000020.ckpt.tmp/."""
@@ -98,6 +99,7 @@ def test_a_signal_inside_the_final_checkpoint_write_loses_nothing(task, tmp_path
         assert m["completed"]
 
 
+@pytest.mark.slow
 def test_two_signals_at_the_final_checkpoint_keep_it_whole_and_a_rerun_evaluates(task, tmp_path):
     """20 ms apart, both inside the write (~30 ms here). Sent back to back, the kernel merges the second
     into the first while that is still pending (a standard signal does not queue): one signal was counted,
@@ -114,6 +116,7 @@ def test_two_signals_at_the_final_checkpoint_keep_it_whole_and_a_rerun_evaluates
     rerun_finishes(recipe, run_dir)
 
 
+@pytest.mark.slow
 def test_two_sigints_during_the_final_evaluation_stop_it_and_a_rerun_finishes(task, tmp_path):
     """SIGINT is reported as SIGINT (MindSpore's own handler would turn it into SIGTERM)."""
     recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
@@ -157,6 +160,7 @@ def test_a_signal_while_loading_is_one_line_and_leaves_no_run(task, tmp_path):
         assert line.startswith("bit-transfer fit: interrupted: SIGINT while") and "rerun the same command" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_kill_9_during_a_checkpoint_write_resumes_to_the_same_weights(task, tmp_path, graph):
     recipe = recipe_path(task, tmp_path, train__checkpoint_every=5, rule__mixup_alpha=0.2)
@@ -174,6 +178,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_to_the_same_weights(task, tmp_
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), "resume is not bit-identical"
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(task, tmp_path):
     recipe, run_dir = recipe_path(task, tmp_path, train__checkpoint_every=5), tmp_path / "run"
     out = run_cli("fit", recipe, "--run-dir", run_dir, "--quiet", "--stop-after", 10)
@@ -225,6 +230,7 @@ def test_a_read_only_place_is_one_line(task, tmp_path):
     assert "read-only" in one_line_error(out, "fit")
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_much_was_needed(task, tmp_path):
     recipe = recipe_path(task, tmp_path, train__checkpoint_every=5, train__keep_checkpoints=5)
     sizing = tmp_path / "sizing"
@@ -240,6 +246,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_much_was_needed(
         assert_whole(disk / "run", 5)
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_reports_it_and_writes_nothing(task, tmp_path):
     recipe, run_dir = recipe_path(task, tmp_path, rule__steps=3), tmp_path / "run"
     assert run_cli("fit", recipe, "--run-dir", run_dir, "--quiet").returncode == 0
@@ -250,6 +257,7 @@ def test_rerunning_a_finished_run_reports_it_and_writes_nothing(task, tmp_path):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_changed_recipe_names_the_keys_and_what_may_change(task, tmp_path):
     recipe, run_dir = recipe_path(task, tmp_path), tmp_path / "run"
     assert run_cli("fit", recipe, "--run-dir", run_dir, "--quiet", "--stop-after", 2).returncode == 0
@@ -295,6 +303,7 @@ def test_a_corrupt_eval_image_is_found_before_training(tmp_path):
     assert time.time() - t < 60
 
 
+@pytest.mark.slow
 def test_skip_corrupt_counts_are_printed_and_recorded(tmp_path):
     root = corrupt_folder(tmp_path, "val")
     out = run_cli("fit", folder_recipe(tmp_path, root, data__skip_corrupt=True), "--run-dir", tmp_path / "run", "--quiet")
@@ -371,6 +380,7 @@ def test_metrics_json_is_strict_json(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": None}
 
 
+@pytest.mark.slow
 def test_an_interrupted_fewshot_sweep_exits_130_and_a_rerun_completes_it(task, tmp_path):
     recipe = recipe_path(task, tmp_path, rule__steps=30)
     sweep = tmp_path / "sweep"
@@ -393,6 +403,7 @@ def test_a_node_rank_outside_the_nodes_is_one_line(task, tmp_path):
     assert "--node-rank 2 is not below --nodes 2" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["24k", "48k"])  # TensorBoard's writer thread, then metrics.jsonl, fills it
 def test_a_disk_that_fills_with_logs_is_one_line(task, tmp_path, size):
     """Was: a traceback from closing the log, then tensorboardX's atexit flush and its thread."""
@@ -402,6 +413,7 @@ def test_a_disk_that_fills_with_logs_is_one_line(task, tmp_path, size):
     assert "no space left writing" in line and ("metrics.jsonl" in line or "tfevents" in line), line
 
 
+@pytest.mark.slow
 def test_each_kind_of_output_stays_its_own(task, tmp_path):
     """Was: `fewshot --run-dir <a fit run>` wrote a sweep into the run, `fit --run-dir <an export>` trained there."""
     recipe, run_dir = recipe_path(task, tmp_path, rule__steps=2), tmp_path / "run"
@@ -424,6 +436,7 @@ def test_a_feature_cache_that_is_a_file_is_one_line(task, tmp_path):
     assert (tmp_path / "cache").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_two_signals_during_one_long_c_call_count_twice():
     """Python runs its handler once for both when they land inside one C call (a checkpoint write);
     the stop flag counts the deliveries, so the second signal still skips the evaluation."""
@@ -630,6 +643,7 @@ def test_a_resume_spelling_out_the_rules_own_value_is_the_same_recipe(task, tmp_
 
 
 # ----------------------------------------------------------------------------- the fix a storage error names
+@pytest.mark.slow
 def test_a_read_only_run_or_feature_cache_names_the_option_that_moves_it(task, tmp_path):
     """Was: 'e.g. --run-dir or --out' for both; eval has no --run-dir, and fewshot's cache is --feature-cache."""
     recipe = recipe_path(task, tmp_path, rule__steps=2)

@@ -113,7 +113,7 @@ def test_an_unsupported_precision_is_refused_at_fit_before_anything_runs(task, t
 def test_fp16_kill_9_resume_keeps_the_loss_scale_and_ends_bit_identical(task, graph, tmp_path):
     """The dynamic loss scale is in the checkpoint: a resume continues with the scale the run had (here
     lowered by fp16 overflows at lr 1.0), not 2^16, whose overflow would skip a step the straight run took."""
-    from bit_transfer.run.checkpoint import read_checkpoint
+    from bit_transfer.models.weights.ckpt import read_checkpoint
 
     rec = recipe_file(task, tmp_path, rule__steps=12, train__checkpoint_every=3, train__precision="fp16",
                       rule__base_lr=1.0, rule__mixup_alpha=0.2, model__width=0.25, log__tensorboard=False)
@@ -158,6 +158,7 @@ def test_doctor_with_a_bad_recipe_is_one_line(tmp_path):
     assert "precision" in one_line_error(run_cli("doctor", tmp_path / "r.yaml"), "doctor")
 
 
+@pytest.mark.slow
 def test_the_step_with_ms_amp_all_finite_trains_and_skips_like_ours(monkeypatch):
     """The train step as Ascend/GPU compile it (`ms.amp.all_finite` inside the jit graph, under `if finite`),
     built here by answering GPU to the step's device question: the same losses as the CPU check, and an

@@ -41,6 +41,7 @@ def _same_weights(a, b):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_a_second_fit_loads_the_step_and_trains_the_same_weights(task, tmp_path):
     """Micro-batching (gradient sums held in Parameters) and MixUp: the step's Parameters must be
     rebound by name on a load (a step compiled as a plain function trained on NaN from its cache).
@@ -161,6 +162,7 @@ def test_graph_keys_tell_apart_what_shapes_the_graph():
     assert compile_cache.graph_key(step._cell, x, step._settings) != base
 
 
+@pytest.mark.slow
 def test_an_unusable_cache_costs_one_line_not_the_run(task, tmp_path):
     """A nearly full disk under the cache: the run goes on without it and says so in one line."""
     home = tmp_path / "home"

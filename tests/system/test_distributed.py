@@ -55,6 +55,7 @@ def one_rank(two_ranks, graph, tmp_path_factory):
         return fit(recipes.load(two_ranks[0]), run_dir=run), run
 
 
+@pytest.mark.slow
 def test_two_ranks_end_with_the_parameters_of_one_rank(two_ranks, one_rank):
     _, two, _ = two_ranks
     one, one_dir = one_rank
@@ -86,6 +87,7 @@ def test_only_rank_0_wrote_the_run_directory(two_ranks):
     assert "run directory" not in log1 and "bit-transfer rank 1 of 2" in log1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", ["kernels"], indirect=True)  # the 2 = 1 rank tests above run on both graphs
 def test_resume_a_two_rank_checkpoint_on_one_rank(task, one_rank, tmp_path):
     from bit_transfer.config import recipe as recipes
@@ -136,6 +138,7 @@ def _gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie is gone too
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_run_with_its_name(task, tmp_path):
     """Rank 0's lines stream as it trains (they came only at the end before); the launcher names the
     dead rank in one line within seconds (msrun alone waited ~33 s more for its scheduler)."""
@@ -153,6 +156,7 @@ def test_a_rank_that_dies_stops_the_run_with_its_name(task, tmp_path):
     _two_ranks_training(task, tmp_path, check)
 
 
+@pytest.mark.slow
 def test_a_signal_to_the_launcher_stops_the_ranks_together_with_a_checkpoint(task, tmp_path):
     """Was: SIGTERM killed the launcher alone and left msrun's ranks training in the background;
     Ctrl-C reached msrun, which killed the ranks without a checkpoint. (SIGINT takes the same path
@@ -173,6 +177,7 @@ def test_a_signal_to_the_launcher_stops_the_ranks_together_with_a_checkpoint(tas
     _two_ranks_training(task, tmp_path, check)
 
 
+@pytest.mark.slow
 def test_ranks_whose_launcher_is_killed_stop_at_a_step_with_a_checkpoint(task, tmp_path):
     """`kill -9` of `fit --devices 2` (or the OOM killer) left both ranks training unseen; they now
     watch the launcher and stop as for SIGTERM: a whole checkpoint of the stop step, resumable."""
