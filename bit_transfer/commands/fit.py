@@ -275,7 +275,9 @@ def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool |
     try:
         while s.step < plan.steps:
             lr = plan.lr(s.step)
+            t_data = time.perf_counter()
             batches, lam = mixup_micro_batches(stream, split, plan.mixup_alpha, tcfg.seed, s.step)
+            timer.waited(time.perf_counter() - t_data)
             loss, applied = s.step_fn(batches, lr, lam)
             stop.rearm()  # MindSpore turns Ctrl-C into SIGTERM once it has run a graph
             loss = _mean_over_ranks(loss, s.world)
@@ -343,8 +345,8 @@ def _log_step(s: Session, loss: float, lr: float, timer: Throughput) -> None:
     if s.step % s.recipe.log.every and s.step != s.plan.steps:
         s.progress.update(s.step, loss, lr, timer.ips)
         return
-    ips = timer.window()
-    s.metrics.log(s.step, {"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips})
+    ips, wait = timer.window()
+    s.metrics.log(s.step, {"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips, "train/data_wait": wait})
     s.losses.append((s.step, loss))
     s.progress.update(s.step, loss, lr, ips, timer.eta(s.step, s.plan.steps), force_line=True)
 
@@ -437,6 +439,7 @@ def finish(s: Session, stop: StopFlag, t_start: float) -> dict:
         # also a signal during the final checkpoint or evaluation, after the last step: both were completed
         "stopped_by_signal": bool(stop), "signal": stop.name if stop else None, "stopped_early": bool(stopped),
         "diverged": diverged is not None, "images_per_sec": s.timer.ips if s.timer else None,
+        "data_wait": s.timer.wait_share() if s.timer else None,
         "seconds": time.time() - t_start,
         "device": s.device, "world": s.world.size, "checkpoint": str(s.run.checkpoint_path(s.step)),
         "skipped_corrupt": s.dataset.corrupt_counts(),
@@ -455,6 +458,9 @@ def finish(s: Session, stop: StopFlag, t_start: float) -> dict:
         status += " (skipped unreadable images: " + ", ".join(f"{n} in {k}" for k, n in skipped.items()) + ")"
     if diverged:
         status += f", but the loss diverged ({diverged}): lower rule.base_lr"
+    if (fields["data_wait"] or 0) > Throughput.INPUT_BOUND:
+        status += (f"; input-bound: {fields['data_wait']:.0%} of the time went waiting for images "
+                   "(raise data.workers, or cache decoded data)")
     s.say(f"{status}: top-1 {_pct(s.last_eval.top1)} top-5 {_pct(s.last_eval.top5)} after {s.step} steps "
           f"({fields['seconds']:.0f} s). Curves: tensorboard --logdir {s.run.path.parent}", flush=True)
     return final

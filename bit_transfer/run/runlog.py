@@ -204,22 +204,42 @@ class Progress:
 
 
 class Throughput:
-    """Images/s over the last log window, and an ETA from the steps this process ran (not the resumed ones)."""
+    """Images/s over the last log window, the share of it the loop waited for data, and an ETA from
+    the steps this process ran (not the resumed ones)."""
+    INPUT_BOUND = 0.2  # a run that waited for data this share of its steps' time is called input-bound
+
     def __init__(self, batch: int, step: int):
         self.batch, self.first = batch, step
         self.window_t, self.window_steps, self.ips = time.perf_counter(), 0, float("nan")
         self.t1 = None  # after this process's first step, which carries the compile
+        self.window_wait = self.data_wait = 0.0  # this log window's share, and the whole run's seconds
+        self.run_t = None
+
+    def waited(self, seconds: float) -> None:
+        """The loop waited `seconds` for the next batch (decoding, augmentation, MixUp on the host)."""
+        self.window_wait += seconds
+        if self.t1 is not None:  # the first step's wait is start-up, not the pipeline's pace
+            self.data_wait += seconds
 
     def tick(self) -> None:
         self.window_steps += 1
         if self.t1 is None:
             self.t1 = time.perf_counter()
 
-    def window(self) -> float:
+    def window(self) -> tuple[float, float]:
+        """(images/s, share of wall time waiting for data) since the last call."""
         now = time.perf_counter()
-        self.ips = self.window_steps * self.batch / max(now - self.window_t, 1e-9)
-        self.window_t, self.window_steps = now, 0
-        return self.ips
+        elapsed = max(now - self.window_t, 1e-9)
+        self.ips = self.window_steps * self.batch / elapsed
+        share = min(self.window_wait / elapsed, 1.0)
+        self.window_t, self.window_steps, self.window_wait = now, 0, 0.0
+        return self.ips, share
+
+    def wait_share(self) -> float | None:
+        """The share of this process's training time (after its first step) spent waiting for data."""
+        if self.t1 is None:
+            return None
+        return min(self.data_wait / max(time.perf_counter() - self.t1, 1e-9), 1.0)
 
     def eta(self, step: int, total: int) -> float | None:
         done = step - self.first - 1  # steps timed since the first one

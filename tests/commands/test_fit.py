@@ -81,6 +81,7 @@ def test_lr_in_metrics_equals_the_plan_at_every_logged_step(learned):
         assert r["train/lr"] == pytest.approx(plan.lr(r["step"] - 1), rel=1e-6, abs=1e-12)
     vals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/top1" in r]
     assert [r["step"] for r in vals] == [50, 100]
+    assert all(0.0 <= r["train/data_wait"] <= 1.0 for r in rows)  # the share of the window spent on input
 
 
 def test_tensorboard_holds_the_scalars(learned):
@@ -89,7 +90,8 @@ def test_tensorboard_holds_the_scalars(learned):
     acc = event_accumulator.EventAccumulator(str(run_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/images_per_sec", "val/loss", "val/top1", "val/top5"} <= tags
+    assert {"train/loss", "train/lr", "train/images_per_sec", "train/data_wait", "val/loss", "val/top1",
+            "val/top5"} <= tags
     assert len(acc.Scalars("train/lr")) == 100
     assert acc.Scalars("val/top1")[-1].step == 100
 

@@ -367,6 +367,27 @@ def test_eta_counts_only_the_steps_of_this_process():
     assert t.eta(993, 1000) == pytest.approx(7 * 0.5, rel=0.05)
 
 
+def test_data_wait_is_the_share_of_time_spent_waiting_for_batches():
+    """train/data_wait, and the final line's input-bound note, measure real waits (time.sleep here)."""
+    import time
+
+    from bit_transfer.run.runlog import Throughput
+
+    t = Throughput(batch=8, step=0)
+    t.waited(0.05)
+    t.tick()  # the first step: its wait is start-up, counted in the window only
+    t.window()
+    for _ in range(3):
+        start = time.perf_counter()
+        time.sleep(0.03)  # waiting for a batch
+        t.waited(time.perf_counter() - start)
+        time.sleep(0.01)  # the step itself
+        t.tick()
+    _, share = t.window()
+    assert 0.5 < share <= 0.9, share
+    assert 0.5 < t.wait_share() <= 0.9 and t.wait_share() > Throughput.INPUT_BOUND
+
+
 def test_metrics_json_is_strict_json(tmp_path):
     from bit_transfer.run import runlog
 
