@@ -196,6 +196,18 @@ def _device_name(text: str) -> str:
     return {"auto": "auto", "cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}.get(text.lower(), text)
 
 
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    """How predict and embed read images and run the model."""
+    p.add_argument("--batch-size", type=int_at_least(1), metavar="N",
+                   help="images per forward pass (default: the checkpoint's micro-batch, else 32)")
+    p.add_argument("--image-size", type=int_at_least(1), metavar="PX",
+                   help="square input size (default: the resolution the run was trained at, else 128)")
+    p.add_argument("--device", type=_device_name, choices=["auto", "CPU", "GPU", "Ascend"], default="auto")
+    p.add_argument("--workers", type=int_at_least(1), metavar="N", help="decoding threads (default min(4, CPUs))")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable or non-image file (exit 2) instead of naming and skipping it")
+
+
 def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "predict",
@@ -218,14 +230,7 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR",
                    help="labelled images: where metrics.json and the confusion matrix go (default: "
                         "<run>/evals/<checkpoint>-predict-<folder>/ for a run's checkpoint, else runs/predict-<folder>-<time>)")
-    p.add_argument("--batch-size", type=int_at_least(1), metavar="N",
-                   help="images per forward pass (default: the checkpoint's micro-batch, else 32)")
-    p.add_argument("--image-size", type=int_at_least(1), metavar="PX",
-                   help="square input size (default: the resolution the run was trained at, else 128)")
-    p.add_argument("--device", type=_device_name, choices=["auto", "CPU", "GPU", "Ascend"], default="auto")
-    p.add_argument("--workers", type=int_at_least(1), metavar="N", help="decoding threads (default min(4, CPUs))")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first unreadable or non-image file (exit 2) instead of naming and skipping it")
+    _add_image_args(p)
     p.add_argument("--quiet", action="store_true", help="no table and no progress bar: the summary only")
     p.set_defaults(func=cmd_predict)
     return p
@@ -254,14 +259,7 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
                    help=".npz (features, paths, labels), .parquet (path, label, features) or .npy (the matrix); "
                         "an existing file is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
-    p.add_argument("--batch-size", type=int_at_least(1), metavar="N",
-                   help="images per forward pass (default: the checkpoint's micro-batch, else 32)")
-    p.add_argument("--image-size", type=int_at_least(1), metavar="PX",
-                   help="square input size (default: the resolution the run was trained at, else 128)")
-    p.add_argument("--device", type=_device_name, choices=["auto", "CPU", "GPU", "Ascend"], default="auto")
-    p.add_argument("--workers", type=int_at_least(1), metavar="N", help="decoding threads (default min(4, CPUs))")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first unreadable or non-image file (exit 2) instead of naming and skipping it")
+    _add_image_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
     return p

@@ -229,6 +229,13 @@ def _plain_conv(lib: Path, fwd_shape, residual: bool):
                       bprop=bprop_residual if residual else bprop)
 
 
+def clear_caches() -> None:
+    """Forget the library and its primitives (tests: after changing the environment or the cache home),
+    together: primitives of one library beside another library's packed weights would disagree."""
+    library.cache_clear()
+    conv_primitive.cache_clear()
+
+
 def _loaded() -> ctypes.CDLL | None:
     """The kernel library MindSpore runs (dlopen of one path gives one copy), for its plain C entries."""
     lib = library()
