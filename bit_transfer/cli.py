@@ -82,7 +82,8 @@ def _add_device_args(p: argparse.ArgumentParser, launch: bool = False) -> None:
                    help="machines taking part (each runs this command)")
     if launch:
         p.add_argument("--node-rank", type=int_at_least(0), default=0, help="this machine's index, 0 .. nodes-1")
-        p.add_argument("--master-addr", default="127.0.0.1", help="address of the node with node-rank 0")
+        p.add_argument("--master-addr", default=None,
+                       help="address of the node with node-rank 0 (needed with --nodes > 1; default 127.0.0.1)")
         p.add_argument("--master-port", type=int_at_least(1, 65535), default=None,
                        help="a free port on the master (default: any free port)")
 

@@ -200,3 +200,13 @@ def test_a_recipe_path_that_is_not_a_file_says_what_it_is(recipe_file, tmp_path)
     assert line.endswith(f"error: recipe {big} is larger than 1 MB, too large for a recipe; give the .yaml recipe "
                          "file (e.g. recipes/cifar10.yaml)")
     assert one_line_error(run_cli("plan", tmp_path / "nope.yaml"), "plan").endswith(f"recipe file not found: {tmp_path / 'nope.yaml'}")
+
+
+@pytest.mark.parametrize("extra", [[], ["--master-addr", "10.0.0.1"], ["--master-port", "8118"]])
+def test_several_machines_need_the_masters_address_and_port(extra, tmp_path):
+    """Without them each machine waited on its own 127.0.0.1 and random port: a hang, not an error."""
+    out = run_cli("fit", "recipes/demo.yaml", "--devices", "1", "--nodes", "2", *extra,
+                  "--run-dir", str(tmp_path / "run"))
+    line = one_line_error(out, "fit")
+    assert "--nodes 2 needs --master-addr and --master-port, the same on every machine" in line, line
+    assert not (tmp_path / "run").exists()

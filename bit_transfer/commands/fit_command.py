@@ -42,6 +42,11 @@ def _recipe_for_run(args):
 def fit_command(args) -> int:
     if args.node_rank >= args.nodes:
         raise UsageError(f"--node-rank {args.node_rank} is not below --nodes {args.nodes}; number the machines 0 .. nodes-1")
+    if args.nodes > 1 and (args.master_addr is None or args.master_port is None):
+        # each machine would otherwise wait for its own 127.0.0.1 and a port of its own choosing: a hang
+        raise UsageError(f"--nodes {args.nodes} needs --master-addr and --master-port, the same on every machine "
+                         "(node-rank 0's address and a free port there, e.g. --master-addr 10.0.0.1 --master-port 8118)")
+    args.master_addr = args.master_addr or "127.0.0.1"
     r, run_dir = _recipe_for_run(args)
     check_device_settings(r, args.devices * args.nodes)
     if r.train.device in ("auto", "CPU"):  # a first run compiles the CPU kernels while MindSpore imports
