@@ -336,3 +336,19 @@ def official_arrays(depths=(1, 2, 1, 1), width=0.25, classes=5, seed=0):
     arrays["resnet/head/conv2d/kernel"] = r(1, 1, cin, classes)
     arrays["resnet/head/conv2d/bias"] = r(classes)
     return arrays
+
+
+def tiny_folder_recipe(root: Path, data: Path, crop: int) -> Path:
+    """root/r.yaml: a 3-step fit of a width-0.5 custom model (Hugging Face can express it) on class folders."""
+    import yaml
+
+    recipe = {
+        "name": "tiny",
+        "data": {"source": "imagefolder", "path": str(data), "workers": 1},
+        "model": {"name": "custom", "depths": [1, 1, 1, 1], "width": 0.5, "weights": "none"},
+        "train": {"batch_size": 8, "batch_split": 1, "seed": 0},
+        "rule": {"precrop": 20, "crop": crop, "steps": 3, "base_lr": 0.05},
+        "log": {"dir": str(root / "runs"), "every": 1, "quiet": True, "tensorboard": False},
+    }
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return root / "r.yaml"

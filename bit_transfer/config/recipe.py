@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from bit_transfer.config.converters import (MAX_BATCH, MAX_RESOLUTION, MAX_STEPS, Bool, Converter, Float,  # noqa: F401
-                                             ImageSize, Int, IntList, Nullable, OneOf, Str, key)
+from bit_transfer.config.converters import (MAX_BATCH, MAX_RESOLUTION, MAX_STEPS, Bool, Float, ImageSize, Int,
+                                             IntList, Nullable, OneOf, Str, key)
 from bit_transfer.errors import RecipeError, UsageError
 from bit_transfer.models.archs import MODELS, canonical_name
 from bit_transfer.system.filekinds import special_kind

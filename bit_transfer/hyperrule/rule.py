@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bit_transfer.config.converters import MAX_BATCH, MAX_RESOLUTION, MAX_STEPS  # noqa: F401 (re-exported)
+from bit_transfer.config.converters import MAX_STEPS
 
 BASE_LR = 0.003
 BATCH_SIZE = 512

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from conftest import GRAPHS, ROOT, one_line_error, run_cli, scratch_fs, snapshot, use_graph
-from datagen import image_folder
+from datagen import image_folder, tiny_folder_recipe
 
 CLASSES = ["cat", "dog", "emu"]
 CROP = 16
@@ -70,16 +69,7 @@ def world(tmp_path_factory):
     """A class-folder dataset and a real 3-step `fit` on it (width 0.5: Hugging Face can express it)."""
     root = tmp_path_factory.mktemp("predict")
     data = image_folder(root / "data", counts={c: 4 for c in CLASSES}, eval_count=3)
-    recipe = {
-        "name": "tiny",
-        "data": {"source": "imagefolder", "path": str(data), "workers": 1},
-        "model": {"name": "custom", "depths": [1, 1, 1, 1], "width": 0.5, "weights": "none"},
-        "train": {"batch_size": 8, "batch_split": 1, "seed": 0},
-        "rule": {"precrop": 20, "crop": CROP, "steps": 3, "base_lr": 0.05},
-        "log": {"dir": str(root / "runs"), "every": 1, "quiet": True, "tensorboard": False},
-    }
-    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
-    ok(run_cli("fit", root / "r.yaml", "--run-dir", root / "run", "--quiet"))
+    ok(run_cli("fit", tiny_folder_recipe(root, data, CROP), "--run-dir", root / "run", "--quiet"))
     return root
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import one_line_error, run_cli
-from datagen import image_folder
+from datagen import image_folder, tiny_folder_recipe
 
 CROP = 16
 
@@ -24,16 +24,7 @@ def run(tmp_path_factory):
     """A real 3-step fit on class folders (width 0.5: Hugging Face can express it)."""
     root = tmp_path_factory.mktemp("card")
     data = image_folder(root / "data", counts={"cat": 4, "dog": 4}, eval_count=2)
-    recipe = {
-        "name": "tiny",
-        "data": {"source": "imagefolder", "path": str(data), "workers": 1},
-        "model": {"name": "custom", "depths": [1, 1, 1, 1], "width": 0.5, "weights": "none"},
-        "train": {"batch_size": 8, "batch_split": 1, "seed": 0},
-        "rule": {"precrop": 20, "crop": CROP, "steps": 3, "base_lr": 0.05},
-        "log": {"dir": str(root / "runs"), "every": 1, "quiet": True, "tensorboard": False},
-    }
-    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
-    ok(run_cli("fit", root / "r.yaml", "--run-dir", root / "run", "--quiet"))
+    ok(run_cli("fit", tiny_folder_recipe(root, data, CROP), "--run-dir", root / "run", "--quiet"))
     return root
 
 
