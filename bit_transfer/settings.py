@@ -9,6 +9,7 @@ from pathlib import Path
 VERSION = "0.1.0"
 DEFAULT_HOME = "~/.cache/bit-transfer"
 LAUNCHER_PID = "BIT_TRANSFER_LAUNCHER_PID"  # set by `fit --devices` for the workers it starts
+LOCAL_RANKS = "BIT_TRANSFER_LOCAL_RANKS"  # set by `fit --devices N`: N ranks share this machine
 
 
 def home() -> Path:
@@ -50,3 +51,8 @@ def progress_bar() -> bool:
 def launcher_pid() -> int:
     """The pid of the `fit --devices` process that started this worker, 0 if none."""
     return int(os.environ.get(LAUNCHER_PID, "0") or 0)
+
+
+def local_ranks() -> int:
+    """How many ranks `fit --devices` started on this machine, 0 if it did not start this process."""
+    return int(os.environ.get(LOCAL_RANKS, "0") or 0)

@@ -51,9 +51,9 @@ def pattern(label: int, h: int = 32, w: int = 32, variant: int = 0) -> np.ndarra
 
 
 def label_of(image: np.ndarray, num_classes: int) -> int:
-    """The class whose red value is closest to the image's mean red (H×W×3 uint8 or 3×H×W in [-1,1])."""
+    """The class whose red value is closest to the image's mean red (H×W×3, or 3×H×W from the pipeline)."""
     if image.shape[0] == 3:  # pipeline output
-        red = (image[0].mean() + 1) * 127.5
+        red = image[0].mean()
     else:
         red = image[..., 0].mean()
     return int(np.argmin([abs(class_red(c) - red) for c in range(num_classes)]))

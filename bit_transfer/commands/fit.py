@@ -77,6 +77,10 @@ class Session:
     stopped: str | None = None  # what ended the loop early: a signal's name or --stop-after
     progress: runlog.Progress | None = None
     timer: Throughput | None = None
+    pending: list = field(default_factory=list)  # (step, lr, StepOutput) not read from the device yet
+    last_loss: float = math.nan  # of the last step read
+    skips: int = 0  # fp16 overflows in a row
+    stop_agreed: bool = False  # several ranks: a step's reduced stop flag was set
 
 
 # ----------------------------------------------------------------------------- fit
@@ -176,6 +180,7 @@ def prepare(recipe, run: RunDir, world, device: str, stop: StopFlag, say) -> Ses
         say(f"train.freeze {frozen}: {describe_trainable(net)}", flush=True)
     model = cast_model(net, tcfg.precision)  # fp16: a wrapper around `net`, same Parameters
     meta = latest[2] if latest else {}
+    distributed.check_same_step(int(meta["step"]) if latest else None)  # one collective, before any compile
     batch_split = int(meta.get("batch_split") or 0) or _batch_split(tcfg, plan, model, say)
     # batch_split is kept from the checkpoint on resume: the global micro-batch (batch / batch_split)
     # and so the data stream stay the same whatever the number of ranks now.
@@ -245,7 +250,8 @@ def describe_trainable(net) -> str:
 
 def _train_step(model, plan, tcfg, batch_split: int, ranks: int, cache: bool, say):
     return TrainStep(model, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=batch_split,
-                     precision=tcfg.precision, jit=tcfg.jit, ranks=ranks, compile_cache=cache, log=say)
+                     precision=tcfg.precision, jit=tcfg.jit, ranks=ranks, mix=plan.mixup_alpha > 0,
+                     compile_cache=cache, log=say)
 
 
 def _restore(model, step_fn, params: dict, path: Path) -> None:
@@ -263,28 +269,35 @@ def _restore(model, step_fn, params: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool | None) -> None:
-    """Optimizer steps until the plan's last one, a signal, or `stop_after`."""
+    """Optimizer steps until the plan's last one, a signal, or `stop_after`.
+
+    A step's results stay on the device (`StepOutput`) until the loop needs them: at log points,
+    before an evaluation or a checkpoint, and with several ranks one step late, for the stop flag
+    the ranks reduce inside the step (no collective of its own, no wait for the step just launched).
+    """
     recipe, plan, tcfg = s.recipe, s.plan, s.recipe.train
     quiet = (recipe.log.quiet if quiet is None else quiet) or not s.world.is_main
-    split = s.layout.batch_split
-    stream = _train_stream(s)
-    progress = s.progress = runlog.Progress(plan.steps, s.step, quiet)
+    stream = pipeline.prefetch(_train_stream(s))  # the next micro-batches are read while a step runs
+    s.progress = runlog.Progress(plan.steps, s.step, quiet)
     timer = s.timer = Throughput(plan.batch_size, s.step)
-    skips = 0
     s.model.set_train(True)
     try:
         while s.step < plan.steps:
             lr = plan.lr(s.step)
             t_data = time.perf_counter()
-            batches, lam = mixup_micro_batches(stream, split, plan.mixup_alpha, tcfg.seed, s.step)
+            batches, lam = mixup_micro_batches(stream, s.layout.batch_split, plan.mixup_alpha, tcfg.seed, s.step)
             timer.waited(time.perf_counter() - t_data)
-            loss, applied = s.step_fn(batches, lr, lam)
+            out = s.step_fn(batches, lr, lam, stop=bool(stop))
             stop.rearm()  # MindSpore turns Ctrl-C into SIGTERM once it has run a graph
-            loss = _mean_over_ranks(loss, s.world)
-            skips = _check_update(s, loss, applied, lr, skips)
             s.step += 1
+            s.pending.append((s.step, lr, out))
+            logged = _log_due(s)
+            read_results(s, keep=0 if logged else 1 if s.world.size > 1 else None)
             timer.tick()
-            _log_step(s, loss, lr, timer)
+            if logged:
+                _log_step(s, timer)
+            else:
+                s.progress.update(s.step, s.last_loss, lr, timer.ips)
             if _should_stop(s, stop, stop_after):
                 break
             if _due(tcfg.eval_every, s.step, plan.steps):
@@ -293,7 +306,9 @@ def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool |
             if _due(tcfg.checkpoint_every or tcfg.eval_every, s.step, plan.steps):
                 save(s, stop)
     finally:
-        progress.close()
+        s.progress.close()
+        stream.close()
+        read_results(s, keep=0, check=False)  # what ran is recorded; a divergence is raised where it is read
 
 
 def _train_stream(s: Session):
@@ -306,59 +321,70 @@ def _train_stream(s: Session):
 
 
 def mixup_micro_batches(stream, split: int, alpha: float, seed: int, step: int):
-    """The step's micro-batches as (x, y_a, y_b), MixUp applied; λ ~ Beta(α, α) once per step."""
+    """The step's micro-batches as (uint8 images, labels, MixUp partners) and λ ~ Beta(α, α), drawn once
+    per step from (seed, step); the step itself blends the images (engine.step.mixup)."""
     rng = np.random.default_rng([seed, step, 1])  # MixUp randomness of this step
     lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
     batches = []
     for _ in range(split):
         x, y = next(stream)
-        if alpha > 0:
-            perm = rng.permutation(len(x))
-            batches.append(((lam * x + (1.0 - lam) * x[perm]).astype(np.float32), y, y[perm]))
-        else:
-            batches.append((x, y, y))
+        perm = rng.permutation(len(x)) if alpha > 0 else np.arange(len(x))
+        batches.append((x, y, perm.astype(np.int32)))
     return batches, lam
 
 
-def _mean_over_ranks(loss: float, world) -> float:
-    """The loss of the whole logical batch (each rank saw a shard)."""
-    if world.size == 1:
-        return loss
-    return float(distributed.all_reduce_sum(np.array([loss]))[0]) / world.size
+def read_results(s: Session, keep: int | None, check: bool = True) -> None:
+    """Read the results of all pending steps but the last `keep` (None: read nothing): the loss, whether
+    the update was applied, the stop flag the ranks agreed on; then check for divergence."""
+    if keep is None:
+        return
+    while len(s.pending) > keep:
+        step, lr, out = s.pending.pop(0)
+        loss, applied, stop = out.read()
+        s.last_loss, s.stop_agreed = loss, s.stop_agreed or stop
+        if check:
+            s.skips = _check_update(s, step, loss, applied, lr)
 
 
-def _check_update(s: Session, loss: float, applied: bool, lr: float, skips: int) -> int:
-    """Stop on a non-finite loss or gradients; fp16 overflows skip the update as PyTorch's GradScaler does."""
+def _check_update(s: Session, step: int, loss: float, applied: bool, lr: float) -> int:
+    """Stop on a non-finite loss or gradients; fp16 overflows skip the update as PyTorch's GradScaler does
+    (the step halved its loss scale), up to 10 in a row. Returns the overflows in a row so far."""
     if math.isfinite(loss) and applied:
         return 0
-    if s.recipe.train.precision == "fp16" and skips + 1 < 10:
-        return skips + 1  # the loss scale was halved; the data position stays step * batch_split
+    if s.recipe.train.precision == "fp16" and s.skips + 1 < 10:
+        return s.skips + 1
     what = f"the loss became {loss:g}" if not math.isfinite(loss) else f"the gradients became NaN/Inf (loss {loss:g})"
     raise TrainingDiverged(
-        f"{what} at step {s.step + 1} (lr {lr:g}); the update was not applied and {s.run.kept_checkpoint()}; "
+        f"{what} at step {step} (lr {lr:g}); the update was not applied and {s.run.kept_checkpoint()}; "
         "lower rule.base_lr or check the data"
     )
 
 
+def _log_due(s: Session) -> bool:
+    return s.step % s.recipe.log.every == 0 or s.step == s.plan.steps
 
-def _log_step(s: Session, loss: float, lr: float, timer: Throughput) -> None:
-    if s.step % s.recipe.log.every and s.step != s.plan.steps:
-        s.progress.update(s.step, loss, lr, timer.ips)
-        return
+
+def _log_step(s: Session, timer: Throughput) -> None:
     ips, wait = timer.window()
+    loss, lr = s.last_loss, s.plan.lr(s.step - 1)
     s.metrics.log(s.step, {"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips, "train/data_wait": wait})
     s.losses.append((s.step, loss))
     s.progress.update(s.step, loss, lr, ips, timer.eta(s.step, s.plan.steps), force_line=True)
 
 
 def _should_stop(s: Session, stop: StopFlag, stop_after: int | None) -> bool:
+    """A signal here (one rank), or one the ranks agreed on in a step (several), or `stop_after`."""
     if s.world.size > 1:  # a signal reaches the ranks at different steps: stop them together
-        if distributed.all_reduce_sum(np.array([bool(stop)]))[0]:
+        if s.stop_agreed and not stop:
             stop.request(signal.SIGTERM)
-    if not stop and not (stop_after is not None and s.plan.steps > s.step >= stop_after):
+        stopping = s.stop_agreed
+    else:
+        stopping = bool(stop)
+    if not stopping and not (stop_after is not None and s.plan.steps > s.step >= stop_after):
         return False
-    s.stopped = stop.name if stop else f"--stop-after {stop_after}"
-    hint = " (checkpoint, then evaluation; signal again to skip the evaluation)" if stop else ""
+    read_results(s, keep=0)
+    s.stopped = stop.name if stopping else f"--stop-after {stop_after}"
+    hint = " (checkpoint, then evaluation; signal again to skip the evaluation)" if stopping else ""
     s.progress.write(f"{s.stopped}: stopping after step {s.step}{hint}")
     return True
 
@@ -405,6 +431,7 @@ def _resume_line(s: Session) -> str:
 
 def save(s: Session, stop: StopFlag) -> Path:
     """Checkpoint the model and optimizer (rank 0 writes); never written when the weights are not finite."""
+    read_results(s, keep=0)  # a divergence in a step not read yet is raised first
     # The Parameters themselves, checked and written one at a time: numpy copies of all of them at
     # once raised the whole fit's peak RSS by 0.16 GB at R50x1 (1.77 -> 1.92 GB, measured).
     params = {p.name: p for p in s.model.get_parameters()}

@@ -1,9 +1,11 @@
 """The BiT-HyperRule input pipeline, on `mindspore.dataset`.
 
-Train: resize to (precrop, precrop) -> random crop (crop, crop) -> random horizontal flip ->
-[-1, 1] -> CHW float32 (the official PyTorch transform; the square resize does not keep the aspect
-ratio). Eval: resize to (crop, crop) -> [-1, 1] -> CHW. With `random_crop=False` training resizes
-straight to (crop, crop), as the paper does for the VTAB tasks where crops change the label.
+Train: resize to (precrop, precrop) -> random crop (crop, crop) -> random horizontal flip -> CHW
+uint8 (the official PyTorch transform; the square resize does not keep the aspect ratio). Eval:
+resize to (crop, crop) -> CHW uint8. With `random_crop=False` training resizes straight to
+(crop, crop), as the paper does for the VTAB tasks where crops change the label. The [-1, 1]
+scaling (`pixels.unit_range`) and MixUp run on the device, inside the compiled step: uint8 is a
+quarter of float32's bytes to move there.
 
 Determinism: which image, its crop offsets and its flip are drawn up front by `sampling.Stream`
 from (seed, position) and flow through the pipeline as data; the workers only decode and slice.
@@ -20,17 +22,19 @@ unsupported when the training network runs in the same process. Row order throug
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator
 
 import mindspore.dataset as msd
-import mindspore.dataset.vision as vision
 import numpy as np
 
 from bit_transfer.data.sampling import Stream
 from bit_transfer.data.split import Split
 from bit_transfer.errors import DataError
+from bit_transfer.system import distributed
 
-MAX_AUTO_WORKERS = 4
+PREFETCH = 2  # micro-batches read ahead of the step (`prefetch`)
 # Worker threads (False) or forked processes (True) for the decode step. Threads won on this machine
 # (benchmarks/data_pipeline.py --processes) and are the only choice the `map` docstring in
 # mindspore/dataset/engine/datasets.py lists as supported next to training in the same process.
@@ -38,9 +42,10 @@ PYTHON_MULTIPROCESSING = False
 
 
 def num_workers(workers: int | None = None) -> int:
-    """`workers`, or min(4, CPUs); MindSpore refuses more threads than CPUs."""
-    cpus = os.cpu_count() or 1
-    return max(1, min(workers or MAX_AUTO_WORKERS, cpus))
+    """`workers`, or by default this process's share of the CPUs it may run on: its CPUs divided by
+    the ranks on this machine (`distributed.local_ranks`). MindSpore refuses more threads than CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(workers or cpus // distributed.local_ranks(), cpus))
 
 
 class _Rows:
@@ -55,14 +60,14 @@ class _Rows:
 
 
 def _reader(split: Split, size: int, crop: int, substitute: bool):
-    """The per-image work, run by the pipeline's worker threads: decode, resize, crop, flip.
+    """The per-image work, run by the pipeline's worker threads: decode, resize, crop, flip, to CHW.
 
     Returns (image, used index); used = -1 when the image cannot be read and may not be replaced.
     With `split.skip_corrupt` and `substitute`, an unreadable image is replaced by the next readable
     one in the split, which depends only on the data, so the stream stays deterministic.
     """
     n = len(split)
-    blank = np.zeros((crop, crop, 3), np.uint8)
+    blank = np.zeros((3, crop, crop), np.uint8)
 
     def read(row):
         i, y, x, flip = (int(v) for v in row)
@@ -77,7 +82,7 @@ def _reader(split: Split, size: int, crop: int, substitute: bool):
             a = a[y : y + crop, x : x + crop]
             if flip:
                 a = a[:, ::-1]
-            return np.ascontiguousarray(a), np.int64(j)
+            return np.ascontiguousarray(a.transpose(2, 0, 1)), np.int64(j)  # CHW, as the model takes it
         return blank, np.int64(-1)
 
     return read
@@ -93,9 +98,6 @@ def _pipeline(split: Split, row_batches, *, size: int, crop: int, batch: int, wo
         num_parallel_workers=w,
         python_multiprocessing=PYTHON_MULTIPROCESSING,
     )
-    # (x - 127.5) / 127.5 maps 0..255 exactly onto [-1, 1], like Normalize(0.5, 0.5) after ToTensor.
-    ds = ds.map([vision.Normalize([127.5] * 3, [127.5] * 3), vision.HWC2CHW()], input_columns=["image"],
-                num_parallel_workers=w)
     ds = ds.batch(batch, drop_remainder=False)
     return ds.create_tuple_iterator(output_numpy=True, num_epochs=1)
 
@@ -122,7 +124,7 @@ def train_batches(
     rank: int = 0,
     world: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless (images float32 (micro_batch, 3, crop, crop) in [-1, 1], labels int32) batches.
+    """Endless (images uint8 (micro_batch, 3, crop, crop), labels int32) batches.
 
     Global micro-batch b holds micro_batch * world images; rank r gets rows [r*mb, (r+1)*mb).
     `start` = global micro-batches already consumed (resume). A pure function of (seed, b).
@@ -166,7 +168,8 @@ def eval_batches(
     rank: int = 0,
     world: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The whole split in order (rank r: the r-th of `world` contiguous shards), resized to crop.
+    """The whole split in order (rank r: the r-th of `world` contiguous shards), resized to crop, as
+    (images uint8 (n, 3, crop, crop), labels int32) batches.
 
     With `skip_corrupt`, unreadable images are left out (and counted), so a batch may be short.
     """
@@ -196,3 +199,49 @@ def eval_batches(
                 yield images, split.labels[used].astype(np.int32)
     finally:
         it.stop()
+
+
+def prefetch(batches: Iterator, depth: int = PREFETCH) -> Iterator:
+    """`batches`, read ahead by a thread into a queue of `depth`: the next micro-batch is ready while
+    the device runs the current step (the loop's `data_wait` is then only what the workers cannot
+    keep up with). Order is unchanged; an error is raised where it occurred in the stream; closing
+    the returned iterator stops the thread, which closes `batches`."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in batches:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # handed to the consumer, raised at its position in the stream
+            put((end, e))
+        finally:
+            close = getattr(batches, "close", None)
+            if close:
+                close()
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)

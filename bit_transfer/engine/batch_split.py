@@ -46,4 +46,4 @@ def is_out_of_memory(e: BaseException) -> bool:
 def probe(model, micro: int, crop: int, tcfg) -> None:
     """Run one compiled micro-step at this size (for batch_split auto); raises when it does not fit."""
     probe = TrainStep(model, momentum=0.0, weight_decay=0.0, batch_split=2, precision=tcfg.precision, jit=tcfg.jit)
-    probe.gradients_only(np.zeros((micro, 3, crop, crop), np.float32), np.zeros((micro,), np.int32))
+    probe.gradients_only(np.zeros((micro, 3, crop, crop), np.uint8), np.zeros((micro,), np.int32))

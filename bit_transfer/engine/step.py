@@ -1,18 +1,22 @@
-"""The compiled training and evaluation steps: SGD with momentum, micro-batching, MixUp loss.
+"""The compiled training and evaluation steps: SGD with momentum, micro-batching, MixUp, all-reduce.
 
-One optimizer step is `batch_split` calls of `micro_step` (forward + backward of one micro-batch,
-loss scaled by 1/batch_split, gradients summed into buffers) and one `apply` (the momentum
-update with this step's lr). The maths is that of the full logical batch, as in the official
-PyTorch code (bit_pytorch/train.py: `(c / batch_split).backward()`, `optim.step()` every
-`batch_split` micro-batches).
+One optimizer step is `batch_split` calls of one compiled graph: each scales its uint8 micro-batch
+to [-1, 1], applies MixUp, runs forward and backward (loss scaled by 1/batch_split) and adds the
+gradients into buffers; the last call also all-reduces them over the ranks in a few buckets and
+applies the momentum update with this step's lr. The maths is that of the full logical batch, as
+in the official PyTorch code (bit_pytorch/train.py: `(c / batch_split).backward()`, `optim.step()`
+every `batch_split` micro-batches). Nothing is read back from the device unless asked.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from bit_transfer.data.pixels import unit_range
 from bit_transfer.system import compile_cache
 from bit_transfer.kernels import ops as kernel_ops
 from bit_transfer.system import device
@@ -80,6 +84,98 @@ def mixup_loss(logits, ya, yb, lam):
     return lam * ops.cross_entropy(logits, ya) + (1.0 - lam) * ops.cross_entropy(logits, yb)
 
 
+def mixup(x, ya, perm, lam):
+    """The batch as the step trains on it: uint8 pixels scaled to [-1, 1] (`pixels.unit_range`; other
+    inputs, such as the linear probe's features, pass as they are), then each image blended with its
+    partner `perm[i]`: lam*x + (1-lam)*x[perm]. λ and `perm` come from (seed, step) on the host."""
+    if x.dtype == ms.uint8:
+        x = unit_range(x)
+    return lam * x + (1.0 - lam) * ops.gather(x, perm, 0), ops.gather(ya, perm, 0)
+
+
+class LossScale(nn.Cell):
+    """fp16's dynamic loss scale, kept on the device: halved on overflow (never below 1), doubled after
+    GROWTH_INTERVAL finite steps in a row. On the device so that no step waits to read its overflow
+    flag; the checkpoint holds both values (`TrainStep.scale_state`)."""
+
+    GROWTH_INTERVAL = 1000
+
+    def __init__(self, init: float = 2.0**16):
+        super().__init__(auto_prefix=False)
+        self.scale = Parameter(Tensor(init, ms.float32), name="loss_scale.scale", requires_grad=False)
+        self.good = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps", requires_grad=False)
+
+    def construct(self, finite):
+        good = ops.select(finite, self.good + 1, ops.zeros_like(self.good))
+        grow = good >= self.GROWTH_INTERVAL
+        shrunk = ops.maximum(self.scale / 2.0, ops.ones_like(self.scale))
+        scale = ops.select(finite, ops.select(grow, self.scale * 2.0, self.scale), shrunk)
+        ops.assign(self.good, ops.select(grow, ops.zeros_like(good), good))
+        ops.assign(self.scale, scale)
+        return scale
+
+
+class GradientBuckets(nn.Cell):
+    """Data parallel: the mean over ranks of every gradient, in a few collectives, inside the compiled step.
+
+    The gradients are flattened and concatenated, in parameter order, into buckets of about
+    `bucket_bytes` (PyTorch DDP's default is 25 MB), with one AllReduce each; the step's loss and
+    stop flag ride at the end of the first bucket, so an optimizer step launches no other collective.
+    Explicit buckets give every backend the same graph (MindSpore fuses AllReduce by its `fusion`
+    attribute only in its Ascend/GPU graph passes); AllReduce, Concat and Split run on Ascend, GPU
+    and CPU (mindspore/ops/op_def/yaml/{concat,split}_op.yaml; AllReduce's docs list all three).
+    """
+
+    def __init__(self, params, ranks: int, bucket_bytes: int):
+        super().__init__(auto_prefix=False)
+        self.ranks = float(ranks)
+        self.shapes = tuple(tuple(p.shape) for p in params)
+        sizes = [int(np.prod(p.shape)) for p in params]
+        self.bounds = bucket_bounds([n * 4 for n in sizes], bucket_bytes)  # float32 gradients
+        self.sections = tuple(tuple(sizes[a:b]) + ((2,) if k == 0 else ())
+                              for k, (a, b) in enumerate(self.bounds))
+        self.all_reduce = ops.AllReduce()
+
+    def construct(self, grads, loss, stop):
+        out = ()
+        stats = None
+        for k in range(len(self.bounds)):
+            a, b = self.bounds[k]
+            parts = tuple([grads[i].reshape(-1) for i in range(a, b)])
+            if k == 0:
+                parts = parts + (ops.stack([loss, stop]).astype(grads[0].dtype),)
+            pieces = ops.split(self.all_reduce(ops.concat(parts)) / self.ranks, self.sections[k])
+            if k == 0:
+                stats = pieces[b - a]
+            out = out + tuple([pieces[j].reshape(self.shapes[a + j]) for j in range(b - a)])
+        return out, stats[0], stats[1]
+
+
+def bucket_bounds(nbytes: list[int], cap: int) -> tuple[tuple[int, int], ...]:
+    """Consecutive [a, b) ranges of tensors of about `cap` bytes each (a tensor larger than `cap` alone)."""
+    bounds, a, total = [], 0, 0
+    for i, n in enumerate(nbytes):
+        if i > a and total + n > cap:
+            bounds.append((a, i))
+            a, total = i, 0
+        total += n
+    if nbytes:
+        bounds.append((a, len(nbytes)))
+    return tuple(bounds)
+
+
+class StepOutput(NamedTuple):
+    """One optimizer step's results, left on the device until read: (mean loss over its micro-batches
+    and the ranks, 1 if the update was applied, > 0 if any rank asked to stop) as one float32 tensor,
+    so that reading them is one wait for the device, made only when the loop needs the values."""
+
+    stats: Tensor
+
+    def read(self) -> tuple[float, bool, bool]:
+        loss, applied, stop = (float(v) for v in self.stats.asnumpy())
+        return loss, applied > 0, stop > 0
+
+
 class _StepCell(nn.Cell):
     """A step function as a Cell that holds every Parameter it touches, under their own names.
 
@@ -88,19 +184,25 @@ class _StepCell(nn.Cell):
     computed NaN (compile_cache.py). `auto_prefix=False` keeps the names the checkpoints use.
     """
 
-    def __init__(self, fn, model: nn.Cell, optimizer: nn.Cell, sums: ParameterTuple | None = None):
+    def __init__(self, fn, model: nn.Cell, optimizer: nn.Cell, extra: dict):
         super().__init__(auto_prefix=False)
         self.model, self.optimizer = model, optimizer
-        if sums is not None:
-            self.sums = sums
+        for name, value in extra.items():
+            setattr(self, name, value)
         self._fn = fn
 
-    def construct(self, x, ya, yb, lam, scale, last):
-        return self._fn(x, ya, yb, lam, scale, last)
+    def construct(self, *inputs):
+        return self._fn(*inputs)
+
+
+BUCKET_BYTES = 25 << 20  # of gradients per AllReduce (GradientBuckets)
 
 
 class TrainStep:
-    """Forward/backward per micro-batch, accumulation, and the optimizer update, compiled with jit."""
+    """Forward/backward per micro-batch, accumulation, all-reduce and the optimizer update, compiled with
+    jit: one graph, called `batch_split` times per optimizer step, whose last call also reduces and
+    applies. Its inputs are uint8 images and the MixUp partners; its outputs stay on the device
+    (`StepOutput`), so the host never waits for a step it does not need to read."""
 
     def __init__(
         self,
@@ -112,130 +214,138 @@ class TrainStep:
         precision: str = "fp32",
         jit: bool = True,
         ranks: int = 1,
+        mix: bool = True,
         compile_cache: bool = False,
+        bucket_bytes: int = BUCKET_BYTES,
         log=print,
     ):
-        """`compile_cache`: load the compiled step from, or save it to, the compile cache at the first
-        call (compile_cache.py; `log` gets its one line)."""
-        self.model = model
-        self.batch_split = batch_split
-        self.precision = precision
+        """`mix`: blend images with their partners (MixUp); `compile_cache`: load the compiled step from,
+        or save it to, the compile cache at the first call (compile_cache.py; `log` gets its one line)."""
+        self.model, self.batch_split, self.precision = model, batch_split, precision
         params = [p for p in model.trainable_params()]
         self.optimizer = SGDMomentum(params, momentum, weight_decay)
-        # fp16 gradients under- and overflow without loss scaling; bf16 has fp32's range. The
-        # scale, like the lr and lam, is an input of the compiled graphs, never captured state.
-        self.loss_scale = 2.0**16 if precision == "fp16" else 1.0
-        self._good_steps = 0
+        # fp16 gradients under- and overflow without loss scaling; bf16 has fp32's range.
+        self.scaler = LossScale() if precision == "fp16" else None
         finite_kernel = kernel_ops.all_finite_primitive() if all(p.dtype == ms.float32 for p in params) else None
         amp_check = ms.get_context("device_target") in ("Ascend", "GPU")
-        grad_fn = self._grad_fn(model, batch_split)
-        update = self._update_fn(ranks, precision == "fp16", finite_kernel, amp_check)
+        reduce = GradientBuckets(params, ranks, bucket_bytes) if ranks > 1 else None
+        grad_fn = self._grad_fn(model, batch_split, mix)
+        update = self._update_fn(reduce, finite_kernel, amp_check)
+        extra = {"scaler": self.scaler} if self.scaler is not None else {}
+        if reduce is not None:
+            extra["buckets"] = reduce
         if batch_split == 1:
-            micro = self._single(grad_fn, update)
+            fn = self._single(grad_fn, update)
         else:
-            micro = self._accumulating(grad_fn, update, params)
-        self._micro = ms.jit(self._cell) if jit else micro
+            fn = self._accumulating(grad_fn, update, params, extra)
+        self._cell = _StepCell(fn, model, self.optimizer, extra)
+        self._micro = ms.jit(self._cell) if jit else self._cell
+        self.buckets = len(reduce.bounds) if reduce is not None else 0
         self._cache_pending, self._log = compile_cache and jit, log
         self._settings = {"momentum": momentum, "weight_decay": weight_decay, "batch_split": batch_split,
                           "precision": precision, "ranks": ranks, "finite_kernel": finite_kernel is not None,
-                          "finite_amp": amp_check}
+                          "finite_amp": amp_check, "mix": mix, "buckets": self.buckets}
 
-    def _grad_fn(self, model, batch_split: int):
+    def _grad_fn(self, model, batch_split: int, mix: bool):
         """Loss and gradients of one micro-batch; each loss scaled by 1/batch_split (and the fp16 scale)."""
         inv_split = 1.0 / batch_split
 
-        def forward(x, ya, yb, lam, scale):
+        def forward(x, ya, perm, lam, scale):
+            if mix:
+                x, yb = mixup(x, ya, perm, lam)
+            else:
+                x, yb = (unit_range(x) if x.dtype == ms.uint8 else x), ya
             loss = mixup_loss(model(x), ya, yb, lam)
             return loss * (inv_split * scale), loss
 
         return ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
 
-    def _update_fn(self, ranks: int, unscale: bool, finite_kernel, amp_check: bool):
-        """The end of every optimizer step: all-reduce, unscale (fp16), check, apply."""
-        # Data parallel: the mean over ranks of each rank's (accumulated) gradient, once per
-        # optimizer step, inside the compiled graph; every rank then applies the same update.
-        all_reduce = ops.AllReduce() if ranks > 1 else None
-        optimizer = self.optimizer
+    def _update_fn(self, reduce, finite_kernel, amp_check: bool):
+        """The end of every optimizer step: all-reduce (with the loss and stop flag), unscale (fp16),
+        check, apply, adjust the loss scale; returns the step's (loss, applied, stop) as one tensor."""
+        optimizer, scaler = self.optimizer, self.scaler
 
-        def update(grads, scale, lr):
-            if all_reduce is not None:
-                grads = tuple([all_reduce(g) / ranks for g in grads])
-            if unscale:  # the scale is 1.0 otherwise: skip a division per tensor
-                grads = tuple([g / scale for g in grads])
+        def update(grads, loss, stop, lr):
+            if reduce is not None:
+                grads, loss, stop = reduce(grads, loss, stop)
+            if scaler is not None:
+                grads = tuple([g / scaler.scale for g in grads])
             finite = all_finite(grads, finite_kernel, amp_check)
             if finite:
                 optimizer(grads, lr)
-            return finite
+            if scaler is not None:
+                scaler(finite)
+            return ops.stack([loss, finite.astype(ms.float32), stop])
 
         return update
 
     def _single(self, grad_fn, update):
         """batch_split 1: forward, backward and update in one compiled graph."""
-        def micro(x, ya, yb, lam, scale, lr):
-            (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
-            return loss, update(grads, scale, lr)
+        scaler = self.scaler
 
-        self._cell = _StepCell(micro, self.model, self.optimizer)
-        return micro
+        def step(x, ya, perm, lam, lr, stop):
+            scale = scaler.scale if scaler is not None else 1.0
+            (_, loss), grads = grad_fn(x, ya, perm, lam, scale)
+            return update(grads, loss, stop, lr)
 
-    def _accumulating(self, grad_fn, update, params):
-        """batch_split > 1: each micro-batch adds its gradients into Parameter buffers inside its own
-        compiled graph; `apply` reads them. The step's first micro-batch overwrites the buffers, so no
-        zeroing pass (zeroing and reading them in one graph ran mis-ordered under jit in MindSpore 2.8);
-        the branch on `first` also keeps MindSpore 2.8 off its slow CPU "graph pipeline"
-        (docs/performance.md, micro-batching)."""
+        return step
+
+    def _accumulating(self, grad_fn, update, params, extra: dict):
+        """batch_split > 1: each call adds its gradients (and loss) into Parameter buffers; the last one
+        of an optimizer step (`last`) then reduces and applies them in the same graph, from the values
+        the assignments return (no read of a buffer after its write: such reads ran mis-ordered in
+        MindSpore 2.8). The step's first call overwrites the buffers, so there is no zeroing pass."""
         sums = ParameterTuple(
             Parameter(ops.zeros(p.shape, p.dtype), name=f"grad_sum.{p.name}", requires_grad=False) for p in params
         )
+        loss_sum = Parameter(Tensor(0.0, ms.float32), name="grad_sum.loss", requires_grad=False)
+        extra.update(sums=sums, loss_sum=loss_sum)
+        scaler, split = self.scaler, float(self.batch_split)
 
-        def micro(x, ya, yb, lam, scale, first):
-            (_, loss), grads = grad_fn(x, ya, yb, lam, scale)
+        def micro(x, ya, perm, lam, lr, stop, first, last):
+            scale = scaler.scale if scaler is not None else 1.0
+            (_, loss), grads = grad_fn(x, ya, perm, lam, scale)
             if first:
-                for acc, g in zip(sums, grads):
-                    ops.assign(acc, g)
+                total = tuple([ops.assign(acc, g) for acc, g in zip(sums, grads)])
+                losses = ops.assign(loss_sum, loss)
             else:
-                for acc, g in zip(sums, grads):
-                    ops.assign_add(acc, g)
-            return loss
+                total = tuple([ops.assign_add(acc, g) for acc, g in zip(sums, grads)])
+                losses = ops.assign_add(loss_sum, loss)
+            if last:
+                return update(total, losses / split, stop, lr)
+            return ops.stack([losses / split, ops.zeros_like(loss), stop])
 
-        def apply(scale, lr):
-            return update(tuple(sums), scale, lr)
-
-        self._cell = _StepCell(micro, self.model, self.optimizer, sums)
-        # The update runs op by op (PyNative), not compiled: a compiled apply graph read the sums as
-        # copies (MindSpore 2.8 then silently applied no update inside `if finite`) and kept its own
-        # memory pool (+0.55 GB peak at R50x1 8 x 4). Eager, it is ~2 launches per parameter per step.
-        self._apply = apply
         return micro
 
-    def __call__(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
-        """One optimizer step over `batch_split` micro-batches of (x, y_a, y_b).
-
-        Returns the mean micro-batch loss and whether the update was applied (finite gradients).
-        """
+    def __call__(self, micro_batches, lr: float, lam: float, stop: bool = False) -> StepOutput:
+        """One optimizer step over `batch_split` micro-batches of (x, y, perm): uint8 images (or float
+        inputs), labels and each image's MixUp partner (None: itself). `stop`: this rank asks to stop
+        (the reduced flag comes back in the output). Returns without waiting for the device."""
         device.warn_slow_convolutions(self.model)
         if not self._cache_pending:
-            return self._step(micro_batches, lr, lam)
+            return self._step(micro_batches, lr, lam, stop)
         self._cache_pending = False
-        with compile_cache.first_call(self._cell, micro_batches[0], self._settings, self._log):
-            return self._step(micro_batches, lr, lam)
+        with compile_cache.first_call(self._cell, self._inputs(micro_batches[0], lr, lam, stop, 0)[:3],
+                                      self._settings, self._log):
+            out = self._step(micro_batches, lr, lam, stop)
+            out.stats.asnumpy()  # the cache entry is published once the step has run
+            return out
 
-    def _step(self, micro_batches, lr: float, lam: float) -> tuple[float, bool]:
-        lr_t = Tensor(lr, ms.float32)
-        lam_t = Tensor(lam, ms.float32)
-        scale_t = Tensor(self.loss_scale, ms.float32)
-        losses = []
-        if self.batch_split == 1:
-            (x, ya, yb), = micro_batches
-            loss, finite = self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, scale_t, lr_t)
-            losses.append(loss)
-        else:
-            for i, (x, ya, yb) in enumerate(micro_batches):
-                losses.append(self._micro(Tensor(x), Tensor(ya), Tensor(yb), lam_t, scale_t, Tensor(i == 0)))
-            finite = self._apply(scale_t, lr_t)
-        finite = bool(finite.asnumpy()) if hasattr(finite, "asnumpy") else bool(finite)
-        self._adjust_scale(finite)
-        return float(np.mean([float(loss.asnumpy()) for loss in losses])), finite
+    def _inputs(self, batch, lr: float, lam: float, stop: bool, i: int) -> tuple:
+        x, y, perm = batch
+        perm = np.arange(len(x), dtype=np.int32) if perm is None else perm
+        inputs = (Tensor(x), Tensor(y), Tensor(perm.astype(np.int32)), Tensor(lam, ms.float32),
+                  Tensor(lr, ms.float32), Tensor(float(stop), ms.float32))
+        if self.batch_split > 1:
+            inputs += (Tensor(i == 0), Tensor(i == self.batch_split - 1))
+        return inputs
+
+    def _step(self, micro_batches, lr: float, lam: float, stop: bool) -> StepOutput:
+        if len(micro_batches) != self.batch_split:
+            raise ValueError(f"{len(micro_batches)} micro-batches for batch_split {self.batch_split}")
+        for i, batch in enumerate(micro_batches):
+            stats = self._micro(*self._inputs(batch, lr, lam, stop, i))
+        return StepOutput(stats)
 
     def gradients_only(self, x: np.ndarray, y: np.ndarray) -> float:
         """Forward and backward of one micro-batch into the gradient sums, no update (batch_split > 1).
@@ -245,30 +355,19 @@ class TrainStep:
         if self.batch_split == 1:
             raise ValueError("gradients_only needs a TrainStep with batch_split > 1")
         device.warn_slow_convolutions(self.model)
-        one = Tensor(1.0, ms.float32)
-        loss = self._micro(Tensor(x), Tensor(y), Tensor(y), one, one, Tensor(True))
-        return float(loss.asnumpy())  # waits for the step: an allocation failure surfaces here
+        inputs = self._inputs((x, y, None), 0.0, 1.0, False, 0)  # first, not last: no update
+        return StepOutput(self._micro(*inputs)).read()[0]  # waits: an allocation failure surfaces here
 
     def scale_state(self) -> dict:
         """fp16's dynamic loss scale, for the checkpoint meta: a resume continues with it, not 2^16."""
-        return {"loss_scale": self.loss_scale, "good_steps": self._good_steps} if self.precision == "fp16" else {}
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": float(self.scaler.scale.asnumpy()), "good_steps": int(self.scaler.good.asnumpy())}
 
     def load_scale_state(self, meta: dict) -> None:
-        if self.precision == "fp16" and "loss_scale" in meta:
-            self.loss_scale, self._good_steps = float(meta["loss_scale"]), int(meta.get("good_steps", 0))
-
-    def _adjust_scale(self, finite: bool) -> None:
-        """Dynamic loss scaling (fp16 only): halve on overflow, double after 1000 good steps."""
-        if self.precision != "fp16":
-            return
-        if not finite:
-            self.loss_scale = max(self.loss_scale / 2, 1.0)
-            self._good_steps = 0
-            return
-        self._good_steps += 1
-        if self._good_steps >= 1000:
-            self.loss_scale *= 2
-            self._good_steps = 0
+        if self.scaler is not None and "loss_scale" in meta:
+            device.assign(self.scaler.scale, np.float32(meta["loss_scale"]))
+            device.assign(self.scaler.good, np.int32(meta.get("good_steps", 0)))
 
 
 class _ForwardCell(nn.Cell):

@@ -22,8 +22,10 @@ import contextlib
 import math
 
 import numpy as np
+import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from bit_transfer.data.pixels import unit_range
 from bit_transfer.errors import UsageError
 from bit_transfer.kernels import layers as kernels
 from bit_transfer.kernels import layout as layouts
@@ -159,12 +161,14 @@ class Root(nn.Cell):
     stop_grad = False  # ResNetV2.freeze_to: the frozen part ends here
 
     def construct(self, x):
+        if x.dtype == ms.uint8:  # pixels as the pipelines give them (a constant when compiled)
+            x = unit_range(x)
         y = self.pool(self.conv(self.images_in(x)))
         return ops.stop_gradient(y) if self.stop_grad else y
 
 
 class ResNetV2(nn.Cell):
-    """BiT ResNet-v2: NCHW float32 in [-1, 1] -> logits (N, num_classes).
+    """BiT ResNet-v2: NCHW float32 in [-1, 1] (or uint8 pixels 0..255) -> logits (N, num_classes).
 
     `forward_features` gives the pre-logits (after the final GroupNorm, ReLU and global
     average pool) for linear probes and few-shot; `head` is a Dense layer, which is the

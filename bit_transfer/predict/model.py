@@ -24,7 +24,7 @@ TAKES = ("a run directory or its .ckpt, a Hugging Face directory or hf:org/name,
 
 @dataclass
 class LoadedModel:
-    """A model ready to predict: images (N, 3, S, S) float32 in [-1, 1] -> logits (N, classes)."""
+    """A model ready to predict: images (N, 3, S, S) uint8 pixels (or float32 in [-1, 1]) -> logits (N, classes)."""
 
     source: str  # what runs: the checkpoint, directory or file
     kind: str  # run | ckpt | hf | npz | onnx
@@ -224,9 +224,10 @@ def _onnx_model(path: Path, image_size, batch_size, device, fallback_size) -> Lo
                          f"drop --image-size or export it again at {size}")
     name = session.get_inputs()[0].name
     fixed_batch = info["batch"]
+    from bit_transfer.data.pixels import unit_range_np
 
     def forward(x: np.ndarray, batch: int) -> np.ndarray:
-        x = np.ascontiguousarray(x, np.float32)
+        x = unit_range_np(x)  # the pipeline's uint8 pixels -> the exported graph's [-1, 1] input
         if fixed_batch is None:
             return np.asarray(session.run(None, {name: x})[0], np.float32)
         parts = []

@@ -216,7 +216,7 @@ class Throughput:
         self.run_t = None
 
     def waited(self, seconds: float) -> None:
-        """The loop waited `seconds` for the next batch (decoding, augmentation, MixUp on the host)."""
+        """The loop waited `seconds` for the next micro-batches (the decode workers had not kept up)."""
         self.window_wait += seconds
         if self.t1 is not None:  # the first step's wait is start-up, not the pipeline's pace
             self.data_wait += seconds

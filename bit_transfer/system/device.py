@@ -275,7 +275,7 @@ def assign(param, value) -> None:
     arr = np.asarray(value)
     if tuple(arr.shape) != tuple(param.shape):
         raise ValueError(f"{param.name}: shape {tuple(arr.shape)} does not match {tuple(param.shape)}")
-    ops.assign(param, ms.Tensor(np.ascontiguousarray(arr), param.dtype))
+    ops.assign(param, ms.Tensor(np.ascontiguousarray(arr).reshape(arr.shape), param.dtype))  # 0-d stays 0-d
 
 
 @contextlib.contextmanager

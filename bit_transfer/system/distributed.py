@@ -45,6 +45,13 @@ def launched_by_msrun() -> bool:
     return int(os.environ.get(MSRUN_ENV, "1")) > 1
 
 
+def local_ranks() -> int:
+    """The ranks sharing this machine's CPUs (for the decode threads' default): what `fit --devices N`
+    started, else under a plain msrun all of its ranks (it does not tell a worker how many share its
+    node: fewer threads, never too many), else 1."""
+    return settings.local_ranks() or max(1, int(os.environ.get(MSRUN_ENV, "1") or 1))
+
+
 def under_launcher() -> bool:
     """A worker of `fit --devices`: its launcher holds the run directory's lock (not a plain msrun)."""
     return settings.launcher_pid() > 0
@@ -93,6 +100,22 @@ def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     arr = np.asarray(values, np.float64)
     out = ops.AllReduce()(ms.Tensor(arr.astype(np.float32)))
     return out.asnumpy().astype(np.float64).reshape(arr.shape)
+
+
+def check_same_step(step: int | None, what: str = "the run directory") -> None:
+    """All ranks must start from the same checkpoint: each one's step (None: no checkpoint) is gathered
+    with one collective, so every rank refuses with the same line, or none does. Ranks differ when
+    their run directories are not one shared directory (another machine's disk, a stale copy)."""
+    w = world()
+    if w.size == 1:
+        return
+    mine = np.zeros((w.size, 2))  # (step // 2^20, step % 2^20): exact in the float32 the reduction uses
+    mine[w.rank] = (-1, 0) if step is None else divmod(step, 1 << 20)
+    steps = [int(hi) * (1 << 20) + int(lo) if hi >= 0 else -1 for hi, lo in all_reduce_sum(mine)]
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"rank {r}: {'no checkpoint' if v < 0 else f'step {v}'}" for r, v in enumerate(steps))
+        raise UsageError(f"the ranks would resume from different steps ({seen}); every rank must see the same "
+                         f"{what}: put --run-dir on storage that all machines share")
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -150,7 +173,8 @@ def launch(fit_args: list[str], run_dir: Path, *, devices: int, **msrun_kw) -> i
     log_dir = run_dir / "msrun"
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = msrun_command(fit_args + ["--run-dir", str(run_dir)], devices=devices, log_dir=log_dir, **msrun_kw)
-    env = dict(os.environ, PATH=_path_with_this_python(), **{settings.LAUNCHER_PID: str(os.getpid())})
+    env = dict(os.environ, PATH=_path_with_this_python(),
+               **{settings.LAUNCHER_PID: str(os.getpid()), settings.LOCAL_RANKS: str(devices)})
     print(f"launching {devices} ranks with msrun; worker logs in {log_dir}", flush=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

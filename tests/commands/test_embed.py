@@ -150,7 +150,7 @@ def test_a_head_trained_on_embed_reproduces_fewshot_linear(world, embedded, tmp_
 
     x, y = rows(subset.train)
     head = nn.Dense(x.shape[1], len(CLASSES), weight_init="zeros", bias_init="zeros")
-    step = TrainStep(head, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=1)
+    step = TrainStep(head, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=1, mix=False)
 
     class Metrics:
         def log(self, step, values):

@@ -2,6 +2,7 @@
 
 import itertools
 import random
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 import datagen
 from bit_transfer import data
-from bit_transfer.data import pipeline, sampling
+from bit_transfer.data import pipeline, pixels, sampling
 from bit_transfer.errors import DataError
 
 
@@ -31,11 +32,12 @@ def folder(tmp_path, home):
 
 
 def reference(split, i, size, crop, y, x, flip):
-    """The official transform written out with PIL and numpy: square resize, crop, flip, [-1, 1], CHW."""
+    """The official transform written out with PIL and numpy: square resize, crop, flip, CHW (uint8: the
+    [-1, 1] scaling happens on the device, tests/engine/test_step.py)."""
     a = np.asarray(split.image(i).resize((size, size), Image.BILINEAR))[y : y + crop, x : x + crop]
     if flip:
         a = a[:, ::-1]
-    return ((a.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)
+    return a.transpose(2, 0, 1)
 
 
 def test_train_batches_match_the_official_transform(folder):
@@ -44,15 +46,14 @@ def test_train_batches_match_the_official_transform(folder):
     stream = sampling.Stream(len(split), 4, 3, max_offset=4, flip=True)
     flips = 0
     for b, (images, labels) in enumerate(batches):
-        assert images.shape == (4, 3, 16, 16) and images.dtype == np.float32
+        assert images.shape == (4, 3, 16, 16) and images.dtype == np.uint8  # a quarter of float32's bytes
         assert labels.shape == (4,) and labels.dtype == np.int32
-        assert images.min() >= -1.0 and images.max() <= 1.0
         idx = stream.indices(b)
         y, x, f = stream.augment(b)
         flips += f.sum()
         np.testing.assert_array_equal(labels, split.labels[idx])
         for k in range(4):
-            np.testing.assert_allclose(images[k], reference(split, idx[k], 20, 16, y[k], x[k], f[k]), atol=1e-6)
+            np.testing.assert_array_equal(images[k], reference(split, idx[k], 20, 16, y[k], x[k], f[k]))
     assert 0 < flips < 20
     assert sorted(np.concatenate([stream.indices(b) for b in range(4)])[:15]) == list(range(15))  # an epoch
 
@@ -119,14 +120,13 @@ def test_switching_off_crop_and_flip(folder):
                                         random_flip=False), 2)
     idx = sampling.Stream(len(split), 4, 0, max_offset=0, flip=False).indices(1)
     for k in range(4):  # no crop: resized straight to crop, like eval
-        np.testing.assert_allclose(plain[1][0][k], reference(split, idx[k], 16, 16, 0, 0, 0), atol=1e-6)
+        np.testing.assert_array_equal(plain[1][0][k], reference(split, idx[k], 16, 16, 0, 0, 0))
     noflip = take(pipeline.train_batches(split, precrop=20, crop=16, micro_batch=4, seed=0, random_flip=False), 3)
     stream = sampling.Stream(len(split), 4, 0, max_offset=4, flip=False)
     for b, (images, _) in enumerate(noflip):
         y, x, _ = stream.augment(b)
         for k in range(4):
-            np.testing.assert_allclose(images[k], reference(split, stream.indices(b)[k], 20, 16, y[k], x[k], 0),
-                                       atol=1e-6)
+            np.testing.assert_array_equal(images[k], reference(split, stream.indices(b)[k], 20, 16, y[k], x[k], 0))
 
 
 def test_eval_batches_are_deterministic_whole_and_sharded(folder):
@@ -136,7 +136,7 @@ def test_eval_batches_are_deterministic_whole_and_sharded(folder):
     assert same(a, list(pipeline.eval_batches(split, crop=16, batch_size=4, workers=2)))
     images = np.concatenate([x for x, _ in a])
     for i in range(len(split)):
-        np.testing.assert_allclose(images[i], reference(split, i, 16, 16, 0, 0, 0), atol=1e-6)
+        np.testing.assert_array_equal(images[i], reference(split, i, 16, 16, 0, 0, 0))
     np.testing.assert_array_equal(np.concatenate([y for _, y in a]), split.labels)
     shards = [np.concatenate([y for _, y in pipeline.eval_batches(split, crop=16, batch_size=2, rank=r, world=2)])
               for r in range(2)]
@@ -150,12 +150,20 @@ def test_grayscale_digits_flow_as_rgb():
     assert np.array_equal(images[:, 0], images[:, 1]) and np.array_equal(images[:, 1], images[:, 2])
 
 
-def test_values_span_exactly_minus_one_to_one():
+def test_pixels_scale_exactly_onto_minus_one_to_one():
+    """0 and 255 from the pipeline become exactly -1 and 1 in the model's scaling and in ONNX Runtime's."""
+    import mindspore as ms
+
     x = np.zeros((4, 8, 8, 3), np.uint8)
     x[1::2] = 255
     ds = data.from_arrays(x, np.array([0, 1, 0, 1]), eval_images=x, eval_labels=np.array([0, 1, 0, 1]))
     (images, _), = pipeline.eval_batches(ds.eval, crop=8, batch_size=4)
-    assert (images[0::2] == -1.0).all() and (images[1::2] == 1.0).all()
+    assert (images[0::2] == 0).all() and (images[1::2] == 255).all()
+    for scaled in (pixels.unit_range(ms.Tensor(images)).asnumpy(), pixels.unit_range_np(images)):
+        assert scaled.dtype == np.float32 and (scaled[0::2] == -1.0).all() and (scaled[1::2] == 1.0).all()
+    mid = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(pixels.unit_range(ms.Tensor(mid)).asnumpy(), pixels.unit_range_np(mid))
+    np.testing.assert_allclose(pixels.unit_range_np(mid), mid / 127.5 - 1, atol=1e-7)  # ToTensor + Normalize(.5, .5)
 
 
 def test_pipeline_leaves_global_rngs_alone(folder):
@@ -220,8 +228,47 @@ def test_images_found_by_the_header_check_are_skipped_and_counted_per_split(tmp_
     assert ds.corrupt_counts() == {"train": 1, "eval": 1}  # the truncated one, met when decoded
 
 
-def test_num_workers_is_capped_by_cpus(monkeypatch):
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+def test_decode_workers_default_to_the_cpus_per_local_rank(monkeypatch):
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(2)))
     assert pipeline.num_workers(None) == 2 and pipeline.num_workers(8) == 2 and pipeline.num_workers(1) == 1
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
-    assert pipeline.num_workers(None) == 4
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(48)))
+    assert pipeline.num_workers(None) == 48  # no fixed cap: a big host feeds its device
+    monkeypatch.setenv("BIT_TRANSFER_LOCAL_RANKS", "8")  # `fit --devices 8` on this machine
+    assert pipeline.num_workers(None) == 6 and pipeline.num_workers(10) == 10
+    monkeypatch.delenv("BIT_TRANSFER_LOCAL_RANKS")
+    monkeypatch.setenv("MS_WORKER_NUM", "16")  # a plain msrun: all its ranks counted, never too many threads
+    assert pipeline.num_workers(None) == 3
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert pipeline.num_workers(None) == 1
+
+
+def test_prefetch_reads_ahead_in_order_and_stops_with_its_reader():
+    """The next micro-batches are read while the consumer (the step) works; order and errors are kept."""
+    import threading
+
+    produced, closed = [], threading.Event()
+
+    def source():
+        try:
+            for i in range(100):
+                produced.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    it = pipeline.prefetch(source(), depth=2)
+    assert next(it) == 0
+    time.sleep(0.3)  # the step runs: the thread fills the queue meanwhile
+    assert len(produced) == 4  # 0 taken, 1 and 2 queued, 3 waiting for room
+    assert [next(it) for _ in range(5)] == [1, 2, 3, 4, 5]
+    it.close()
+    assert closed.wait(5) and len(produced) < 12  # the thread stopped and closed its source
+
+    def failing():
+        yield 1
+        raise DataError("cannot read image x.jpg")
+
+    it = pipeline.prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(DataError, match="x.jpg"):
+        next(it)

@@ -139,7 +139,7 @@ def test_graph_keys_tell_apart_what_shapes_the_graph():
     from bit_transfer.engine.step import TrainStep
 
     device.setup("CPU")
-    x = np.zeros((4, 3, 16, 16), np.float32), np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)
+    x = np.zeros((4, 3, 16, 16), np.uint8), np.zeros((4,), np.int32), np.zeros((4,), np.int32)
 
     def key(inputs=x, split=1, **model):
         args = dict(depths=[1, 1, 1, 1], width=0.125) | model
@@ -186,7 +186,7 @@ def test_a_file_where_the_cache_goes_is_named_and_left_alone(home, monkeypatch):
     step = TrainStep(create_model("custom", 3, depths=[1, 1, 1, 1], width=0.125), momentum=0.9, weight_decay=0.0,
                      batch_split=1)
     said = []
-    with compile_cache.first_call(step._cell, (np.zeros((2, 3, 16, 16), np.float32),), step._settings, said.append):
+    with compile_cache.first_call(step._cell, (np.zeros((2, 3, 16, 16), np.uint8),), step._settings, said.append):
         pass
     assert said == [f"{OFF} for this run: File exists ({home / 'compile-cache'})"]
     assert (home / "compile-cache").read_text() == "mine"

@@ -42,7 +42,8 @@ def fit_linear(recipe, run_dir: Path, model, dataset, info, plan, cache, *, labe
     run.write_yaml("recipe.yaml", recipe.to_dict())
     run.write_json("plan.json", _plan_json(info, plan, batch, cache.backbone))
     model.reset_head(dataset.num_classes)
-    step_fn = TrainStep(model.head, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=1, jit=tcfg.jit)
+    step_fn = TrainStep(model.head, momentum=plan.momentum, weight_decay=plan.weight_decay, batch_split=1,
+                        jit=tcfg.jit, mix=False)
     metrics = run.metrics_log(recipe.log.tensorboard)
     try:
         metrics.text("plan", "\n".join(plan.explain()))
@@ -84,7 +85,7 @@ def train_head(step_fn, x, y, plan, batch: int, seed: int, metrics, every: int, 
     for step in range(plan.steps):
         idx = stream.indices(step)
         lr = plan.lr(step)
-        loss, applied = step_fn([(x[idx], y[idx], y[idx])], lr, 1.0)
+        loss, applied, _ = step_fn([(x[idx], y[idx], None)], lr, 1.0).read()
         if not math.isfinite(loss) or not applied:
             raise TrainingDiverged(f"{label}: loss became {loss:g} at step {step + 1} (lr {lr:g}); lower rule.base_lr")
         done = step + 1
