@@ -35,8 +35,9 @@ from bit_transfer.engine.metrics import evaluate_split
 from bit_transfer.models.weights.load import create_model_with_weights
 from bit_transfer.run.rundir import RunDir
 from bit_transfer.run.signals import StopFlag
+from bit_transfer.engine import mixup
 from bit_transfer.engine.batch_split import choose_batch_split, probe
-from bit_transfer.engine.step import EvalStep, TrainStep, cast_model
+from bit_transfer.engine.step import EvalStep, TrainStep, cast_model, read_steps
 
 if TYPE_CHECKING:  # annotations only
     from mindspore import nn
@@ -285,7 +286,7 @@ def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool |
         while s.step < plan.steps:
             lr = plan.lr(s.step)
             t_data = time.perf_counter()
-            batches, lam = mixup_micro_batches(stream, s.layout.batch_split, plan.mixup_alpha, tcfg.seed, s.step)
+            batches, lam = mixup.draw(stream, s.layout.batch_split, plan.mixup_alpha, tcfg.seed, s.step)
             timer.waited(time.perf_counter() - t_data)
             out = s.step_fn(batches, lr, lam, stop=bool(stop))
             stop.rearm()  # MindSpore turns Ctrl-C into SIGTERM once it has run a graph
@@ -320,27 +321,13 @@ def _train_stream(s: Session):
     )
 
 
-def mixup_micro_batches(stream, split: int, alpha: float, seed: int, step: int):
-    """The step's micro-batches as (uint8 images, labels, MixUp partners) and λ ~ Beta(α, α), drawn once
-    per step from (seed, step); the step itself blends the images (engine.step.mixup)."""
-    rng = np.random.default_rng([seed, step, 1])  # MixUp randomness of this step
-    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
-    batches = []
-    for _ in range(split):
-        x, y = next(stream)
-        perm = rng.permutation(len(x)) if alpha > 0 else np.arange(len(x))
-        batches.append((x, y, perm.astype(np.int32)))
-    return batches, lam
-
-
 def read_results(s: Session, keep: int | None, check: bool = True) -> None:
     """Read the results of all pending steps but the last `keep` (None: read nothing): the loss, whether
     the update was applied, the stop flag the ranks agreed on; then check for divergence."""
-    if keep is None:
+    if keep is None or len(s.pending) <= keep:
         return
-    while len(s.pending) > keep:
-        step, lr, out = s.pending.pop(0)
-        loss, applied, stop = out.read()
+    due, s.pending = s.pending[: len(s.pending) - keep], s.pending[len(s.pending) - keep :]
+    for (step, lr, _), (loss, applied, stop) in zip(due, read_steps([out for _, _, out in due])):
         s.last_loss, s.stop_agreed = loss, s.stop_agreed or stop
         if check:
             s.skips = _check_update(s, step, loss, applied, lr)

@@ -17,6 +17,8 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from bit_transfer.data.pixels import unit_range
+from bit_transfer.engine.buckets import BUCKET_BYTES, GradientBuckets
+from bit_transfer.engine.mixup import mixup, mixup_loss
 from bit_transfer.system import compile_cache
 from bit_transfer.kernels import ops as kernel_ops
 from bit_transfer.system import device
@@ -78,21 +80,6 @@ def all_finite(grads, kernel=None, amp: bool = False):
     return ops.isfinite(ops.addn([g.sum() for g in grads]))
 
 
-def mixup_loss(logits, ya, yb, lam):
-    """lam*CE(y_a) + (1-lam)*CE(y_b); with lam = 1 it is plain cross-entropy."""
-    logits = logits.astype(ms.float32)
-    return lam * ops.cross_entropy(logits, ya) + (1.0 - lam) * ops.cross_entropy(logits, yb)
-
-
-def mixup(x, ya, perm, lam):
-    """The batch as the step trains on it: uint8 pixels scaled to [-1, 1] (`pixels.unit_range`; other
-    inputs, such as the linear probe's features, pass as they are), then each image blended with its
-    partner `perm[i]`: lam*x + (1-lam)*x[perm]. λ and `perm` come from (seed, step) on the host."""
-    if x.dtype == ms.uint8:
-        x = unit_range(x)
-    return lam * x + (1.0 - lam) * ops.gather(x, perm, 0), ops.gather(ya, perm, 0)
-
-
 class LossScale(nn.Cell):
     """fp16's dynamic loss scale, kept on the device: halved on overflow (never below 1), doubled after
     GROWTH_INTERVAL finite steps in a row. On the device so that no step waits to read its overflow
@@ -115,55 +102,6 @@ class LossScale(nn.Cell):
         return scale
 
 
-class GradientBuckets(nn.Cell):
-    """Data parallel: the mean over ranks of every gradient, in a few collectives, inside the compiled step.
-
-    The gradients are flattened and concatenated, in parameter order, into buckets of about
-    `bucket_bytes` (PyTorch DDP's default is 25 MB), with one AllReduce each; the step's loss and
-    stop flag ride at the end of the first bucket, so an optimizer step launches no other collective.
-    Explicit buckets give every backend the same graph (MindSpore fuses AllReduce by its `fusion`
-    attribute only in its Ascend/GPU graph passes); AllReduce, Concat and Split run on Ascend, GPU
-    and CPU (mindspore/ops/op_def/yaml/{concat,split}_op.yaml; AllReduce's docs list all three).
-    """
-
-    def __init__(self, params, ranks: int, bucket_bytes: int):
-        super().__init__(auto_prefix=False)
-        self.ranks = float(ranks)
-        self.shapes = tuple(tuple(p.shape) for p in params)
-        sizes = [int(np.prod(p.shape)) for p in params]
-        self.bounds = bucket_bounds([n * 4 for n in sizes], bucket_bytes)  # float32 gradients
-        self.sections = tuple(tuple(sizes[a:b]) + ((2,) if k == 0 else ())
-                              for k, (a, b) in enumerate(self.bounds))
-        self.all_reduce = ops.AllReduce()
-
-    def construct(self, grads, loss, stop):
-        out = ()
-        stats = None
-        for k in range(len(self.bounds)):
-            a, b = self.bounds[k]
-            parts = tuple([grads[i].reshape(-1) for i in range(a, b)])
-            if k == 0:
-                parts = parts + (ops.stack([loss, stop]).astype(grads[0].dtype),)
-            pieces = ops.split(self.all_reduce(ops.concat(parts)) / self.ranks, self.sections[k])
-            if k == 0:
-                stats = pieces[b - a]
-            out = out + tuple([pieces[j].reshape(self.shapes[a + j]) for j in range(b - a)])
-        return out, stats[0], stats[1]
-
-
-def bucket_bounds(nbytes: list[int], cap: int) -> tuple[tuple[int, int], ...]:
-    """Consecutive [a, b) ranges of tensors of about `cap` bytes each (a tensor larger than `cap` alone)."""
-    bounds, a, total = [], 0, 0
-    for i, n in enumerate(nbytes):
-        if i > a and total + n > cap:
-            bounds.append((a, i))
-            a, total = i, 0
-        total += n
-    if nbytes:
-        bounds.append((a, len(nbytes)))
-    return tuple(bounds)
-
-
 class StepOutput(NamedTuple):
     """One optimizer step's results, left on the device until read: (mean loss over its micro-batches
     and the ranks, 1 if the update was applied, > 0 if any rank asked to stop) as one float32 tensor,
@@ -172,8 +110,15 @@ class StepOutput(NamedTuple):
     stats: Tensor
 
     def read(self) -> tuple[float, bool, bool]:
-        loss, applied, stop = (float(v) for v in self.stats.asnumpy())
-        return loss, applied > 0, stop > 0
+        return read_steps([self])[0]
+
+
+def read_steps(outputs: list[StepOutput]) -> list[tuple[float, bool, bool]]:
+    """(loss, applied, stop) of several steps with one copy from the device (one wait, for the last)."""
+    if not outputs:
+        return []
+    stats = outputs[0].stats if len(outputs) == 1 else ops.stack([o.stats for o in outputs])
+    return [(float(loss), applied > 0, stop > 0) for loss, applied, stop in stats.asnumpy().reshape(-1, 3)]
 
 
 class _StepCell(nn.Cell):
@@ -193,9 +138,6 @@ class _StepCell(nn.Cell):
 
     def construct(self, *inputs):
         return self._fn(*inputs)
-
-
-BUCKET_BYTES = 25 << 20  # of gradients per AllReduce (GradientBuckets)
 
 
 class TrainStep:

@@ -102,7 +102,7 @@ def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     return out.asnumpy().astype(np.float64).reshape(arr.shape)
 
 
-def check_same_step(step: int | None, what: str = "the run directory") -> None:
+def check_same_step(step: int | None, what: str = "run directory") -> None:
     """All ranks must start from the same checkpoint: each one's step (None: no checkpoint) is gathered
     with one collective, so every rank refuses with the same line, or none does. Ranks differ when
     their run directories are not one shared directory (another machine's disk, a stale copy)."""

@@ -130,7 +130,7 @@ def test_mixup_changes_the_loss_as_expected():
     import mindspore as ms
 
     from bit_transfer.system import device
-    from bit_transfer.engine.step import mixup_loss
+    from bit_transfer.engine.mixup import mixup_loss
 
     device.setup("auto")
     rng = np.random.default_rng(0)

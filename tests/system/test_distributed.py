@@ -35,11 +35,13 @@ def recipe_file(task, tmp_path, **sets) -> Path:
 
 @pytest.fixture(scope="module")
 def two_ranks(task, graph, tmp_path_factory):
-    """A 2-rank fit on each graph (conftest.GRAPHS)."""
+    """A 2-rank fit on each graph (conftest.GRAPHS), with MindSpore's dump of every graph it ran."""
     tmp = tmp_path_factory.mktemp("two")
     rec = recipe_file(task, tmp)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MS_DEV_SAVE_GRAPHS="1", MS_DEV_SAVE_GRAPHS_PATH=str(tmp / "graphs"))
     with use_graph(graph):
-        out = run_cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp / "two"), "--quiet")
+        env.update({k: v for k, v in os.environ.items() if k.startswith("BIT_TRANSFER_")})
+        out = run_cli("fit", str(rec), "--devices", "2", "--run-dir", str(tmp / "two"), "--quiet", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return rec, tmp / "two", out.stdout
 
@@ -85,6 +87,77 @@ def test_only_rank_0_wrote_the_run_directory(two_ranks):
     # rank 1 logged to its own msrun log and wrote nothing else
     log1 = (two / "msrun" / "worker_1.log").read_text()
     assert "run directory" not in log1 and "bit-transfer rank 1 of 2" in log1
+
+
+IR_INPUT = re.compile(r"%para1\S*: <Tensor\[\w+\], \(([^)]*)\)>")
+
+
+def test_an_optimizer_step_all_reduces_its_gradients_in_buckets_and_nothing_else(two_ranks):
+    """Was (MindSpore's graph dump of this run): float32 images in, one AllReduce per gradient tensor (45 here)
+    with `fusion: 0` (153 for R50x1); under micro-batching (this run: batch_split 2) each one an eager single-op graph
+    launched from Python; and two more eager ones every step (the loss, the stop flag)."""
+    from bit_transfer.engine.buckets import BUCKET_BYTES, bucket_bounds
+    from bit_transfer.models import create_model
+
+    _, two, _ = two_ranks
+    dump = two.parent / "graphs" / "rank_0"
+    steps = list(dump.glob("hwopt_end_mindrt_unify_mindir_graph_*_StepCell_construct_*.ir"))
+    assert len(steps) == 1, steps  # one compiled graph runs every micro-batch; its last call reduces and applies
+    model = create_model("custom", 4, depths=[1, 1, 1, 1], width=0.125)
+    buckets = bucket_bounds([p.size * 4 for p in model.trainable_params()], BUCKET_BYTES)
+    assert len(buckets) == 1 and len(model.trainable_params()) == 45
+    step = steps[0].read_text()
+    assert step.count("= AllReduce(") == len(buckets)
+    assert "%para1_inputs0: <Tensor[UInt8], (4, 3, 32, 32)>" in step  # the images cross as uint8 (was Float32)
+    # the only collectives outside the step: the resume check at the start (world x 2) and the evaluation's
+    # sums (4 + classes^2); none per step
+    eager = {IR_INPUT.search(f.read_text()).group(1) for f in dump.glob("hwopt_common_after_graph_4000*.ir")
+             if "= AllReduce(" in f.read_text()}
+    assert eager == {"2, 2", "20"}, eager
+
+
+def test_buckets_hold_about_25_mb_of_gradients():
+    """R50x1's 153 gradients (90 MB) go in 4 AllReduce launches (R152x4: 459 in 136); a tensor over the cap alone."""
+    from bit_transfer.engine.buckets import BUCKET_BYTES, bucket_bounds
+    from bit_transfer.models import create_model
+
+    sizes = [p.size * 4 for p in create_model("BiT-M-R50x1", 10).trainable_params()]
+    bounds = bucket_bounds(sizes, BUCKET_BYTES)
+    assert len(sizes) == 153 and len(bounds) == 4
+    assert [a for a, _ in bounds][0] == 0 and bounds[-1][1] == 153
+    assert all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:]))  # consecutive, every tensor once
+    assert all(sum(sizes[a:b]) <= BUCKET_BYTES for a, b in bounds)
+    assert bucket_bounds([10, 50, 10, 10], 20) == ((0, 1), (1, 2), (2, 4))
+
+
+def test_ranks_that_would_resume_from_different_steps_refuse_together(tmp_path):
+    """Two ranks whose run directories differ (a disk that is not shared): each one sees every rank's step
+    through one collective and refuses with the same line, exit 2, before anything compiles."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys\n"
+        "from bit_transfer.system import device, distributed\n"
+        "from bit_transfer.errors import UsageError\n"
+        "device.setup('CPU')\n"
+        "rank = distributed.world().rank\n"
+        "distributed.check_same_step(7)  # the same step: no refusal\n"
+        "try:\n"
+        "    distributed.check_same_step(4000000 if rank == 0 else None)\n"
+        "except UsageError as e:\n"
+        "    print(f'refused: {e}', flush=True)\n"
+        "    sys.exit(2)\n"
+    )
+    from bit_transfer.system import distributed
+
+    cmd = distributed.msrun_command([], devices=2, log_dir=tmp_path / "logs")
+    cmd = cmd[: cmd.index(str(Path(distributed.__file__).resolve().parents[1] / "entry" / "msrun_worker.py"))]
+    out = subprocess.run(cmd + [str(script)], capture_output=True, text=True, cwd=ROOT, timeout=180,
+                         env=dict(os.environ, PATH=distributed._path_with_this_python()))
+    lines = [re.search(r"refused: .*", (tmp_path / "logs" / f"worker_{r}.log").read_text()).group(0) for r in (0, 1)]
+    assert lines[0] == lines[1] == (
+        "refused: the ranks would resume from different steps (rank 0: step 4000000, rank 1: no checkpoint); "
+        "every rank must see the same run directory: put --run-dir on storage that all machines share"), lines
+    assert out.returncode != 0
 
 
 @pytest.mark.slow
