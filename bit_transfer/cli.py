@@ -204,7 +204,7 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int_at_least(1), metavar="PX",
                    help="square input size (default: the resolution the run was trained at, else 128)")
     p.add_argument("--device", type=_device_name, choices=["auto", "CPU", "GPU", "Ascend"], default="auto")
-    p.add_argument("--workers", type=int_at_least(1), metavar="N", help="decoding threads (default min(4, CPUs))")
+    p.add_argument("--workers", type=int_at_least(1), metavar="N", help="decoding threads (default: the CPUs per rank)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable or non-image file (exit 2) instead of naming and skipping it")
 

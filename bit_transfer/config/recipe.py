@@ -51,7 +51,7 @@ class DataConfig:
     skip_corrupt: bool = key(False, Bool(), "skip and count unreadable images instead of failing")
     random_crop: bool = key(True, Bool(), "train augmentation: random crop (else resize straight to crop)")
     random_flip: bool = key(True, Bool(), "train augmentation: random horizontal flip")
-    workers: int | None = key(None, Nullable(Int(1)), "decoding workers; null: min(4, CPUs)")
+    workers: int | None = key(None, Nullable(Int(1)), "decoding workers; null: the CPUs per rank on this machine")
     size: int | None = key(None, Nullable(Int(1)), "training-set size for the rule; null: counted from the data")
     image_size: tuple[int, int] | None = key(
         None, Nullable(ImageSize()), "image resolution for the rule, HxW; null: measured from the data"

@@ -240,7 +240,7 @@ class Split:
 
         Catches what is not an image at all (garbage, empty, HTML error pages, wrong extension), not
         a file truncated after a valid header: that still fails when decoded, as before. Chunks of
-        rows go to `workers` threads (default min(4, CPUs), like the pipeline's): on 2 cores, 2000 small
+        rows go to `workers` threads (default min(4, CPUs): header reads hold the GIL): on 2 cores, 2000 small
         PNGs took 16-18 us each with a warm page cache (1-2 threads; 8 threads up to 34 us, the GIL),
         and with their pages dropped 90-117 us with 1 thread, 72-75 us with 2-4.
         """

@@ -14,9 +14,10 @@ class GradientBuckets(nn.Cell):
     The gradients are flattened and concatenated, in parameter order, into buckets of about
     `bucket_bytes` (PyTorch DDP's default is 25 MB), with one AllReduce each; the step's loss and
     stop flag ride at the end of the first bucket, so an optimizer step launches no other collective.
-    Explicit buckets give every backend the same graph (MindSpore fuses AllReduce by its `fusion`
-    attribute only in its Ascend/GPU graph passes); AllReduce, Concat and Split run on Ascend, GPU
-    and CPU (mindspore/ops/op_def/yaml/{concat,split}_op.yaml; AllReduce's docs list all three).
+    Explicit buckets give every backend the same graph, which the CPU suite runs (MindSpore's own
+    fusion by the `fusion` attribute is a pass of its Ascend/GPU backends). Concat, AllReduce and
+    StridedSlice (what `ops.split` with a list of sizes compiles to: mindspore/ops/function/
+    array_func.py `_split_sub_tensors`) are listed for Ascend, GPU and CPU in MindSpore's API docs.
     """
 
     def __init__(self, params, ranks: int, bucket_bytes: int):

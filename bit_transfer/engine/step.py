@@ -1,9 +1,9 @@
 """The compiled training and evaluation steps: SGD with momentum, micro-batching, MixUp, all-reduce.
 
-One optimizer step is `batch_split` calls of one compiled graph: each scales its uint8 micro-batch
-to [-1, 1], applies MixUp, runs forward and backward (loss scaled by 1/batch_split) and adds the
-gradients into buffers; the last call also all-reduces them over the ranks in a few buckets and
-applies the momentum update with this step's lr. The maths is that of the full logical batch, as
+One optimizer step is one compiled graph that scales its uint8 micro-batch to [-1, 1], applies MixUp,
+runs forward and backward, all-reduces the gradients over the ranks in a few buckets and applies the
+momentum update with this step's lr. With `batch_split` > 1 the graph runs per micro-batch (loss
+scaled by 1/batch_split) and adds the gradients into buffers; then the update reduces and applies them. The maths is that of the full logical batch, as
 in the official PyTorch code (bit_pytorch/train.py: `(c / batch_split).backward()`, `optim.step()`
 every `batch_split` micro-batches). Nothing is read back from the device unless asked.
 """
@@ -49,6 +49,17 @@ class SGDMomentum(nn.Cell):
             if self.weight_decay:
                 g = g + self.weight_decay * p
             self.apply_momentum(p, v, lr, g, self.momentum)
+        return lr
+
+    def apply_if(self, grads, lr, finite):
+        """The update where `finite` (a bool tensor), else exactly nothing, without a Python `if`, which
+        would wait for the device: momentum 1, lr 0 and zero gradients leave v and p bit-identical."""
+        lr = ops.select(finite, lr, ops.zeros_like(lr))
+        momentum = ops.select(finite, self.momentum, ops.ones_like(self.momentum))
+        for p, v, g in zip(self.params, self.moments, grads):
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            self.apply_momentum(p, v, lr, ops.where(finite, g, ops.zeros_like(g)), momentum)
         return lr
 
     def state(self) -> dict[str, Parameter]:
@@ -142,8 +153,7 @@ class _StepCell(nn.Cell):
 
 class TrainStep:
     """Forward/backward per micro-batch, accumulation, all-reduce and the optimizer update, compiled with
-    jit: one graph, called `batch_split` times per optimizer step, whose last call also reduces and
-    applies. Its inputs are uint8 images and the MixUp partners; its outputs stay on the device
+    jit (with `batch_split` > 1 the update runs op by op after the compiled micro-batches). Its inputs are uint8 images and the MixUp partners; its outputs stay on the device
     (`StepOutput`), so the host never waits for a step it does not need to read."""
 
     def __init__(
@@ -172,7 +182,9 @@ class TrainStep:
         amp_check = ms.get_context("device_target") in ("Ascend", "GPU")
         reduce = GradientBuckets(params, ranks, bucket_bytes) if ranks > 1 else None
         grad_fn = self._grad_fn(model, batch_split, mix)
-        update = self._update_fn(reduce, finite_kernel, amp_check)
+        # micro-batching applies op by op (`_accumulating`): its all-reduce is then a compiled graph alone
+        update = self._update_fn(ms.jit(reduce) if reduce is not None and batch_split > 1 and jit else reduce,
+                                 finite_kernel, amp_check)
         extra = {"scaler": self.scaler} if self.scaler is not None else {}
         if reduce is not None:
             extra["buckets"] = reduce
@@ -207,14 +219,17 @@ class TrainStep:
         check, apply, adjust the loss scale; returns the step's (loss, applied, stop) as one tensor."""
         optimizer, scaler = self.optimizer, self.scaler
 
-        def update(grads, loss, stop, lr):
+        def update(grads, loss, stop, lr, compiled: bool = True):
             if reduce is not None:
                 grads, loss, stop = reduce(grads, loss, stop)
             if scaler is not None:
                 grads = tuple([g / scaler.scale for g in grads])
             finite = all_finite(grads, finite_kernel, amp_check)
-            if finite:
-                optimizer(grads, lr)
+            if compiled:
+                if finite:
+                    optimizer(grads, lr)
+            else:
+                optimizer.apply_if(grads, lr, finite)
             if scaler is not None:
                 scaler(finite)
             return ops.stack([loss, finite.astype(ms.float32), stop])
@@ -233,10 +248,11 @@ class TrainStep:
         return step
 
     def _accumulating(self, grad_fn, update, params, extra: dict):
-        """batch_split > 1: each call adds its gradients (and loss) into Parameter buffers; the last one
-        of an optimizer step (`last`) then reduces and applies them in the same graph, from the values
-        the assignments return (no read of a buffer after its write: such reads ran mis-ordered in
-        MindSpore 2.8). The step's first call overwrites the buffers, so there is no zeroing pass."""
+        """batch_split > 1: each micro-batch adds its gradients (and loss) into Parameter buffers inside
+        one compiled graph; `apply` then reduces and applies them. The step's first micro-batch
+        overwrites the buffers, so no zeroing pass (zeroing and reading them in one graph ran mis-ordered
+        under jit in MindSpore 2.8); the branch on `first` also keeps MindSpore 2.8 off its slow CPU
+        "graph pipeline" (docs/performance.md, micro-batching)."""
         sums = ParameterTuple(
             Parameter(ops.zeros(p.shape, p.dtype), name=f"grad_sum.{p.name}", requires_grad=False) for p in params
         )
@@ -244,21 +260,29 @@ class TrainStep:
         extra.update(sums=sums, loss_sum=loss_sum)
         scaler, split = self.scaler, float(self.batch_split)
 
-        def micro(x, ya, perm, lam, lr, stop, first, last):
+        def micro(x, ya, perm, lam, first):
             scale = scaler.scale if scaler is not None else 1.0
             (_, loss), grads = grad_fn(x, ya, perm, lam, scale)
             if first:
-                total = tuple([ops.assign(acc, g) for acc, g in zip(sums, grads)])
-                losses = ops.assign(loss_sum, loss)
+                for acc, g in zip(sums, grads):
+                    ops.assign(acc, g)
+                ops.assign(loss_sum, loss)
             else:
-                total = tuple([ops.assign_add(acc, g) for acc, g in zip(sums, grads)])
-                losses = ops.assign_add(loss_sum, loss)
-            if last:
-                return update(total, losses / split, stop, lr)
-            return ops.stack([losses / split, ops.zeros_like(loss), stop])
+                for acc, g in zip(sums, grads):
+                    ops.assign_add(acc, g)
+                ops.assign_add(loss_sum, loss)
+            return loss
 
+        def apply(lr, stop):
+            return update(tuple(sums), loss_sum / split, stop, lr, compiled=False)
+
+        # The update runs op by op (PyNative), not compiled: compiled, inside this graph or beside it,
+        # it kept memory of its own (R50x1 8 x 4: 2.47 GB peak against 1.33 GB, and 25 s to compile,
+        # measured 2026-12-07; an apply graph of its own: +0.55 GB, 2026-12-01). The all-reduce in it
+        # is the one compiled graph of GradientBuckets (`reduce`), so no collective launches alone.
+        # Eager, it is ~3 launches per parameter per step, and no wait: `apply_if`, not `if finite`.
+        self._apply = apply
         return micro
-
     def __call__(self, micro_batches, lr: float, lam: float, stop: bool = False) -> StepOutput:
         """One optimizer step over `batch_split` micro-batches of (x, y, perm): uint8 images (or float
         inputs), labels and each image's MixUp partner (None: itself). `stop`: this rank asks to stop
@@ -274,20 +298,22 @@ class TrainStep:
             return out
 
     def _inputs(self, batch, lr: float, lam: float, stop: bool, i: int) -> tuple:
+        """The compiled graph's inputs for micro-batch i: (x, y, perm, lam) and (lr, stop) or (first,)."""
         x, y, perm = batch
         perm = np.arange(len(x), dtype=np.int32) if perm is None else perm
-        inputs = (Tensor(x), Tensor(y), Tensor(perm.astype(np.int32)), Tensor(lam, ms.float32),
-                  Tensor(lr, ms.float32), Tensor(float(stop), ms.float32))
+        inputs = (Tensor(x), Tensor(y), Tensor(perm.astype(np.int32)), Tensor(lam, ms.float32))
         if self.batch_split > 1:
-            inputs += (Tensor(i == 0), Tensor(i == self.batch_split - 1))
-        return inputs
+            return inputs + (Tensor(i == 0),)
+        return inputs + (Tensor(lr, ms.float32), Tensor(float(stop), ms.float32))
 
     def _step(self, micro_batches, lr: float, lam: float, stop: bool) -> StepOutput:
         if len(micro_batches) != self.batch_split:
             raise ValueError(f"{len(micro_batches)} micro-batches for batch_split {self.batch_split}")
+        if self.batch_split == 1:
+            return StepOutput(self._micro(*self._inputs(micro_batches[0], lr, lam, stop, 0)))
         for i, batch in enumerate(micro_batches):
-            stats = self._micro(*self._inputs(batch, lr, lam, stop, i))
-        return StepOutput(stats)
+            self._micro(*self._inputs(batch, lr, lam, stop, i))
+        return StepOutput(self._apply(Tensor(lr, ms.float32), Tensor(float(stop), ms.float32)))
 
     def gradients_only(self, x: np.ndarray, y: np.ndarray) -> float:
         """Forward and backward of one micro-batch into the gradient sums, no update (batch_split > 1).
@@ -297,8 +323,8 @@ class TrainStep:
         if self.batch_split == 1:
             raise ValueError("gradients_only needs a TrainStep with batch_split > 1")
         device.warn_slow_convolutions(self.model)
-        inputs = self._inputs((x, y, None), 0.0, 1.0, False, 0)  # first, not last: no update
-        return StepOutput(self._micro(*inputs)).read()[0]  # waits: an allocation failure surfaces here
+        loss = self._micro(*self._inputs((x, y, None), 0.0, 1.0, False, 0))
+        return float(loss.asnumpy())  # waits for the step: an allocation failure surfaces here
 
     def scale_state(self) -> dict:
         """fp16's dynamic loss scale, for the checkpoint meta: a resume continues with it, not 2^16."""

@@ -58,7 +58,7 @@ def test_fit_waits_for_the_device_only_at_log_points_and_sends_it_uint8(task, tm
     assert len(sent) == 21 and all(dtype == ms.uint8 for dtype, _, _ in sent)  # 20 micro-batches; the cache key
     image_bytes, total = sent[0][1], sent[0][2]
     assert image_bytes == 8 * 3 * 16 * 16  # uint8 CHW: a quarter of float32's
-    assert total - image_bytes == 8 * 4 * 2 + 4 * 3 + 2  # labels, partners; lam, lr, stop; first, last
+    assert total - image_bytes == 8 * 4 * 2 + 4 + 1  # labels, partners; lam; first (then lr, stop: 8 a step)
 
 
 def test_mixup_inside_the_step_is_the_host_mixup_of_scaled_images():

@@ -93,7 +93,10 @@ IR_INPUT = re.compile(r"%para1\S*: <Tensor\[\w+\], \(([^)]*)\)>")
 
 
 def test_an_optimizer_step_all_reduces_its_gradients_in_buckets_and_nothing_else(two_ranks):
-    """Was (MindSpore's graph dump of this run): float32 images in, one AllReduce per gradient tensor (45 here)
+    """One optimizer step all-reduces its gradients in GradientBuckets' compiled graph: here (batch_split 2)
+    a graph of its own after the micro-batches; with batch_split 1 the same cell inside the step's graph
+    (test_a_step_on_two_ranks_is_the_step_on_one). Was (MindSpore's graph dump of this run): float32
+    images in, one AllReduce per gradient tensor (45 here)
     with `fusion: 0` (153 for R50x1); under micro-batching (this run: batch_split 2) each one an eager single-op graph
     launched from Python; and two more eager ones every step (the loss, the stop flag)."""
     from bit_transfer.engine.buckets import BUCKET_BYTES, bucket_bounds
@@ -101,14 +104,14 @@ def test_an_optimizer_step_all_reduces_its_gradients_in_buckets_and_nothing_else
 
     _, two, _ = two_ranks
     dump = two.parent / "graphs" / "rank_0"
-    steps = list(dump.glob("hwopt_end_mindrt_unify_mindir_graph_*_StepCell_construct_*.ir"))
-    assert len(steps) == 1, steps  # one compiled graph runs every micro-batch; its last call reduces and applies
+    (step,) = dump.glob("hwopt_end_mindrt_unify_mindir_graph_*_StepCell_construct_*.ir")  # every micro-batch's
+    (reduce,) = dump.glob("hwopt_end_mindrt_unify_mindir_graph_*_GradientBuckets_construct_*.ir")  # once a step
     model = create_model("custom", 4, depths=[1, 1, 1, 1], width=0.125)
     buckets = bucket_bounds([p.size * 4 for p in model.trainable_params()], BUCKET_BYTES)
     assert len(buckets) == 1 and len(model.trainable_params()) == 45
-    step = steps[0].read_text()
-    assert step.count("= AllReduce(") == len(buckets)
-    assert "%para1_inputs0: <Tensor[UInt8], (4, 3, 32, 32)>" in step  # the images cross as uint8 (was Float32)
+    assert step.read_text().count("= AllReduce(") == 0  # batch_split 2: the micro-batches only accumulate
+    assert reduce.read_text().count("= AllReduce(") == len(buckets)
+    assert "%para1_inputs0: <Tensor[UInt8], (4, 3, 32, 32)>" in step.read_text()  # uint8 images (was Float32)
     # the only collectives outside the step: the resume check at the start (world x 2) and the evaluation's
     # sums (4 + classes^2); none per step
     eager = {IR_INPUT.search(f.read_text()).group(1) for f in dump.glob("hwopt_common_after_graph_4000*.ir")
@@ -130,11 +133,71 @@ def test_buckets_hold_about_25_mb_of_gradients():
     assert bucket_bounds([10, 50, 10, 10], 20) == ((0, 1), (1, 2), (2, 4))
 
 
+def _msrun_script(tmp_path, body: str) -> list[str]:
+    """Run a Python script on 2 CPU ranks under msrun; each rank's log."""
+    from bit_transfer.system import distributed
+
+    script = tmp_path / "worker.py"
+    script.write_text(body)
+    cmd = distributed.msrun_command([], devices=2, log_dir=tmp_path / "logs")
+    cmd = cmd[: cmd.index(str(Path(distributed.__file__).resolve().parents[1] / "entry" / "msrun_worker.py"))]
+    subprocess.run(cmd + [str(script)], capture_output=True, text=True, cwd=ROOT, timeout=240,
+                   env=dict(os.environ, PATH=distributed._path_with_this_python()))
+    return [(tmp_path / "logs" / f"worker_{r}.log").read_text() for r in (0, 1)]
+
+
+STEP_ON_TWO_RANKS = """
+import numpy as np
+from bit_transfer.system import device, distributed
+from bit_transfer.models import create_model
+from bit_transfer.engine.step import TrainStep
+
+device.setup("CPU")
+rank = distributed.world().rank
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (3, 8, 3, 16, 16), dtype=np.uint8)
+y = rng.integers(0, 3, (3, 8)).astype(np.int32)
+
+def train(ranks, split):
+    device.seed_everything(0)
+    model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.25)
+    for p in model.head.get_parameters():
+        device.assign(p, np.full(p.shape, 0.05, np.float32))
+    step = TrainStep(model, momentum=0.9, weight_decay=1e-4, batch_split=split, ranks=ranks, mix=False)
+    model.set_train(True)
+    share = 8 // ranks  # rank r trains on images [r * share, (r + 1) * share) of each batch
+    losses = []
+    for s in range(3):
+        mine = slice(rank * share, (rank + 1) * share) if ranks > 1 else slice(0, 8)
+        xs, ys = x[s][mine], y[s][mine]
+        m = len(xs) // split
+        losses.append(step([(xs[i * m:(i + 1) * m], ys[i * m:(i + 1) * m], None) for i in range(split)], 0.05, 1.0).read())
+    return losses, {p.name: p.asnumpy() for p in model.trainable_params()}
+
+for split in (1, 2):
+    (l2, p2), (l1, p1) = train(2, split), train(1, 2 * split)
+    diff = max(float(np.abs(p2[k] - p1[k]).max()) for k in p1)
+    print(f"split {split}: losses {[round(v[0], 6) for v in l2]} vs {[round(v[0], 6) for v in l1]}, "
+          f"applied {[v[1] for v in l2]}, max parameter difference {diff:.2e}", flush=True)
+"""
+
+
+def test_a_step_on_two_ranks_is_the_step_on_one(tmp_path):
+    """2 ranks x batch_split 1 (the buckets' AllReduce inside the step's graph) and 2 ranks x 2 (their own
+    compiled graph after the micro-batches): the same losses and parameters as the whole batch on one rank."""
+    for log in _msrun_script(tmp_path, STEP_ON_TWO_RANKS):
+        lines = re.findall(r"split (\d): losses (\[.*?\]) vs (\[.*?\]), applied (\[.*?\]), "
+                           r"max parameter difference (\S+)", log)
+        assert [m[0] for m in lines] == ["1", "2"], log[-3000:]
+        for _, two, one, applied, diff in lines:
+            assert json.loads(two) == pytest.approx(json.loads(one), rel=1e-5) and applied == "[True, True, True]"
+            assert float(diff) < 1e-5, lines
+
+
 def test_ranks_that_would_resume_from_different_steps_refuse_together(tmp_path):
     """Two ranks whose run directories differ (a disk that is not shared): each one sees every rank's step
     through one collective and refuses with the same line, exit 2, before anything compiles."""
-    script = tmp_path / "worker.py"
-    script.write_text(
+    logs = _msrun_script(tmp_path, (
         "import sys\n"
         "from bit_transfer.system import device, distributed\n"
         "from bit_transfer.errors import UsageError\n"
@@ -146,18 +209,11 @@ def test_ranks_that_would_resume_from_different_steps_refuse_together(tmp_path):
         "except UsageError as e:\n"
         "    print(f'refused: {e}', flush=True)\n"
         "    sys.exit(2)\n"
-    )
-    from bit_transfer.system import distributed
-
-    cmd = distributed.msrun_command([], devices=2, log_dir=tmp_path / "logs")
-    cmd = cmd[: cmd.index(str(Path(distributed.__file__).resolve().parents[1] / "entry" / "msrun_worker.py"))]
-    out = subprocess.run(cmd + [str(script)], capture_output=True, text=True, cwd=ROOT, timeout=180,
-                         env=dict(os.environ, PATH=distributed._path_with_this_python()))
-    lines = [re.search(r"refused: .*", (tmp_path / "logs" / f"worker_{r}.log").read_text()).group(0) for r in (0, 1)]
+    ))
+    lines = [re.search(r"refused: .*", log).group(0) for log in logs]
     assert lines[0] == lines[1] == (
         "refused: the ranks would resume from different steps (rank 0: step 4000000, rank 1: no checkpoint); "
         "every rank must see the same run directory: put --run-dir on storage that all machines share"), lines
-    assert out.returncode != 0
 
 
 @pytest.mark.slow
