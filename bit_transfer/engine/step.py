@@ -209,8 +209,11 @@ class TrainStep:
         optimizer, scaler = self.optimizer, self.scaler
 
         def update(grads, loss, stop, lr, compiled: bool = True):
-            if reduce is not None:
+            if reduce is not None and compiled:
                 grads, loss, stop = reduce(grads, loss, stop)
+            elif reduce is not None:  # a compiled graph of its own: a plain tuple of tensors would be
+                # compiled in as constants (MindSpore's warning says so), hence `mutable`
+                grads, loss, stop = reduce(ms.mutable(tuple(grads)), loss, stop)
             if scaler is not None:
                 grads = tuple([g / scaler.scale for g in grads])
             finite = all_finite(grads, finite_kernel, amp_check)

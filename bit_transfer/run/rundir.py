@@ -181,12 +181,15 @@ class RunDir:
         logged = self.path / "metrics.jsonl"
         if not self.writer or self.checkpoints() or self.finished() or (logged.is_file() and logged.stat().st_size):
             return
-        if self.created:
+        launched = (self.path / "msrun").is_dir()  # `fit --devices`: its one-line error points to these logs
+        if self.created and not launched:
             shutil.rmtree(self.path, ignore_errors=True)
         else:
             for child in self.path.iterdir():  # it was empty, or a run with nothing to resume
-                _remove(child)
-        self.release()  # its marker is gone: a new claim makes a new one
+                if not (launched and child.name in (MARKER, "msrun")):
+                    _remove(child)
+        if not launched:
+            self.release()  # its marker is gone: a new claim makes a new one
 
     def restart(self) -> None:
         """Empty the run, marker kept: for runs that restart rather than resume (a linear probe: seconds)."""

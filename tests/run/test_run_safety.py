@@ -680,3 +680,20 @@ def test_a_read_only_run_or_feature_cache_names_the_option_that_moves_it(task, t
         line = one_line_error(run_cli("fewshot", recipe, "--shots", 1, "--seeds", 0, "--mode", "linear",
                                       "--feature-cache", disk / "cache", "--run-dir", tmp_path / "sweep"), "fewshot")
         assert f"{disk / 'cache'}" in line and "choose a writable place with --feature-cache" in line, line
+
+
+def test_a_launched_run_that_fails_before_its_first_checkpoint_keeps_the_worker_logs(tmp_path):
+    """Was: rank 0 removed what the failed run had made, `msrun/` too, while the launcher's one line said
+    "see the worker logs in <run>/msrun". Now those logs and the marker stay; the rest goes."""
+    from bit_transfer.run.rundir import MARKER, RunDir
+
+    run_dir = tmp_path / "run"
+    RunDir.claim(run_dir, kind="fit").release()  # what the launcher makes before it starts msrun
+    (run_dir / "msrun").mkdir()
+    (run_dir / "msrun" / "worker_0.log").write_text("RuntimeError: what went wrong\n")
+    run = RunDir.claim(run_dir, kind="fit", lock=False)  # rank 0 under the launcher
+    (run_dir / "plan.json").write_text("{}")
+    run.discard_if_unused()
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([MARKER, "msrun"])
+    assert (run_dir / "msrun" / "worker_0.log").read_text() == "RuntimeError: what went wrong\n"
+    RunDir.claim(run_dir, kind="fit").release()  # the same command again may claim it
