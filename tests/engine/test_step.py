@@ -12,6 +12,7 @@ def task(tmp_path_factory):
     return pattern_task(tmp_path_factory.mktemp("patterns") / "cifar-10-batches-py", n_train=24, n_test=8)
 
 
+@pytest.mark.slow
 def test_fit_waits_for_the_device_only_at_log_points_and_sends_it_uint8(task, tmp_path, monkeypatch):
     """Was: every step read its loss and finite flag back (2 waits per step, 1 more per extra micro-batch)
     and sent float32 images (4 bytes a pixel), MixUp done on the host. Now 10 steps logged every 5

@@ -182,6 +182,7 @@ for split in (1,):  # batch_split 2 on 2 ranks: the two_ranks fixture's run
 """
 
 
+@pytest.mark.slow
 def test_a_step_on_two_ranks_is_the_step_on_one(tmp_path):
     """2 ranks x batch_split 1 (the buckets' AllReduce inside the step's graph): the same losses and
     parameters as the whole batch on one rank (batch_split 2: the two_ranks fixture's fit)."""
