@@ -184,8 +184,9 @@ class Progress:
         self.total = total
 
     def update(self, step: int, loss: float, lr: float, ips: float, eta: float | None = None, force_line: bool = False):
-        if self.bar:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+        if self.bar:  # the loss is read from the device at log points: "-" before the first one
+            self.bar.set_postfix(loss=f"{loss:.4f}" if loss == loss else "-", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
+                                 refresh=False)
             self.bar.update(step - self.bar.n)
         elif force_line:
             eta_s = f" eta {eta / 60:.1f} min" if eta is not None else ""
