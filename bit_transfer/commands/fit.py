@@ -287,12 +287,13 @@ def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool |
             lr = plan.lr(s.step)
             t_data = time.perf_counter()
             batches, lam = mixup.draw(stream, s.layout.batch_split, plan.mixup_alpha, tcfg.seed, s.step)
-            timer.waited(time.perf_counter() - t_data)
+            if s.device == "CPU" or not s.pending:  # Ascend/GPU run steps queued: only after a read
+                timer.waited(time.perf_counter() - t_data)  # is a wait for data surely the device's too
             out = s.step_fn(batches, lr, lam, stop=bool(stop))
             stop.rearm()  # MindSpore turns Ctrl-C into SIGTERM once it has run a graph
             s.step += 1
             s.pending.append((s.step, lr, out))
-            logged = _log_due(s)
+            logged = s.step % recipe.log.every == 0 or s.step == plan.steps
             read_results(s, keep=0 if logged else 1 if s.world.size > 1 else None)
             timer.tick()
             if logged:
@@ -309,7 +310,6 @@ def train_loop(s: Session, stop: StopFlag, stop_after: int | None, quiet: bool |
     finally:
         s.progress.close()
         stream.close()
-        read_results(s, keep=0, check=False)  # what ran is recorded; a divergence is raised where it is read
 
 
 def _train_stream(s: Session):
@@ -321,7 +321,7 @@ def _train_stream(s: Session):
     )
 
 
-def read_results(s: Session, keep: int | None, check: bool = True) -> None:
+def read_results(s: Session, keep: int | None) -> None:
     """Read the results of all pending steps but the last `keep` (None: read nothing): the loss, whether
     the update was applied, the stop flag the ranks agreed on; then check for divergence."""
     if keep is None or len(s.pending) <= keep:
@@ -329,8 +329,7 @@ def read_results(s: Session, keep: int | None, check: bool = True) -> None:
     due, s.pending = s.pending[: len(s.pending) - keep], s.pending[len(s.pending) - keep :]
     for (step, lr, _), (loss, applied, stop) in zip(due, read_steps([out for _, _, out in due])):
         s.last_loss, s.stop_agreed = loss, s.stop_agreed or stop
-        if check:
-            s.skips = _check_update(s, step, loss, applied, lr)
+        s.skips = _check_update(s, step, loss, applied, lr)
 
 
 def _check_update(s: Session, step: int, loss: float, applied: bool, lr: float) -> int:
@@ -347,10 +346,6 @@ def _check_update(s: Session, step: int, loss: float, applied: bool, lr: float) 
     )
 
 
-def _log_due(s: Session) -> bool:
-    return s.step % s.recipe.log.every == 0 or s.step == s.plan.steps
-
-
 def _log_step(s: Session, timer: Throughput) -> None:
     ips, wait = timer.window()
     loss, lr = s.last_loss, s.plan.lr(s.step - 1)
@@ -361,12 +356,14 @@ def _log_step(s: Session, timer: Throughput) -> None:
 
 def _should_stop(s: Session, stop: StopFlag, stop_after: int | None) -> bool:
     """A signal here (one rank), or one the ranks agreed on in a step (several), or `stop_after`."""
-    if s.world.size > 1:  # a signal reaches the ranks at different steps: stop them together
+    if s.world.size == 1:
+        stopping = bool(stop)
+    else:  # a signal reaches the ranks at different steps: they stop together, at a step they all read
+        if stop_after is not None and s.plan.steps > s.step >= stop_after:
+            read_results(s, keep=0)  # a signal agreed in the steps not read yet is named as such
         if s.stop_agreed and not stop:
             stop.request(signal.SIGTERM)
         stopping = s.stop_agreed
-    else:
-        stopping = bool(stop)
     if not stopping and not (stop_after is not None and s.plan.steps > s.step >= stop_after):
         return False
     read_results(s, keep=0)
@@ -383,6 +380,7 @@ def _due(every: int | None, step: int, total: int) -> bool:
 # ----------------------------------------------------------------------------- evaluation, checkpoints
 def run_eval(s: Session, stop: StopFlag):
     """Evaluate the eval split, log it; a second signal abandons it (the checkpoint is already whole)."""
+    read_results(s, keep=0)  # a divergence is raised before evaluating what it left
     said = bool(stop)  # a stop already said (by `_should_stop`, or just below)
     if stop and not stop.hard and not s.stopped:
         s.progress.write(f"{stop.name}: finishing the evaluation at step {s.step}; signal again to skip it")

@@ -244,4 +244,4 @@ def prefetch(batches: Iterator, depth: int = PREFETCH) -> Iterator:
             yield item
     finally:
         stop.set()
-        thread.join(timeout=10)
+        thread.join()  # it ends after the batch it is reading, closing `batches` in its own thread

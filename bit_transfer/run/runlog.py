@@ -206,7 +206,8 @@ class Progress:
 
 class Throughput:
     """Images/s over the last log window, the share of it the loop waited for data, and an ETA from
-    the steps this process ran (not the resumed ones)."""
+    the steps this process ran (not the resumed ones). On Ascend/GPU, whose steps run queued, `fit`
+    counts a wait only right after it read the device: there the share is a lower bound."""
     INPUT_BOUND = 0.2  # a run that waited for data this share of its steps' time is called input-bound
 
     def __init__(self, batch: int, step: int):

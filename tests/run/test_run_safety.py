@@ -345,6 +345,14 @@ def test_a_non_finite_step_names_the_step_and_its_own_lr(task, tmp_path):
     done = [row["step"] for row in read_jsonl(tmp_path / "nan" / "metrics.jsonl") if "train/loss" in row]
     assert done[-1] == step - 1  # the failed step is the one after the last logged
 
+    # Read from the device only at log points (every 50 here), a step's results still name the same step,
+    # and the evaluation due at step 20 is not run on what the divergence left.
+    r = tiny_recipe(task, tmp_path, rule__steps=40, rule__base_lr=1e30, log__every=50, train__eval_every=20)
+    with pytest.raises(TrainingDiverged) as e:
+        fit(r, run_dir=tmp_path / "lazy")
+    assert re.search(r"at step (\d+) ", str(e.value)).group(1) == str(step), (str(e.value), msg)
+    assert step < 20 and not (tmp_path / "lazy").exists()  # nothing logged, no evaluation: the failed run is gone
+
 
 def test_divergence_without_nan_is_flagged():
     from bit_transfer.commands.fit import _diverged
