@@ -204,19 +204,20 @@ class TrainStep:
         return ms.value_and_grad(forward, None, self.optimizer.params, has_aux=True)
 
     def _update_fn(self, reduce, finite_kernel, amp_check: bool):
-        """The end of every optimizer step: all-reduce (with the loss and stop flag), unscale (fp16),
-        check, apply, adjust the loss scale; returns the step's (loss, applied, stop) as one tensor."""
+        """The end of every optimizer step: check, all-reduce (with the loss, stop and finite flags),
+        unscale (fp16), apply, adjust the loss scale; returns the step's (loss, applied, stop) as one
+        tensor. The check comes first, on the scaled gradients: dividing by a scale >= 1 makes no inf."""
         optimizer, scaler = self.optimizer, self.scaler
 
         def update(grads, loss, stop, lr, compiled: bool = True):
+            finite = all_finite(grads, finite_kernel, amp_check)  # this rank's (scaled) gradients
             if reduce is not None and compiled:
-                grads, loss, stop = reduce(grads, loss, stop)
+                grads, loss, stop, finite = reduce(grads, loss, stop, finite)  # finite: every rank's
             elif reduce is not None:  # a compiled graph of its own: a plain tuple of tensors would be
                 # compiled in as constants (MindSpore's warning says so), hence `mutable`
-                grads, loss, stop = reduce(ms.mutable(tuple(grads)), loss, stop)
+                grads, loss, stop, finite = reduce(ms.mutable(tuple(grads)), loss, stop, finite)
             if scaler is not None:
                 grads = tuple([g / scaler.scale for g in grads])
-            finite = all_finite(grads, finite_kernel, amp_check)
             if compiled:
                 if finite:
                     optimizer(grads, lr)

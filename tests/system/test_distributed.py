@@ -179,13 +179,27 @@ for split in (1,):  # batch_split 2 on 2 ranks: the two_ranks fixture's run
     diff = max(float(np.abs(p2[k] - p1[k]).max()) for k in p1)
     print(f"split {split}: losses {[round(v[0], 6) for v in l2]} vs {[round(v[0], 6) for v in l1]}, "
           f"applied {[v[1] for v in l2]}, max parameter difference {diff:.2e}", flush=True)
+
+# an overflow on rank 0 alone: every rank skips the update (each rank's own check, reduced with the sums)
+device.seed_everything(0)
+model = create_model("custom", 3, depths=[1, 1, 1, 1], width=0.25)
+step = TrainStep(model, momentum=0.9, weight_decay=0.0, batch_split=1, ranks=2, mix=False)
+model.set_train(True)
+images = (x[0][rank * 4:(rank + 1) * 4].astype(np.float32) - 127.5) / 127.5
+before = {p.name: p.asnumpy().copy() for p in model.trainable_params()}
+if rank == 0:
+    images[0, 0, 0, 0] = np.inf
+applied = step([(images, y[0][rank * 4:(rank + 1) * 4], None)], 0.05, 1.0).read()[1]
+same = all(np.array_equal(before[p.name], p.asnumpy()) for p in model.trainable_params())
+print(f"overflow on rank 0: applied {applied}, parameters unchanged {same}", flush=True)
 """
 
 
 @pytest.mark.slow
 def test_a_step_on_two_ranks_is_the_step_on_one(tmp_path):
     """2 ranks x batch_split 1 (the buckets' AllReduce inside the step's graph): the same losses and
-    parameters as the whole batch on one rank (batch_split 2: the two_ranks fixture's fit)."""
+    parameters as the whole batch on one rank (batch_split 2: the two_ranks fixture's fit). An overflow on
+    one rank: both skip the update."""
     for log in _msrun_script(tmp_path, STEP_ON_TWO_RANKS):
         lines = re.findall(r"split (\d): losses (\[.*?\]) vs (\[.*?\]), applied (\[.*?\]), "
                            r"max parameter difference (\S+)", log)
@@ -193,6 +207,7 @@ def test_a_step_on_two_ranks_is_the_step_on_one(tmp_path):
         for _, two, one, applied, diff in lines:
             assert json.loads(two) == pytest.approx(json.loads(one), rel=1e-5) and applied == "[True, True, True]"
             assert float(diff) < EQUAL_MATHS_ATOL, lines  # 0.0 measured (2 x 2 vs 1 x 4: 8.9e-5, the order of sums)
+        assert "overflow on rank 0: applied False, parameters unchanged True" in log, log[-2000:]
 
 
 def test_ranks_that_would_resume_from_different_steps_refuse_together(tmp_path):
