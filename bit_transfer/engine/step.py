@@ -3,9 +3,10 @@
 One optimizer step is one compiled graph that scales its uint8 micro-batch to [-1, 1], applies MixUp,
 runs forward and backward, all-reduces the gradients over the ranks in a few buckets and applies the
 momentum update with this step's lr. With `batch_split` > 1 the graph runs per micro-batch (loss
-scaled by 1/batch_split) and adds the gradients into buffers; then the update reduces and applies them. The maths is that of the full logical batch, as
-in the official PyTorch code (bit_pytorch/train.py: `(c / batch_split).backward()`, `optim.step()`
-every `batch_split` micro-batches). Nothing is read back from the device unless asked.
+scaled by 1/batch_split) and adds the gradients into buffers; then the update reduces and applies
+them. The maths is that of the full logical batch, as in the official PyTorch code
+(bit_pytorch/train.py: `(c / batch_split).backward()`, `optim.step()` every `batch_split`
+micro-batches). Nothing is read back from the device unless asked.
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ class _StepCell(nn.Cell):
 
 class TrainStep:
     """Forward/backward per micro-batch, accumulation, all-reduce and the optimizer update, compiled with
-    jit (with `batch_split` > 1 the update runs op by op after the compiled micro-batches). Its inputs are uint8 images and the MixUp partners; its outputs stay on the device
-    (`StepOutput`), so the host never waits for a step it does not need to read."""
+    jit (with `batch_split` > 1 the update runs op by op after the compiled micro-batches). Its inputs
+    are uint8 images and the MixUp partners; its outputs stay on the device (`StepOutput`), so the
+    host never waits for a step it does not need to read."""
 
     def __init__(
         self,
@@ -183,11 +185,11 @@ class TrainStep:
             fn = self._accumulating(grad_fn, update, params, extra)
         self._cell = _StepCell(fn, model, self.optimizer, extra)
         self._micro = ms.jit(self._cell) if jit else self._cell
-        self.buckets = len(reduce.bounds) if reduce is not None else 0
         self._cache_pending, self._log = compile_cache and jit, log
         self._settings = {"momentum": momentum, "weight_decay": weight_decay, "batch_split": batch_split,
                           "precision": precision, "ranks": ranks, "finite_kernel": finite_kernel is not None,
-                          "finite_amp": amp_check, "mix": mix, "buckets": self.buckets}
+                          "finite_amp": amp_check, "mix": mix,
+                          "buckets": len(reduce.bounds) if reduce is not None else 0}
 
     def _grad_fn(self, model, batch_split: int, mix: bool):
         """Loss and gradients of one micro-batch; each loss scaled by 1/batch_split (and the fp16 scale)."""
@@ -277,6 +279,7 @@ class TrainStep:
         # tensor, and `ops.where`/`nan_to_num` op by op cost 0.8 s a step at R50x1 (the update: 0.04 s).
         self._apply = apply
         return micro
+
     def __call__(self, micro_batches, lr: float, lam: float, stop: bool = False) -> StepOutput:
         """One optimizer step over `batch_split` micro-batches of (x, y, perm): uint8 images (or float
         inputs), labels and each image's MixUp partner (None: itself). `stop`: this rank asks to stop

@@ -102,7 +102,7 @@ def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     return out.asnumpy().astype(np.float64).reshape(arr.shape)
 
 
-def check_same_step(step: int | None, what: str = "run directory") -> None:
+def check_same_step(step: int | None) -> None:
     """All ranks must start from the same checkpoint: each one's step (None: no checkpoint) is gathered
     with one collective, so every rank refuses with the same line, or none does. Ranks differ when
     their run directories are not one shared directory (another machine's disk, a stale copy)."""
@@ -115,7 +115,7 @@ def check_same_step(step: int | None, what: str = "run directory") -> None:
     if len(set(steps)) > 1:
         seen = ", ".join(f"rank {r}: {'no checkpoint' if v < 0 else f'step {v}'}" for r, v in enumerate(steps))
         raise UsageError(f"the ranks would resume from different steps ({seen}); every rank must see the same "
-                         f"{what}: put --run-dir on storage that all machines share")
+                         "run directory: put --run-dir on storage that all machines share")
 
 
 # ----------------------------------------------------------------------------- the launcher
