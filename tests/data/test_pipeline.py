@@ -258,8 +258,11 @@ def test_prefetch_reads_ahead_in_order_and_stops_with_its_reader():
 
     it = pipeline.prefetch(source(), depth=2)
     assert next(it) == 0
-    time.sleep(0.3)  # the step runs: the thread fills the queue meanwhile
-    assert len(produced) == 4  # 0 taken, 1 and 2 queued, 3 waiting for room
+    deadline = time.time() + 30  # the step runs: the thread fills the queue meanwhile (a loaded machine: later)
+    while len(produced) < 4 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(produced) == 4  # 0 taken, 1 and 2 queued, 3 waiting for room, and no further
     assert [next(it) for _ in range(5)] == [1, 2, 3, 4, 5]
     it.close()
     assert closed.wait(5) and len(produced) < 12  # the thread stopped and closed its source
