@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -105,6 +106,23 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=300) -> subprocess.CompletedProce
     """`bit-transfer ARGS` as a user runs it: a new process, its exit code, stdout and stderr."""
     return subprocess.run([sys.executable, "-m", "bit_transfer", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env or dict(os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)
+
+
+def start_fit(recipe: Path, run_dir: Path, *extra) -> subprocess.Popen:
+    """`bit-transfer fit` as a running process, to signal or kill while it works."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bit_transfer", "fit", str(recipe), "--run-dir", str(run_dir), "--quiet", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def wait_for(condition, proc, timeout=120.0, every=0.0005):
+    """Poll fast until `condition()`; the child must still be running."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(every)
 
 
 def one_line_error(out, command: str, code: int = 2, label: str = "error") -> str:

@@ -149,7 +149,7 @@ def run(args) -> int:
         say(line)
     say(f"CUDA: {cuda_version()}")
     say(f"CANN: {cann_version()}")
-    device = runtime.setup(requested)
+    device = runtime.setup(requested, option="--device" if args.device else "train.device")
     say(f"CPU kernels: {cpu_kernels_status()}")
     model = "tiny" if args.model == "tiny" else args.model
     say(f"smoke run on {device}: {model}, random weights, {args.image_size} px, micro-batch {args.batch}, "

@@ -97,11 +97,7 @@ def _model_kind(spec) -> tuple[Path, str]:
 def _setup_device(device: str) -> str:
     from bit_transfer.system import device as runtime
 
-    have = runtime.available_devices()
-    if device != "auto" and device not in have:
-        raise UsageError(f"--device {device}: this MindSpore sees only {', '.join(have)}; install the MindSpore "
-                         f"build for {device} or use --device auto")
-    return runtime.setup(device)
+    return runtime.setup(device, option="--device")
 
 
 def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fallback_size) -> LoadedModel:

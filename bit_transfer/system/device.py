@@ -163,16 +163,17 @@ def no_plugin_reason(device: str) -> str:
     return "no Ascend plugin loaded"
 
 
-def select_device(requested: str = "auto") -> str:
-    """`auto` picks Ascend, then GPU, then CPU; an explicit device must be present, else one line saying why."""
+def select_device(requested: str = "auto", option: str = "train.device") -> str:
+    """`auto` picks Ascend, then GPU, then CPU; an explicit device must be present, else one line saying why,
+    naming the `option` the user set it with (`train.device`, or a command's `--device`)."""
     have = available_devices()
     if requested == "auto":
         return have[0]
     if requested not in have:
         why = plugin_load_error(requested) or no_plugin_reason(requested)
         why = f"its {requested} plugin did not load ({why})"
-        raise UsageError(f"train.device is {requested} but MindSpore cannot use it: {why}; "
-                         f"{what_to_install(requested)}, or set train.device: auto")
+        raise UsageError(f"{_is(option, requested)} but MindSpore cannot use it: {why}; "
+                         f"{what_to_install(requested)}, or {_use(option, 'auto')}")
     return requested
 
 
@@ -214,8 +215,17 @@ def warn_slow_convolutions(model) -> None:
         print(f"bit-transfer: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def _is(option: str, value) -> str:
+    return f"{option} {value}" if option.startswith("--") else f"{option} is {value}"
+
+
+def _use(option: str, value) -> str:
+    return f"use {option} {value}" if option.startswith("--") else f"set {option}: {value}"
+
+
 @functools.cache
-def setup(device: str = "auto", *, jit: bool = True, device_id: int | None = None) -> str:
+def setup(device: str = "auto", *, jit: bool = True, device_id: int | None = None,
+          option: str = "train.device") -> str:
     """Point MindSpore at the device once per process; returns the device name.
 
     The train and eval steps are compiled with `mindspore.jit` where `jit` is on; the context stays
@@ -224,7 +234,7 @@ def setup(device: str = "auto", *, jit: bool = True, device_id: int | None = Non
     """
     import mindspore as ms
 
-    dev = select_device(device)
+    dev = select_device(device, option)
     if device == "auto" and (msg := unused_accelerator(dev)):
         print(f"bit-transfer: warning: {msg}", file=sys.stderr, flush=True)
     _check_device_id(dev, device_id)
@@ -237,7 +247,7 @@ def setup(device: str = "auto", *, jit: bool = True, device_id: int | None = Non
         if current != dev:
             raise UsageError(
                 f"MindSpore already runs on {current} in this process and cannot switch to {dev}; "
-                f"set train.device: {current} or start a new process"
+                f"{_use(option, current)} or start a new process"
             ) from None
     ms.set_context(mode=ms.PYNATIVE_MODE)
     return dev

@@ -237,6 +237,10 @@ def test_bad_inputs_are_one_line(world, tmp_path):
     for flag in (["--top-k", "0"], ["--device", "TPU"], ["--batch-size", "x"]):
         out = predict(world / "run", "data/val", *flag, cwd=world)
         assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # a device this machine cannot give: the cause, in the words of the flag the user typed (not train.device)
+    line = one_line_error(predict(world / "run", "data/val", "--device", "GPU", cwd=world), "predict")
+    assert "--device GPU but MindSpore cannot use it: its GPU plugin did not load" in line, line
+    assert "CUDA" in line and line.endswith("or use --device auto") and "train.device" not in line, line
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import GRAPHS, ROOT, one_line_error, run_cli, scratch_fs, snapshot, use_graph, write_recipe
+from conftest import (GRAPHS, ROOT, one_line_error, run_cli, scratch_fs, snapshot, start_fit, use_graph,
+                      wait_for, write_recipe)
 from datagen import final_params, pattern_task, read_jsonl, tiny_recipe
 
 STEPS = 20
@@ -29,22 +30,6 @@ def recipe_path(task, tmp_path, **sets) -> Path:
     """A tiny recipe whose final checkpoint write and evaluation take long enough to be hit by a signal."""
     sets = {"rule__steps": STEPS, "model__width": 0.5, "log__tensorboard": False, **sets}
     return write_recipe(tmp_path / "r.yaml", tiny_recipe(task, tmp_path / "runs", **sets))
-
-
-def start_fit(recipe: Path, run_dir: Path, *extra) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bit_transfer", "fit", str(recipe), "--run-dir", str(run_dir), "--quiet", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-
-
-def wait_for(condition, proc, timeout=120.0, every=0.0005):
-    """Poll fast until `condition()`; the child must still be running."""
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(every)
 
 
 def signal_at(proc, condition, signals, gap=0.0):

@@ -5,9 +5,8 @@ kill -9 resume, and `bit-transfer doctor`."""
 import numpy as np
 import pytest
 
-from conftest import one_line_error, run_cli, use_graph, write_recipe
+from conftest import one_line_error, run_cli, start_fit, use_graph, wait_for, write_recipe
 from datagen import final_params, pattern_task, tiny_recipe
-from test_run_safety import start_fit, wait_for
 
 
 @pytest.fixture(scope="module")
