@@ -3,19 +3,24 @@ headers, flags, the compiler's target features) under settings.home()/kernels, a
 background at start-up where that helps. A failed build raises RuntimeError with the compiler's first
 errors (real file and line); kernels/ops.py and kernels/onednn.py turn that into one line and
 MindSpore's own ops.
+
+The cache stays bounded (`prune`, whenever something new is written to it): entries unused for
+KEEP_DAYS, folders derived from a file that was since replaced or removed (the private oneDNN copy of
+a reinstalled wheel, 54 MB each), and the work of builds killed half-way.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
+import time
 from pathlib import Path
 
 from bit_transfer.system import files
@@ -32,6 +37,11 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # oneDNN's names for instruction sets below AVX-512 (ONEDNN_MAX_CPU_ISA values, oneDNN's docs:
 # "CPU dispatcher control"): SSE41, AVX, AVX2, AVX2_VNNI, AVX2_VNNI_2.
 BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+
+KEEP_DAYS = 30  # a library or folder unused this long is removed when something new is built
+STALE_GRACE = 3600  # a folder whose source file changed goes once unused this long (seconds): a
+#                     process that has just found it (and touched it) links or loads it well within
+SOURCE_RECORD = "source.json"  # in a folder derived from another file: that file's path, size and time
 
 
 def target_flags() -> list[str]:
@@ -104,6 +114,7 @@ def build(name: str = "cpu_kernels", source: Path | None = None, flags: list[str
     source, flags = SOURCE if source is None else source, CXX_FLAGS if flags is None else flags
     lib = _library_path(cxx, name, source, flags + list(link), extra)
     if lib.exists():
+        files.touch(lib)
         return lib
     try:
         lib.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +148,9 @@ def fallback_fix(e: Exception | None, silence: str) -> str:
 
 
 def _compile(command: list[str], source: Path, link: list[str], lib: Path) -> Path:
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        out = Path(tmp) / "kernels.so"
+    work = files.private_workdir(lib.parent, lib.stem)
+    try:
+        out = work / "kernels.so"
         try:
             subprocess.run([*command, "-o", str(out), str(source), *link], check=True, capture_output=True, timeout=300)
         except subprocess.CalledProcessError as e:
@@ -146,7 +158,64 @@ def _compile(command: list[str], source: Path, link: list[str], lib: Path) -> Pa
         except (OSError, subprocess.SubprocessError) as e:
             raise RuntimeError(f"{command[0]} failed: {e}") from None
         files.publish(out, lib)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    prune(lib.parent)
     return lib
+
+
+def record_source(folder: Path, source: Path) -> None:
+    """Note in `folder` the file it was derived from, for `prune` to notice a reinstall."""
+    files.atomic_write(folder / SOURCE_RECORD, lambda tmp: tmp.write_text(json.dumps(_stamp(source))))
+
+
+def _stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _source_replaced(folder: Path) -> bool:
+    """The file `folder` was derived from is gone or another file now (False: unknown, or not derived)."""
+    try:
+        recorded = json.loads((folder / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        return _stamp(Path(recorded["path"])) != recorded
+    except OSError:
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
+def _last_used(entry: Path) -> float:
+    """A library's time, or a folder's newest file's (use touches the library file)."""
+    if entry.is_dir():
+        return max((f.stat().st_mtime for f in entry.iterdir() if f.is_file()), default=entry.stat().st_mtime)
+    return entry.stat().st_mtime
+
+
+def prune(root: Path, now: float | None = None) -> None:
+    """Remove what the cache no longer needs (see the module docstring). Best effort: a cache that
+    cannot be cleaned still serves."""
+    now = time.time() if now is None else now
+    try:
+        files.remove_abandoned(root)
+        for entry in root.iterdir():
+            if entry.name.startswith("."):
+                continue
+            try:
+                used = _last_used(entry)
+            except OSError:
+                continue
+            if used < now - KEEP_DAYS * 86400 or (used < now - STALE_GRACE and entry.is_dir()
+                                                  and _source_replaced(entry)):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    files.remove_quietly(entry)
+    except OSError:
+        pass
 
 
 def first_errors(stderr: str, most: int = 3) -> str:

@@ -57,7 +57,6 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from bit_transfer import settings
@@ -89,25 +88,33 @@ def prefix() -> Path | None:
 def private_library(root: Path, version: str) -> Path:
     """A copy of this prefix's libdnnl.so.3 renamed libbtdn.so.3 (its soname too), in a folder of
     settings.home()/kernels keyed by the oneDNN version header and the file's size and time: the loader
-    reuses a loaded soname, and MindSpore 2.10 loads its own libdnnl.so.3 (oneDNN 3.10) first."""
+    reuses a loaded soname, and MindSpore 2.10 loads its own libdnnl.so.3 (oneDNN 3.10) first. The
+    folder records the wheel's file, so the copy of a reinstalled wheel is pruned (kernels/build.py)."""
     from bit_transfer.kernels import soname
 
     wheel = (root / "lib/libdnnl.so.3").resolve()
     stat = wheel.stat()
     key = hashlib.sha256(f"{version}\n{wheel}\n{stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    copy = settings.home() / "kernels" / f"onednn-{key}" / PRIVATE_SONAME
+    cache = settings.home() / "kernels"
+    copy = cache / f"onednn-{key}" / PRIVATE_SONAME
     if copy.exists():
+        files.touch(copy)
         return copy
     try:
         copy.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=copy.parent) as tmp:
-            shutil.copyfile(wheel, Path(tmp) / PRIVATE_SONAME)
-            soname.rename(Path(tmp) / PRIVATE_SONAME, PRIVATE_SONAME)
-            files.publish(Path(tmp) / PRIVATE_SONAME, copy, mode=0o755)  # concurrent processes write the same bytes
+        work = files.private_workdir(cache, copy.parent.name)
+        try:
+            shutil.copyfile(wheel, work / PRIVATE_SONAME)
+            soname.rename(work / PRIVATE_SONAME, PRIVATE_SONAME)
+            cpu_kernels.record_source(copy.parent, wheel)  # a reinstalled wheel makes this copy prunable
+            files.publish(work / PRIVATE_SONAME, copy, mode=0o755)  # concurrent processes write the same bytes
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     except soname.NotALibrary as e:
         raise RuntimeError(f"{wheel}: {e}") from None
     except OSError as e:
         raise cpu_kernels.CacheUnwritable(f"cannot write the kernel cache {copy.parent} ({e.strerror or e})") from None
+    cpu_kernels.prune(cache)
     return copy
 
 

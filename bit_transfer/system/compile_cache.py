@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from bit_transfer import settings
-from bit_transfer.system import processes
+from bit_transfer.system import files
 
 VERSION = 1  # of the key's recipe: bump when what goes into it changes
 MANIFEST = "manifest.json"
@@ -99,7 +99,7 @@ def _finish(entry: Path, work: Path, log) -> None:
     """After the first step: say what was loaded, or publish what was compiled."""
     if work == entry:
         if _intact(entry):
-            _touch(entry / MANIFEST)
+            files.touch(entry / MANIFEST)
             log(f"compiled step loaded from {entry}")
         else:  # MindSpore did not load it and compiled (and wrote) anew: the next run rebuilds it
             shutil.rmtree(entry, ignore_errors=True)
@@ -224,13 +224,10 @@ def _prepare(cache: Path, key: str) -> tuple[Path, Path]:
             return entry, entry
         shutil.rmtree(entry, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(cache)
+    files.remove_abandoned(cache)
     if shutil.disk_usage(cache).free < MIN_FREE:  # MindSpore would fail half-way, with two ERROR lines
         raise OSError(errno.ENOSPC, f"less than {MIN_FREE >> 20} MB free", str(cache))
-    work = cache / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    return entry, work
+    return entry, files.private_workdir(cache, key)
 
 
 def _publish(work: Path, entry: Path) -> None:
@@ -271,19 +268,6 @@ def _prune(cache: Path, now: float | None = None) -> None:
             continue  # not an entry (work in progress, something else)
         if unused:
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _touch(path: Path) -> None:
-    with contextlib.suppress(OSError):  # a read-only cache still loads
-        os.utime(path)
-
-
-def _remove_abandoned(cache: Path) -> None:
-    """Private directories of processes that died while compiling."""
-    for d in cache.glob(".tmp-*"):
-        pid = d.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not processes.alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def _silent(*_args) -> None:

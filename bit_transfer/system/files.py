@@ -5,9 +5,11 @@ never a part, and a power cut after the rename keeps the new one."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from bit_transfer.errors import storage_error
+from bit_transfer.system import processes
 
 
 def atomic_write(path, write, *, mode: int | None = 0o644, needed: int | None = None, suffix: str = "",
@@ -59,3 +61,28 @@ def remove_quietly(path) -> None:
         Path(path).unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def touch(path) -> None:
+    """Mark a cache entry used now (caches prune what is unused); a read-only cache still serves."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def private_workdir(parent, name: str) -> Path:
+    """A fresh `.tmp-<name>-<pid>` directory in `parent`, where this process builds an entry before
+    renaming it into place; `remove_abandoned` clears those of processes that died while building."""
+    work = Path(parent) / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def remove_abandoned(parent) -> None:
+    """The `private_workdir`s in `parent` of processes no longer running (killed mid-build)."""
+    for work in Path(parent).glob(".tmp-*"):
+        pid = work.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not processes.alive(int(pid)):
+            shutil.rmtree(work, ignore_errors=True)

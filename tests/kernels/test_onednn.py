@@ -3,9 +3,11 @@ kernels (bit_transfer/kernels/build.py): values and gradients equal MindSpore's 
 sizes, whole models equal their NCHW form, two oneDNNs live in one process, and a missing oneDNN is
 one warning and MindSpore's convolutions."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mindspore as ms
@@ -527,6 +529,52 @@ def test_onednn_builds_wherever_it_is_installed():
     if onednn_conv.prefix() is None or not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("oneDNN 3 or a C++ compiler not installed here")
     assert Path(onednn_conv._build()).is_file()
+
+
+@needs_onednn
+def test_the_kernel_cache_drops_a_reinstalled_onednns_copy_and_what_nothing_uses(tmp_path):
+    """Each oneDNN wheel gets a 54 MB private copy (`private_library`); a reinstall used to add another
+    for good. Real processes on a oneDNN prefix of their own (DNNLROOT) and a private home."""
+    import shutil
+
+    real, prefix, home = onednn_conv.prefix(), tmp_path / "prefix", tmp_path / "home"
+    (prefix / "lib").mkdir(parents=True)
+    (prefix / "include").symlink_to(real / "include")
+    shutil.copyfile(real / "lib/libdnnl.so.3", prefix / "lib/libdnnl.so.3")
+    env = dict(os.environ, DNNLROOT=str(prefix), BIT_TRANSFER_HOME=str(home))
+    load = ("import ctypes\nfrom bit_transfer.kernels import onednn\n"
+            "lib = onednn.library()\nctypes.CDLL(str(lib))\nprint(lib)")  # loads only if its oneDNN copy is there
+
+    def kernels():
+        out = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        return Path(out.stdout.strip().splitlines()[-1])
+
+    cache = home / "kernels"
+    first = kernels()
+    (old,) = cache.glob("onednn-*")
+    unused = cache / "cpu_kernels-0000000000000000.so"
+    unused.write_bytes(b"built long ago")
+    long_ago = time.time() - cpu_kernels.KEEP_DAYS * 86400 - 60
+    os.utime(unused, (long_ago, long_ago))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (cache / f".tmp-onednn_conv-0-{dead.pid}").mkdir()  # a build killed half-way
+    building = cache / f".tmp-onednn_conv-1-{os.getpid()}"  # a build under way (this process)
+    building.mkdir()
+    assert kernels() == first  # nothing new built: nothing pruned, the copy still serves
+    assert old.is_dir() and unused.exists()
+
+    hours_ago = time.time() - 2 * 3600
+    for f in old.iterdir():
+        os.utime(f, (hours_ago, hours_ago))  # the old wheel's copy, last used two hours ago
+    shutil.copyfile(real / "lib/libdnnl.so.3", prefix / "lib/libdnnl.so.3")  # a reinstall: a new file
+    os.utime(prefix / "lib/libdnnl.so.3", ns=(1, 1))
+    second = kernels()
+    (new,) = cache.glob("onednn-*")  # the reinstalled wheel's copy alone
+    assert new != old and second != first and second.is_file()
+    assert not unused.exists() and not (cache / f".tmp-onednn_conv-0-{dead.pid}").exists() and building.is_dir()
+    assert json.loads((new / cpu_kernels.SOURCE_RECORD).read_text())["path"] == str(prefix / "lib/libdnnl.so.3")
 
 
 @needs_onednn
