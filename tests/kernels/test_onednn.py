@@ -577,6 +577,22 @@ def test_the_kernel_cache_drops_a_reinstalled_onednns_copy_and_what_nothing_uses
     assert json.loads((new / cpu_kernels.SOURCE_RECORD).read_text())["path"] == str(prefix / "lib/libdnnl.so.3")
 
 
+def test_a_copy_of_a_removed_source_waits_an_hour_unused_before_it_goes(tmp_path):
+    """A process that has just found a copy (and touched it) links or loads it: the copy stays."""
+    source, folder = tmp_path / "libdnnl.so.3", tmp_path / "onednn-0123"
+    source.write_bytes(b"a wheel's library")
+    folder.mkdir()
+    (folder / onednn_conv.PRIVATE_SONAME).write_bytes(b"its copy")
+    cpu_kernels.record_source(folder, source)
+    cpu_kernels.prune(tmp_path)
+    assert folder.is_dir()  # its source is there
+    source.unlink()
+    cpu_kernels.prune(tmp_path)
+    assert folder.is_dir()  # used just now
+    cpu_kernels.prune(tmp_path, now=time.time() + cpu_kernels.STALE_GRACE + 1)
+    assert not folder.exists()
+
+
 @needs_onednn
 def test_our_kernels_use_the_instruction_sets_onednn_does():
     """AVX-512 in our compiled kernels exactly where oneDNN dispatches to it: on an AVX-512 host capped
