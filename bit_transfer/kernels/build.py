@@ -4,9 +4,9 @@ background at start-up where that helps. A failed build raises RuntimeError with
 errors (real file and line); kernels/ops.py and kernels/onednn.py turn that into one line and
 MindSpore's own ops.
 
-The cache stays bounded (`prune`, whenever something new is written to it): entries unused for
-KEEP_DAYS, folders derived from a file that was since replaced or removed (the private oneDNN copy of
-a reinstalled wheel, 54 MB each), and the work of builds killed half-way.
+The cache stays bounded (`prune`, before anything new is written to it and at most daily on a hit):
+entries unused for KEEP_DAYS, folders derived from a file since replaced or removed on this machine
+(the private oneDNN copy of a reinstalled wheel, 54 MB each), and the work of builds killed half-way.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -113,11 +114,12 @@ def build(name: str = "cpu_kernels", source: Path | None = None, flags: list[str
         return None
     source, flags = SOURCE if source is None else source, CXX_FLAGS if flags is None else flags
     lib = _library_path(cxx, name, source, flags + list(link), extra)
-    if lib.exists():
-        files.touch(lib)
+    if files.touch(lib):
+        prune_daily(lib.parent)
         return lib
     try:
         lib.parent.mkdir(parents=True, exist_ok=True)
+        prune(lib.parent)  # before writing: room on a full disk
         return _compile([cxx, *target_flags(), *flags, f"-I{Path(source).parent}"], Path(source), list(link), lib)
     except OSError as e:  # BIT_TRANSFER_HOME a file, read-only, full: the built-in ops still work
         raise CacheUnwritable(f"cannot write the kernel cache {lib.parent} ({e.strerror or e})") from None
@@ -160,13 +162,18 @@ def _compile(command: list[str], source: Path, link: list[str], lib: Path) -> Pa
         files.publish(out, lib)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    prune(lib.parent)
     return lib
 
 
 def record_source(folder: Path, source: Path) -> None:
-    """Note in `folder` the file it was derived from, for `prune` to notice a reinstall."""
-    files.atomic_write(folder / SOURCE_RECORD, lambda tmp: tmp.write_text(json.dumps(_stamp(source))))
+    """Note in `folder` the file it was derived from (and on which machine), for `prune` to notice a
+    reinstall. Raises OSError (the callers' CacheUnwritable)."""
+    tmp = folder / f".{SOURCE_RECORD}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps({"host": socket.gethostname(), **_stamp(source)}))
+        files.publish(tmp, folder / SOURCE_RECORD)
+    finally:
+        files.remove_quietly(tmp)
 
 
 def _stamp(path: Path) -> dict:
@@ -175,17 +182,19 @@ def _stamp(path: Path) -> dict:
 
 
 def _source_replaced(folder: Path) -> bool:
-    """The file `folder` was derived from is gone or another file now (False: unknown, or not derived)."""
+    """The file `folder` was derived from on this machine is gone or another file now (False: unknown,
+    not derived, or another machine's: a shared home's other hosts see their own files)."""
     try:
         recorded = json.loads((folder / SOURCE_RECORD).read_text())
-    except (OSError, ValueError):
+        if recorded.pop("host") != socket.gethostname():
+            return False
+        path = Path(recorded["path"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     try:
-        return _stamp(Path(recorded["path"])) != recorded
+        return _stamp(path) != recorded
     except OSError:
         return True
-    except (KeyError, TypeError):
-        return False
 
 
 def _last_used(entry: Path) -> float:
@@ -195,27 +204,40 @@ def _last_used(entry: Path) -> float:
     return entry.stat().st_mtime
 
 
+PRUNED = ".pruned"  # its time: the last prune (hits prune at most daily)
+
+
 def prune(root: Path, now: float | None = None) -> None:
-    """Remove what the cache no longer needs (see the module docstring). Best effort: a cache that
-    cannot be cleaned still serves."""
+    """Remove what the cache no longer needs (see the module docstring): before anything is written
+    to it, and on a hit at most daily (`prune_daily`). Best effort: a cache that cannot be cleaned
+    still serves."""
     now = time.time() if now is None else now
     try:
-        files.remove_abandoned(root)
+        (root / PRUNED).touch()
+        files.remove_abandoned(root, now)
         for entry in root.iterdir():
             if entry.name.startswith("."):
                 continue
-            try:
-                used = _last_used(entry)
-            except OSError:
-                continue
+            used = _last_used(entry)
             if used < now - KEEP_DAYS * 86400 or (used < now - STALE_GRACE and entry.is_dir()
                                                   and _source_replaced(entry)):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     files.remove_quietly(entry)
+    except Exception:  # noqa: BLE001 - housekeeping never fails a run
+        pass
+
+
+def prune_daily(root: Path) -> None:
+    """`prune` on a cache hit, if the last was a day ago: a reinstalled wheel's copy goes without waiting
+    for the next build."""
+    try:
+        if (root / PRUNED).stat().st_mtime > time.time() - 86400:
+            return
     except OSError:
         pass
+    prune(root)
 
 
 def first_errors(stderr: str, most: int = 3) -> str:

@@ -97,11 +97,13 @@ def private_library(root: Path, version: str) -> Path:
     key = hashlib.sha256(f"{version}\n{wheel}\n{stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = settings.home() / "kernels"
     copy = cache / f"onednn-{key}" / PRIVATE_SONAME
-    if copy.exists():
-        files.touch(copy)
+    if files.touch(copy):  # touched first: a prune elsewhere spares what was used within the hour
+        cpu_kernels.prune_daily(cache)
         return copy
     try:
-        copy.parent.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        cpu_kernels.prune(cache)  # before writing 54 MB: room on a full disk
+        copy.parent.mkdir(exist_ok=True)
         work = files.private_workdir(cache, copy.parent.name)
         try:
             shutil.copyfile(wheel, work / PRIVATE_SONAME)
@@ -114,7 +116,6 @@ def private_library(root: Path, version: str) -> Path:
         raise RuntimeError(f"{wheel}: {e}") from None
     except OSError as e:
         raise cpu_kernels.CacheUnwritable(f"cannot write the kernel cache {copy.parent} ({e.strerror or e})") from None
-    cpu_kernels.prune(cache)
     return copy
 
 

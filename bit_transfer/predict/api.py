@@ -96,7 +96,8 @@ class Predictor:
 
     def __init__(self, model, *, image_size: int | None = None, batch_size: int | None = None,
                  device: str = "auto", top_k: int = 5, workers: int | None = None):
-        self.model = load_model(model, image_size=image_size, batch_size=batch_size, device=device)
+        self.model = load_model(model, image_size=image_size, batch_size=batch_size, device=device,
+                                device_option="device=")
         self.top_k, self.workers = top_k, workers
 
     @property

@@ -47,18 +47,19 @@ class LoadedModel:
 
 
 def load_model(spec, *, image_size: int | None = None, batch_size: int | None = None, device: str = "auto",
-               fallback_size: Callable[[], tuple[int, str]] | None = None) -> LoadedModel:
+               fallback_size: Callable[[], tuple[int, str]] | None = None, device_option: str = "--device") -> LoadedModel:
     """The model `spec` names (module docstring); one-line errors for a missing or non-BiT model.
 
     `fallback_size()` -> (size, where from) is asked only when neither `image_size` nor the model
-    records a resolution (predict --recipe: the rule's crop for the recipe's data).
+    records a resolution (predict --recipe: the rule's crop for the recipe's data). `device_option`:
+    how the caller's user chose `device`, for the error that it cannot be had (`--device`, `device=`).
     """
     if device not in DEVICES:
         raise UsageError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     path, kind = _model_kind(spec)
     if kind == "onnx":
         return _onnx_model(path, image_size, batch_size, device, fallback_size)
-    return _mindspore_model(path, kind, image_size, batch_size, device, fallback_size)
+    return _mindspore_model(path, kind, image_size, batch_size, device, fallback_size, device_option)
 
 
 def _model_kind(spec) -> tuple[Path, str]:
@@ -94,21 +95,19 @@ def _model_kind(spec) -> tuple[Path, str]:
     return path, kinds[suffix]
 
 
-def _setup_device(device: str) -> str:
-    from bit_transfer.system import device as runtime
-
-    return runtime.setup(device, option="--device")
 
 
-def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fallback_size) -> LoadedModel:
+def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fallback_size,
+                     device_option: str) -> LoadedModel:
     from bit_transfer.run import checkpoint
     from bit_transfer.models import create_model_from_weights
+    from bit_transfer.system import device as runtime
 
     run = ckpt = None
     if kind in ("run", "ckpt"):
         ckpt, run = checkpoint.find_checkpoint(path, command="predict")
         path = ckpt
-    _setup_device(device)
+    runtime.setup(device, option=device_option)
     model, report = create_model_from_weights(path)  # architecture, padding and the file's own head
     meta = report.meta or {}
     names = [str(n) for n in meta.get("class_names") or []]

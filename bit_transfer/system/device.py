@@ -165,7 +165,7 @@ def no_plugin_reason(device: str) -> str:
 
 def select_device(requested: str = "auto", option: str = "train.device") -> str:
     """`auto` picks Ascend, then GPU, then CPU; an explicit device must be present, else one line saying why,
-    naming the `option` the user set it with (`train.device`, or a command's `--device`)."""
+    naming the `option` the user set it with (`train.device`, a command's `--device`, an API's `device=`)."""
     have = available_devices()
     if requested == "auto":
         return have[0]
@@ -216,11 +216,16 @@ def warn_slow_convolutions(model) -> None:
 
 
 def _is(option: str, value) -> str:
-    return f"{option} {value}" if option.startswith("--") else f"{option} is {value}"
+    """How the user gave `value`: `--device GPU` (a flag), `device='GPU'` (a keyword), `train.device is GPU`."""
+    if option.startswith("--"):
+        return f"{option} {value}"
+    return f"{option}{value!r}" if option.endswith("=") else f"{option} is {value}"
 
 
 def _use(option: str, value) -> str:
-    return f"use {option} {value}" if option.startswith("--") else f"set {option}: {value}"
+    if option.startswith("--"):
+        return f"use {option} {value}"
+    return f"use {option}{value!r}" if option.endswith("=") else f"set {option}: {value}"
 
 
 @functools.cache

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import time
+import uuid
 from pathlib import Path
 
 from bit_transfer.errors import storage_error
@@ -63,26 +66,42 @@ def remove_quietly(path) -> None:
         pass
 
 
-def touch(path) -> None:
-    """Mark a cache entry used now (caches prune what is unused); a read-only cache still serves."""
+def touch(path) -> bool:
+    """Mark a cache entry used now (caches prune what is unused). True if it is there to use: touched,
+    or present in a cache this process may not write (a read-only cache still serves)."""
     try:
         os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
     except OSError:
-        pass
+        return Path(path).exists()
+
+
+ABANDONED_ELSEWHERE = 86400  # seconds: another machine's (or container's) work, whose pid we cannot ask
 
 
 def private_workdir(parent, name: str) -> Path:
-    """A fresh `.tmp-<name>-<pid>` directory in `parent`, where this process builds an entry before
-    renaming it into place; `remove_abandoned` clears those of processes that died while building."""
-    work = Path(parent) / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    """A new `.tmp-<name>-<nonce>-<host>-<pid>` directory in `parent`, where one build makes an entry
+    before renaming it into place; `remove_abandoned` clears those of builds that died."""
+    work = Path(parent) / f".tmp-{name}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}-{os.getpid()}"
     work.mkdir(parents=True)
     return work
 
 
-def remove_abandoned(parent) -> None:
-    """The `private_workdir`s in `parent` of processes no longer running (killed mid-build)."""
+def remove_abandoned(parent, now: float | None = None) -> None:
+    """The `private_workdir`s in `parent` whose process is gone: this machine's, by pid; another's (a
+    home shared over the network or by containers), once a day old."""
+    now = time.time() if now is None else now
+    here = f"-{socket.gethostname()}-"
     for work in Path(parent).glob(".tmp-*"):
-        pid = work.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not processes.alive(int(pid)):
+        head, _, pid = work.name.rpartition("-")
+        try:
+            if head.endswith(here[:-1]) and pid.isdigit():
+                gone = not processes.alive(int(pid))
+            else:
+                gone = work.stat().st_mtime < now - ABANDONED_ELSEWHERE
+        except (OSError, OverflowError, ValueError):
+            continue
+        if gone:
             shutil.rmtree(work, ignore_errors=True)

@@ -238,6 +238,10 @@ def test_bad_inputs_are_one_line(world, tmp_path):
         out = predict(world / "run", "data/val", *flag, cwd=world)
         assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     # a device this machine cannot give: the cause, in the words of the flag the user typed (not train.device)
+    from bit_transfer.system import device
+
+    if "GPU" in device.available_devices():
+        return  # a machine with a usable GPU: nothing to refuse
     line = one_line_error(predict(world / "run", "data/val", "--device", "GPU", cwd=world), "predict")
     assert "--device GPU but MindSpore cannot use it: its GPU plugin did not load" in line, line
     assert "CUDA" in line and line.endswith("or use --device auto") and "train.device" not in line, line
@@ -462,6 +466,12 @@ def test_predictor_takes_paths_pil_images_and_arrays(world, run_table):
         p.predict([path, world / "nope.png"])
     assert p.predict([path, world / "nope.png"], strict=False)[1] is None
     assert "Prediction(" in repr(one) and "%" in repr(one)
+    from bit_transfer.errors import UsageError
+    from bit_transfer.system import device
+
+    if "GPU" not in device.available_devices():  # named as the caller wrote it, not as a flag or a recipe key
+        with pytest.raises(UsageError, match=r"^device='GPU' but MindSpore cannot use it: .*, or use device='auto'$"):
+            Predictor(world / "run", device="GPU")
 
 
 # ---------------------------------------------------------------- ONNX

@@ -531,11 +531,20 @@ def test_onednn_builds_wherever_it_is_installed():
     assert Path(onednn_conv._build()).is_file()
 
 
+def aged(path: Path, seconds: float) -> None:
+    """`path` (a folder: its files) last used `seconds` ago."""
+    then = time.time() - seconds
+    for f in [*path.iterdir()] if path.is_dir() else [path]:
+        os.utime(f, (then, then))
+
+
+@pytest.mark.slow
 @needs_onednn
 def test_the_kernel_cache_drops_a_reinstalled_onednns_copy_and_what_nothing_uses(tmp_path):
     """Each oneDNN wheel gets a 54 MB private copy (`private_library`); a reinstall used to add another
     for good. Real processes on a oneDNN prefix of their own (DNNLROOT) and a private home."""
     import shutil
+    import socket
 
     real, prefix, home = onednn_conv.prefix(), tmp_path / "prefix", tmp_path / "home"
     (prefix / "lib").mkdir(parents=True)
@@ -550,47 +559,58 @@ def test_the_kernel_cache_drops_a_reinstalled_onednns_copy_and_what_nothing_uses
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
         return Path(out.stdout.strip().splitlines()[-1])
 
-    cache = home / "kernels"
+    cache, host, day = home / "kernels", socket.gethostname(), 86400
     first = kernels()
     (old,) = cache.glob("onednn-*")
     unused = cache / "cpu_kernels-0000000000000000.so"
     unused.write_bytes(b"built long ago")
-    long_ago = time.time() - cpu_kernels.KEEP_DAYS * 86400 - 60
-    os.utime(unused, (long_ago, long_ago))
+    aged(unused, cpu_kernels.KEEP_DAYS * day + 60)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (cache / f".tmp-onednn_conv-0-{dead.pid}").mkdir()  # a build killed half-way
-    building = cache / f".tmp-onednn_conv-1-{os.getpid()}"  # a build under way (this process)
-    building.mkdir()
-    assert kernels() == first  # nothing new built: nothing pruned, the copy still serves
-    assert old.is_dir() and unused.exists()
+    killed = cache / f".tmp-onednn_conv-0a-{host}-{dead.pid}"  # a build killed half-way
+    building = cache / f".tmp-onednn_conv-0b-{host}-{os.getpid()}"  # a build under way (this process)
+    for d in (killed, building):
+        d.mkdir()
+    aged(old, 2 * 3600)
+    aged(first, 2 * 3600)
+    assert kernels() == first  # a hit, a prune less than a day ago: nothing pruned
+    assert old.is_dir() and unused.exists() and killed.is_dir()
+    assert time.time() - os.path.getmtime(old / onednn_conv.PRIVATE_SONAME) < 600  # the hit touched them
+    assert time.time() - os.path.getmtime(first) < 600
 
-    hours_ago = time.time() - 2 * 3600
-    for f in old.iterdir():
-        os.utime(f, (hours_ago, hours_ago))  # the old wheel's copy, last used two hours ago
+    aged(cache / cpu_kernels.PRUNED, day + 60)
+    assert kernels() == first  # a hit a day after the last prune: pruned, the current copy kept
+    assert old.is_dir() and not unused.exists() and not killed.exists() and building.is_dir()
+
+    aged(old, 2 * 3600)
     shutil.copyfile(real / "lib/libdnnl.so.3", prefix / "lib/libdnnl.so.3")  # a reinstall: a new file
     os.utime(prefix / "lib/libdnnl.so.3", ns=(1, 1))
     second = kernels()
     (new,) = cache.glob("onednn-*")  # the reinstalled wheel's copy alone
     assert new != old and second != first and second.is_file()
-    assert not unused.exists() and not (cache / f".tmp-onednn_conv-0-{dead.pid}").exists() and building.is_dir()
-    assert json.loads((new / cpu_kernels.SOURCE_RECORD).read_text())["path"] == str(prefix / "lib/libdnnl.so.3")
+    record = json.loads((new / cpu_kernels.SOURCE_RECORD).read_text())
+    assert record["path"] == str(prefix / "lib/libdnnl.so.3") and record["host"] == host
 
 
-def test_a_copy_of_a_removed_source_waits_an_hour_unused_before_it_goes(tmp_path):
-    """A process that has just found a copy (and touched it) links or loads it: the copy stays."""
-    source, folder = tmp_path / "libdnnl.so.3", tmp_path / "onednn-0123"
+def test_a_replaced_sources_copy_waits_an_hour_unused_and_another_machines_stays(tmp_path):
+    """A process that has just found a copy (and touched it) links or loads it: the copy stays. On a
+    home shared by machines, another host's wheel is not this host's to judge."""
+    source, folder, theirs = tmp_path / "libdnnl.so.3", tmp_path / "onednn-0123", tmp_path / "onednn-4567"
     source.write_bytes(b"a wheel's library")
-    folder.mkdir()
-    (folder / onednn_conv.PRIVATE_SONAME).write_bytes(b"its copy")
-    cpu_kernels.record_source(folder, source)
-    cpu_kernels.prune(tmp_path)
-    assert folder.is_dir()  # its source is there
-    source.unlink()
+    for f in (folder, theirs):
+        f.mkdir()
+        (f / onednn_conv.PRIVATE_SONAME).write_bytes(b"its copy")
+        cpu_kernels.record_source(f, source)
+    record = json.loads((theirs / cpu_kernels.SOURCE_RECORD).read_text())
+    (theirs / cpu_kernels.SOURCE_RECORD).write_text(json.dumps(record | {"host": "another-host"}))
+    later = time.time() + cpu_kernels.STALE_GRACE + 1
+    cpu_kernels.prune(tmp_path, now=later)
+    assert folder.is_dir()  # its source is unchanged
+    source.write_bytes(b"a reinstalled wheel's library")
     cpu_kernels.prune(tmp_path)
     assert folder.is_dir()  # used just now
-    cpu_kernels.prune(tmp_path, now=time.time() + cpu_kernels.STALE_GRACE + 1)
-    assert not folder.exists()
+    cpu_kernels.prune(tmp_path, now=later)
+    assert not folder.exists() and theirs.is_dir()
 
 
 @needs_onednn

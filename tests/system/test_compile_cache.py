@@ -5,8 +5,10 @@ without failing the run. Real `bit-transfer fit` processes on a tiny model."""
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -107,14 +109,20 @@ def test_a_damaged_entry_and_abandoned_work_are_removed(tmp_path):
     graph.write_bytes(graph.read_bytes()[:250])  # a half-written or damaged file
     dead = subprocess.Popen(["true"])
     dead.wait()
-    abandoned = cache / f".tmp-{key}-{dead.pid}"  # a process killed while compiling
-    alive = cache / f".tmp-{key}-{os.getppid()}"  # another process compiling now
-    abandoned.mkdir()
-    alive.mkdir()
+    host = socket.gethostname()
+    abandoned = cache / f".tmp-{key}-0a-{host}-{dead.pid}"  # a process killed while compiling
+    alive = cache / f".tmp-{key}-0b-{host}-{os.getppid()}"  # another process compiling now
+    elsewhere = cache / f".tmp-{key}-0c-another-host-{dead.pid}"  # a shared home: its pid is not ours to ask
+    for d in (abandoned, alive, elsewhere):
+        d.mkdir()
     entry, work = compile_cache._prepare(cache, key)
     assert entry == cache / key and not entry.exists()
-    assert work == cache / f".tmp-{key}-{os.getpid()}" and work.is_dir()
-    assert not abandoned.exists() and alive.exists()
+    assert work.parent == cache and work.name.startswith(f".tmp-{key}-") and work.name.endswith(f"-{host}-{os.getpid()}")
+    assert work.is_dir() and not abandoned.exists() and alive.exists() and elsewhere.exists()
+    day_old = time.time() - 86400 - 60
+    os.utime(elsewhere, (day_old, day_old))
+    compile_cache._prepare(cache, key)
+    assert not elsewhere.exists() and alive.exists()
 
 
 def test_entries_unused_for_a_month_are_pruned_when_one_is_saved(tmp_path):
