@@ -613,6 +613,20 @@ def test_a_replaced_sources_copy_waits_an_hour_unused_and_another_machines_stays
     assert not folder.exists() and theirs.is_dir()
 
 
+def test_a_source_record_the_cache_cannot_hold_lets_the_kernels_fall_back(tmp_path):
+    """A plain OSError, which `private_library` turns into CacheUnwritable (MindSpore's convolutions and
+    one line), not the StorageError of a user's output, which would end the run."""
+    from conftest import scratch_fs
+    from bit_transfer.errors import UsageError
+
+    source = tmp_path / "libdnnl.so.3"
+    source.write_bytes(b"a wheel's library")
+    with scratch_fs(tmp_path / "cache", read_only=True) as cache:
+        with pytest.raises(OSError) as e:
+            cpu_kernels.record_source(cache, source)
+        assert not isinstance(e.value, UsageError)
+
+
 @needs_onednn
 def test_our_kernels_use_the_instruction_sets_onednn_does():
     """AVX-512 in our compiled kernels exactly where oneDNN dispatches to it: on an AVX-512 host capped
