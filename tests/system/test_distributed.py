@@ -212,7 +212,9 @@ def test_a_step_on_two_ranks_is_the_step_on_one(tmp_path):
 
 def test_ranks_that_would_resume_from_different_steps_refuse_together(tmp_path):
     """Two ranks whose run directories differ (a disk that is not shared): each one sees every rank's step
-    through one collective and refuses with the same line, exit 2, before anything compiles."""
+    through one collective and refuses with the same line, before anything compiles. (The script exits 0
+    once it has said so: under a bare msrun a failed worker holds the scheduler for MindSpore's 30 s node
+    timeout, 47 s against 14 s on 2.10; `fit --devices` cuts that short, `_stop_scheduler_soon`.)"""
     logs = _msrun_script(tmp_path, (
         "import sys\n"
         "from bit_transfer.system import device, distributed\n"
@@ -224,7 +226,7 @@ def test_ranks_that_would_resume_from_different_steps_refuse_together(tmp_path):
         "    distributed.check_same_step(4000000 if rank == 0 else None)\n"
         "except UsageError as e:\n"
         "    print(f'refused: {e}', flush=True)\n"
-        "    sys.exit(2)\n"
+        "    sys.exit(0)\n"
     ))
     lines = [re.search(r"refused: .*", log).group(0) for log in logs]
     assert lines[0] == lines[1] == (
