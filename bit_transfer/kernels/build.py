@@ -39,7 +39,7 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # "CPU dispatcher control"): SSE41, AVX, AVX2, AVX2_VNNI, AVX2_VNNI_2.
 BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
 
-KEEP_DAYS = 30  # a library or folder unused this long is removed when something new is built
+KEEP_DAYS = 30  # a library or folder unused this long is removed by the next `prune`
 STALE_GRACE = 3600  # a folder whose source file changed goes once unused this long (seconds): a
 #                     process that has just found it (and touched it) links or loads it well within
 SOURCE_RECORD = "source.json"  # in a folder derived from another file: that file's path, size and time

@@ -95,8 +95,6 @@ def _model_kind(spec) -> tuple[Path, str]:
     return path, kinds[suffix]
 
 
-
-
 def _mindspore_model(path: Path, kind: str, image_size, batch_size, device, fallback_size,
                      device_option: str) -> LoadedModel:
     from bit_transfer.run import checkpoint

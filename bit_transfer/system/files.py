@@ -93,11 +93,11 @@ def remove_abandoned(parent, now: float | None = None) -> None:
     """The `private_workdir`s in `parent` whose process is gone: this machine's, by pid; another's (a
     home shared over the network or by containers), once a day old."""
     now = time.time() if now is None else now
-    here = f"-{socket.gethostname()}-"
+    host = f"-{socket.gethostname()}"
     for work in Path(parent).glob(".tmp-*"):
         head, _, pid = work.name.rpartition("-")
         try:
-            if head.endswith(here[:-1]) and pid.isdigit():
+            if head.endswith(host) and pid.isdigit():
                 gone = not processes.alive(int(pid))
             else:
                 gone = work.stat().st_mtime < now - ABANDONED_ELSEWHERE
